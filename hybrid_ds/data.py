@@ -1,0 +1,313 @@
+"""Training data: load items, render the spec's prompt template, tokenise with response-only labels.
+
+An *item* is a JSON object; its output field (SELECT_OUTPUT) is the target, every other field
+becomes one ``key: value`` line of the prompt::
+
+    ### Prompt:\\n\\n```task: reverse\\ninput: a b c\\n```\\n\\n### Response:\\n\\n
+
+SFT text = prompt + target + EOS, with the prompt tokens labelled -100. Prompt and target are
+tokenised separately so the prompt ids are exactly those PPO generates from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+PROMPT_HEAD = "### Prompt:\n\n```"
+PROMPT_TAIL = "```\n\n### Response:\n\n"
+IGNORE_INDEX = -100
+_SCALARS = (str, int, float, bool)
+
+
+class DataError(Exception):
+    """A data problem with the item index and what to do about it."""
+
+
+def _render_value(v: Any) -> str:
+    if isinstance(v, list):
+        return ", ".join(str(x).strip() for x in v)
+    return str(v).strip()
+
+
+def render_prompt(item: dict, output_field: str) -> str:
+    """The spec's prompt for ``item``: one ``key: value`` line per field except the output field.
+
+    An item with no other field (a plain text corpus such as wikitext) uses its text as the prompt.
+    """
+    fields = [k for k in item if k != output_field] or [output_field]
+    body = "".join(f"{k}: {_render_value(item[k])}\n" for k in fields)
+    return PROMPT_HEAD + body + PROMPT_TAIL
+
+
+def render_target(item: dict, output_field: str) -> str:
+    """The target response: the output field, its first element when it is a list."""
+    v = item[output_field]
+    if isinstance(v, list):
+        v = v[0]
+    return str(v).strip()
+
+
+def item_problem(item: Any, output_field: str) -> Optional[str]:
+    """Why ``item`` cannot be rendered, or None."""
+    if not isinstance(item, dict):
+        return f"expected a JSON object, got {type(item).__name__}"
+    if output_field not in item:
+        return (f"missing output field {output_field!r} (fields: {', '.join(map(str, item)) or 'none'}); "
+                f"set SELECT_OUTPUT to the field that holds the response")
+    out = item[output_field]
+    if isinstance(out, list):
+        if not out:
+            return f"output field {output_field!r} is an empty list"
+        out = out[0]
+    if not isinstance(out, _SCALARS) or isinstance(out, bool):
+        return f"output field {output_field!r} is a {type(out).__name__}, not text"
+    if not str(out).strip():
+        return f"output field {output_field!r} is empty"
+    for k, v in item.items():
+        vals = v if isinstance(v, list) else [v]
+        if not all(isinstance(x, _SCALARS) or x is None for x in vals):
+            return f"field {k!r} holds a {type(v).__name__} that cannot be rendered as one prompt line"
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# loading
+
+
+def read_items(path: str, split: str = "train") -> list:
+    """Raw items from a JSON list, JSONL, builtin:demo-tasks, or anything ``datasets`` loads locally."""
+    if path == "builtin:demo-tasks":
+        from hybrid_ds.assets import DEMO_TASKS
+        path = DEMO_TASKS
+    if os.path.isfile(path) and path.endswith((".json", ".jsonl")):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None
+        if isinstance(data, list):
+            return data
+        if isinstance(data, dict):
+            for key in ("data", "train", "items"):
+                if isinstance(data.get(key), list):
+                    return data[key]
+            raise DataError(f"{path}: a JSON object; expected a list of items (or an object with a 'data' list).")
+        items = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    items.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: line {n} is not valid JSON ({e.msg}); expected a JSON list or "
+                                    f"JSON Lines.") from None
+        return items
+    return _read_with_datasets(path, split)
+
+
+def _read_with_datasets(path: str, split: str) -> list:
+    import datasets
+
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "dataset_info.json")) or \
+            os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        ds = datasets.load_from_disk(path)
+    elif os.path.isfile(path):
+        ext = os.path.splitext(path)[1].lstrip(".")
+        builder = {"jsonl": "json", "txt": "text", "tsv": "csv"}.get(ext, ext)
+        ds = datasets.load_dataset(builder, data_files=path)
+    else:
+        ds = datasets.load_dataset(path)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{path}: no split {split!r} (has {', '.join(ds)}); set SPLIT.")
+        ds = ds[split]
+    return [dict(r) for r in ds]
+
+
+@dataclass
+class DataReport:
+    """What loading did, for the log and --dry-run."""
+
+    total: int = 0
+    used: int = 0
+    skipped: dict = field(default_factory=dict)  # reason -> count
+    empty_text_filtered: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+
+    def lines(self) -> list[str]:
+        out = [f"items: {self.total} in file, {self.used} used"]
+        if self.empty_text_filtered:
+            out.append(f"empty text lines filtered: {self.empty_text_filtered}")
+        for reason, n in self.skipped.items():
+            out.append(f"skipped (ON_BAD_ITEM=skip): {n} x {reason}")
+        if self.truncated:
+            out.append(f"truncated to MAXSEQ: {self.truncated} (response cut, labels kept for what remains)")
+        if self.dropped_too_long:
+            out.append(f"dropped: {self.dropped_too_long} whose prompt alone fills MAXSEQ")
+        return out
+
+
+def load_items(path: str, output_field: str = "output", *, split: str = "train", shuffle: bool = True,
+               seed: int = 0, percent: float = 100.0, num_samples: int = 0, on_bad_item: str = "error",
+               report: Optional[DataReport] = None) -> list[dict]:
+    """Read, check, shuffle (with ``seed``) and subset the items. Raises DataError on a bad item."""
+    report = report if report is not None else DataReport()
+    raw = read_items(path, split)
+    report.total = len(raw)
+    text_only = bool(raw) and all(isinstance(r, dict) and set(r) == {output_field} for r in raw)
+    items = []
+    for i, item in enumerate(raw):
+        if text_only and not str(item[output_field]).strip():
+            report.empty_text_filtered += 1  # a text corpus's blank lines (wikitext)
+            continue
+        problem = item_problem(item, output_field)
+        if problem:
+            if on_bad_item == "error":
+                raise DataError(f"TRAIN_FILE item {i}: {problem}. Fix the item, or set ON_BAD_ITEM=skip "
+                                f"to skip such items.")
+            report.skipped[problem] = report.skipped.get(problem, 0) + 1
+            continue
+        items.append(item)
+    if not items:
+        raise DataError(f"TRAIN_FILE {path!r}: no usable items (of {len(raw)}).")
+    if shuffle:
+        random.Random(seed).shuffle(items)
+    n = num_samples if num_samples > 0 else max(1, math.ceil(len(items) * percent / 100.0))
+    items = items[:n]
+    report.used = len(items)
+    return items
+
+
+# --------------------------------------------------------------------------------------
+# tokenised examples
+
+
+@dataclass
+class Example:
+    """One tokenised item. ``target_ids`` ends with EOS unless truncation cut it."""
+
+    index: int
+    item: dict
+    prompt: str
+    target: str
+    prompt_ids: list
+    target_ids: list
+
+
+def tokenize_items(items: list[dict], tokenizer, output_field: str, maxseq: int,
+                   report: Optional[DataReport] = None) -> list[Example]:
+    """Examples with prompt and target tokenised separately; long ones truncated (and counted)."""
+    report = report if report is not None else DataReport()
+    prompts = [render_prompt(it, output_field) for it in items]
+    targets = [render_target(it, output_field) for it in items]
+    p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    t_ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
+    out = []
+    for i, (it, p, t, pi, ti) in enumerate(zip(items, prompts, targets, p_ids, t_ids)):
+        ti = list(ti) + [tokenizer.eos_token_id]
+        if len(pi) >= maxseq:
+            report.dropped_too_long += 1  # no response token would survive: never an all-masked example
+            continue
+        if len(pi) + len(ti) > maxseq:
+            report.truncated += 1
+            ti = ti[: maxseq - len(pi)]
+        out.append(Example(i, it, p, t, list(pi), ti))
+    if not out:
+        raise DataError(f"every item's prompt is at least MAXSEQ={maxseq} tokens long; raise MAXSEQ.")
+    return out
+
+
+def collate_sft(examples: list[Example], pad_id: int):
+    """Right-padded ``input_ids``/``attention_mask``/``labels`` (B, L); labels -100 off the response."""
+    import torch
+
+    L = max(len(e.prompt_ids) + len(e.target_ids) for e in examples)
+    ids = torch.full((len(examples), L), pad_id, dtype=torch.long)
+    att = torch.zeros((len(examples), L), dtype=torch.long)
+    lab = torch.full((len(examples), L), IGNORE_INDEX, dtype=torch.long)
+    for r, e in enumerate(examples):
+        seq = e.prompt_ids + e.target_ids
+        ids[r, : len(seq)] = torch.tensor(seq)
+        att[r, : len(seq)] = 1
+        lab[r, len(e.prompt_ids): len(seq)] = torch.tensor(e.target_ids)
+    return {"input_ids": ids, "attention_mask": att, "labels": lab}
+
+
+def collate_prompts(examples: list[Example], pad_id: int, max_prompt: int):
+    """Left-padded prompts (B, P) for generation; prompts longer than ``max_prompt`` keep their end."""
+    import torch
+
+    seqs = [e.prompt_ids[-max_prompt:] for e in examples]
+    P = max(map(len, seqs))
+    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
+    att = torch.zeros((len(seqs), P), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, P - len(s):] = torch.tensor(s)
+        att[r, P - len(s):] = 1
+    return ids, att
+
+
+# --------------------------------------------------------------------------------------
+# order
+
+
+class BatchStream:
+    """Global batches of example indices, epoch after epoch, reproducible from (seed, position).
+
+    Epoch ``e`` walks a permutation drawn from ``seed + e`` (identity when not shuffling) and drops
+    its incomplete tail, so every rank derives the same global batch with no communication.
+    """
+
+    def __init__(self, n: int, global_batch: int, seed: int, shuffle: bool):
+        if global_batch > n:
+            raise DataError(f"batch of {global_batch} is larger than the {n} usable items; lower the batch "
+                            f"size or use more data.")
+        self.n, self.global_batch, self.seed, self.shuffle = n, global_batch, seed, shuffle
+        self.position = 0  # global batches handed out so far
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n // self.global_batch
+
+    @property
+    def epoch(self) -> int:
+        return self.position // self.batches_per_epoch
+
+    def _order(self, epoch: int) -> list[int]:
+        idx = list(range(self.n))
+        if self.shuffle:
+            random.Random(self.seed * 100003 + epoch).shuffle(idx)
+        return idx
+
+    def next(self) -> list[int]:
+        epoch, k = divmod(self.position, self.batches_per_epoch)
+        self.position += 1
+        return self._order(epoch)[k * self.global_batch:(k + 1) * self.global_batch]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            yield self.next()
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+
+def rank_slice(batch: list, rank: int, world: int) -> list:
+    """This rank's contiguous share of a global batch."""
+    per = len(batch) // world
+    return batch[rank * per:(rank + 1) * per]
+
+
+def micro_batches(batch: list, accum: int) -> list[list]:
+    """Split a rank's batch into ``accum`` equal micro-batches."""
+    per = len(batch) // accum
+    return [batch[i * per:(i + 1) * per] for i in range(accum)]

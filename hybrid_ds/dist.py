@@ -1,0 +1,369 @@
+"""The one seam for everything distributed.
+
+Process groups, Accelerate, DeepSpeed, gathering ZeRO-3 weights for generation, preparing frozen
+models, all-reducing metrics, barriers and main-process checks live here and nowhere else: phase
+code never imports torch.distributed, accelerate or deepspeed.
+
+Launchers: ``accelerate launch`` (its config decides DeepSpeed), ``deepspeed --module`` (ZeRO-2
+unless ZERO_STAGE/DS_CONFIG say otherwise), ``torchrun`` and plain ``python`` (no DeepSpeed unless
+asked). CPU uses gloo and GPU uses NCCL; that choice is the only device-specific branch.
+
+Gradient accumulation is owned by the trainer, not by DeepSpeed's micro-step counter: the SFT and
+PPO phases accumulate different numbers of micro-batches, so every backward states whether it
+closes an accumulation window (``TrainEngine.backward(loss, boundary)``) and losses arrive already
+normalised (DeepSpeed's own 1/GAS scaling is switched off).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Iterator, Optional
+
+import torch
+
+from hybrid_ds.config import Config
+
+_LAUNCHED_BY_DEEPSPEED = "DS_LAUNCHER" in os.environ or "DEEPSPEED_LAUNCHER" in os.environ
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+# --------------------------------------------------------------------------------------
+# launch settings
+
+
+@dataclass
+class LaunchPlan:
+    """What the launcher and config ask for, decided before any process group exists."""
+
+    zero_stage: int  # 0 = no DeepSpeed
+    mixed_precision: str  # "no" | "bf16" | "fp16"
+    ds_template: Optional[dict]  # DeepSpeed config before our values are filled in
+    source: str  # where the DeepSpeed decision came from, for the log
+
+
+def plan_launch(cfg: Config) -> LaunchPlan:
+    """Combine the config with what ``accelerate launch`` / ``deepspeed`` exported in the environment."""
+    template, source = None, "config"
+    path = cfg.run.ds_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if path and path != "none":
+        with open(path) as f:
+            template = json.load(f)
+        source = path
+    stage = cfg.run.zero_stage
+    if stage < 0:
+        if template is not None:
+            stage = int(template.get("zero_optimization", {}).get("stage", 0))
+        elif _env_flag("ACCELERATE_USE_DEEPSPEED"):
+            stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+            source = "accelerate config"
+        elif _LAUNCHED_BY_DEEPSPEED or "LOCAL_RANK" in os.environ and _deepspeed_launcher_args():
+            stage, source = 2, "deepspeed launcher"
+        else:
+            stage, source = 0, "no DeepSpeed (plain torch)"
+    precision = "bf16" if cfg.run.bf16 else "fp16" if cfg.run.fp16 else "no"
+    if precision == "no":
+        if template is not None:
+            for p in ("bf16", "fp16"):
+                if template.get(p, {}).get("enabled") is True:
+                    precision = p
+        env = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if precision == "no" and env in ("bf16", "fp16"):
+            precision = env
+    if stage > 0 and template is None:
+        template = default_ds_config(stage)
+        if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+            for kind in ("optimizer", "param"):
+                dev = os.environ.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{kind.upper()}_DEVICE", "none")
+                if dev != "none":
+                    template["zero_optimization"][f"offload_{kind}"] = {"device": dev}
+    return LaunchPlan(stage, precision, template, source)
+
+
+def _deepspeed_launcher_args() -> bool:
+    import sys
+    return any(a.startswith("--local_rank") for a in sys.argv)
+
+
+def default_ds_config(stage: int) -> dict:
+    """A DeepSpeed config for ``stage`` whose batch/precision values are filled by :func:`fill_ds_config`."""
+    zero: dict[str, Any] = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True}
+    if stage == 3:
+        zero.update({"stage3_gather_16bit_weights_on_model_save": True, "stage3_param_persistence_threshold": 0})
+    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": zero,
+            "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}, "steps_per_print": 10**9,
+            "wall_clock_breakdown": False}
+
+
+def fill_ds_config(template: dict, *, stage: int, micro: int, accum: int, world: int, clip: float,
+                   precision: str) -> dict:
+    """Replace "auto" (and set what hybrid_ds owns) in a DeepSpeed config."""
+    ds = copy.deepcopy(template)
+    ds["train_micro_batch_size_per_gpu"] = micro
+    ds["gradient_accumulation_steps"] = accum
+    ds["train_batch_size"] = micro * accum * world
+    ds["gradient_clipping"] = clip
+    ds.setdefault("zero_optimization", {})["stage"] = stage
+    if stage == 3:
+        ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
+    fp16 = {k: v for k, v in ds.get("fp16", {}).items() if v != "auto"}
+    ds["fp16"] = {"initial_scale_power": 16, **fp16, "enabled": precision == "fp16"}
+    ds.pop("optimizer", None)  # hybrid_ds builds the optimizer (optim.py) and owns the lr schedule
+    ds.pop("scheduler", None)
+    ds.setdefault("steps_per_print", 10**9)
+    for k, v in list(ds.get("zero_optimization", {}).items()):
+        if v == "auto":
+            ds["zero_optimization"].pop(k)
+    return ds
+
+
+# --------------------------------------------------------------------------------------
+# the distributed context
+
+
+@dataclass
+class Dist:
+    """Rank, world, device and the collectives the phases use."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    plan: LaunchPlan
+    accelerator: Any = None
+    ds_config: Optional[dict] = None
+    max_grad_norm: float = 1.0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def zero_stage(self) -> int:
+        return self.plan.zero_stage
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        return self.plan.zero_stage > 0
+
+    @property
+    def initialized(self) -> bool:
+        return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    # -- collectives --------------------------------------------------------------------
+    def barrier(self) -> None:
+        if self.initialized:
+            torch.distributed.barrier()
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of ``t`` over ranks (a new tensor on t's device)."""
+        if not self.initialized or self.world == 1:
+            return t.clone()
+        out = t.detach().clone().to(self.device)
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+        return out.to(t.device)
+
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.initialized or self.world == 1:
+            return t.clone()
+        out = t.detach().clone().to(self.device)
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX)
+        return out.to(t.device)
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        if not self.initialized or self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def mean_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Average scalar metrics over ranks in one collective (same keys on every rank)."""
+        if not metrics or self.world == 1 or not self.initialized:
+            return dict(metrics)
+        keys = sorted(metrics)
+        t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+        t = self.all_reduce_sum(t) / self.world
+        return dict(zip(keys, t.tolist()))
+
+    def cleanse(self) -> None:
+        """Free cached allocator blocks between phases (GPU only)."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- models -------------------------------------------------------------------------
+    def load_context(self):
+        """Context for ``from_pretrained`` of a trainable model: ZeRO-3 partitions it at init."""
+        return contextlib.nullcontext()
+
+    def prepare_trainable(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> "TrainEngine":
+        if self.uses_deepspeed:
+            engine, _ = self.accelerator.prepare(model, optimizer)
+            return TrainEngine(self, model, engine, engine.optimizer)
+        model = model.to(self.device)
+        wrapped = self.accelerator.prepare_model(model) if self.world > 1 else model
+        return TrainEngine(self, model, wrapped, optimizer)
+
+    def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A frozen model (the reference): eval mode, no grad, no optimizer; sharded under ZeRO-3."""
+        model.eval().requires_grad_(False)
+        if self.zero_stage == 3:
+            import deepspeed
+
+            ds = {"train_micro_batch_size_per_gpu": self.ds_config["train_micro_batch_size_per_gpu"],
+                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                  "bf16": {"enabled": self.plan.mixed_precision == "bf16"},
+                  "fp16": {"enabled": self.plan.mixed_precision == "fp16"}, "steps_per_print": 10**9}
+            engine, *_ = deepspeed.initialize(model=model, config=ds)
+            engine.eval()
+            return engine
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.plan.mixed_precision)
+        model = model.to(self.device)
+        return model.to(dtype) if dtype is not None and self.uses_deepspeed else model
+
+    @contextlib.contextmanager
+    def gathered(self, module: torch.nn.Module) -> Iterator[None]:
+        """Under ZeRO-3, all of ``module``'s weights whole on every rank, gathered once (for generation)."""
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                yield
+        else:
+            yield
+
+    def full_state_dict(self, engine: "TrainEngine") -> Optional[dict]:
+        """The whole model's state dict on the main process (ZeRO-3 consolidated), None elsewhere."""
+        if self.uses_deepspeed:
+            sd = self.accelerator.get_state_dict(engine.wrapped)
+        else:
+            sd = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+        return sd if self.is_main else None
+
+    def autocast(self):
+        """Autocast for the non-DeepSpeed path; DeepSpeed casts the model itself."""
+        if self.uses_deepspeed or self.plan.mixed_precision == "no":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.plan.mixed_precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def shutdown(self) -> None:
+        if self.initialized:
+            try:
+                torch.distributed.destroy_process_group()
+            except Exception:  # pragma: no cover - best effort at exit
+                pass
+
+
+def init_dist(cfg: Config, *, sft_micro: int, sft_accum: int) -> Dist:
+    """Create the process group (gloo on CPU, NCCL on GPU) and the Accelerator for this launch."""
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    plan = plan_launch(cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if world > 1 and "MASTER_ADDR" not in os.environ:
+        raise RuntimeError("WORLD_SIZE > 1 but MASTER_ADDR is not set: launch with accelerate, torchrun or deepspeed.")
+    if plan.zero_stage > 0 and world == 1 and "MASTER_ADDR" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",
+                          WORLD_SIZE="1")
+    ds_config, plugin = None, None
+    if plan.zero_stage > 0:
+        ds_config = fill_ds_config(plan.ds_template, stage=plan.zero_stage, micro=sft_micro, accum=sft_accum,
+                                   world=world, clip=cfg.run.max_grad_norm, precision=plan.mixed_precision)
+        plugin = DeepSpeedPlugin(hf_ds_config=ds_config, zero3_init_flag=plan.zero_stage == 3)
+    kwargs = [InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=cfg.run.dist_timeout_s))]
+    mp = plan.mixed_precision
+    if plan.zero_stage == 0 and mp == "fp16" and not torch.cuda.is_available():
+        raise RuntimeError("FP16 without DeepSpeed needs a GPU; use BF16, or run under DeepSpeed (ZERO_STAGE>=1).")
+    acc = Accelerator(deepspeed_plugin=plugin, mixed_precision=mp, kwargs_handlers=kwargs,
+                      cpu=not torch.cuda.is_available())
+    state = acc.state
+    d = Dist(rank=state.process_index, world=state.num_processes, local_rank=state.local_process_index,
+             device=acc.device, plan=plan, accelerator=acc, ds_config=ds_config,
+             max_grad_norm=cfg.run.max_grad_norm)
+    if d.world != world:
+        raise RuntimeError(f"launcher announced WORLD_SIZE={world} but the process group has {d.world} ranks")
+    return d
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------
+# the trainable model
+
+
+class TrainEngine:
+    """The policy/value model as the phases see it: forward, backward at a stated boundary, step.
+
+    ``module`` is the plain (unwrapped) model; ``wrapped`` is what runs the forward (a DeepSpeed
+    engine, a DDP module, or the model itself).
+    """
+
+    def __init__(self, dist: Dist, module: torch.nn.Module, wrapped: Any, optimizer: Any):
+        self.dist, self.module, self.wrapped, self.optimizer = dist, module, wrapped, optimizer
+        self._ddp_sync_ctx = None
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def __call__(self, *args, **kwargs):
+        with self.dist.autocast():
+            return self.wrapped(*args, **kwargs)
+
+    def train(self) -> None:
+        self.wrapped.train()
+
+    def eval(self) -> None:
+        self.wrapped.eval()
+
+    def no_sync(self, boundary: bool):
+        """Context for the forward+backward of one micro-batch (DDP skips the all-reduce off-boundary)."""
+        if not self.dist.uses_deepspeed and self.dist.world > 1 and not boundary:
+            return self.wrapped.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, boundary: bool) -> None:
+        """Backward of an already-normalised micro-batch loss; ``boundary`` closes the accumulation."""
+        if self.dist.uses_deepspeed:
+            self.wrapped.set_gradient_accumulation_boundary(boundary)
+            self.wrapped.backward(loss, scale_wrt_gas=False)
+        else:
+            loss.backward()
+
+    def step(self, lrs: dict[str, float]) -> Optional[float]:
+        """Apply the accumulated gradients with per-role learning rates; returns the gradient norm."""
+        for g in self.optimizer.param_groups:
+            g["lr"] = lrs[g["role"]]
+        if self.dist.uses_deepspeed:
+            self.wrapped.step()
+            norm = self.wrapped.get_global_grad_norm()
+            return float(norm) if norm is not None else None
+        clip = self.dist.max_grad_norm
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def skipped_step(self) -> bool:
+        """True when DeepSpeed's fp16 loss scaler skipped the last step (overflow)."""
+        return bool(self.dist.uses_deepspeed and getattr(self.wrapped, "skipped_steps", 0)
+                    and getattr(self.wrapped.optimizer, "overflow", False))

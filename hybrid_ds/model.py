@@ -1,0 +1,145 @@
+"""The policy/value model: one causal-LM trunk with its LM head and a scalar value head.
+
+Both heads read the same trunk, so ZeRO shards them together and one optimizer serves both
+phases (see ``build_param_groups``). The frozen reference model is a separate plain causal LM.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+VALUE_HEAD_FILE = "value_head.pt"
+
+
+class PolicyValue(nn.Module):
+    """``lm``: a Hugging Face causal LM; ``v_head``: hidden state -> scalar value, initialised near zero."""
+
+    def __init__(self, lm: nn.Module, v_head: Optional[nn.Linear] = None, seed: int = 0):
+        super().__init__()
+        self.lm = lm
+        hidden = lm.config.hidden_size if hasattr(lm.config, "hidden_size") else lm.config.n_embd
+        if v_head is None:
+            v_head = nn.Linear(hidden, 1)
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                v_head.weight.copy_(torch.randn(v_head.weight.shape, generator=g) * 1e-3)
+                v_head.bias.zero_()
+        self.v_head = v_head
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    def forward(self, input_ids, attention_mask, position_ids=None, labels=None, with_values: bool = False):
+        """Logits ``(B, L, V)`` and, when ``with_values``, values ``(B, L)`` in float32.
+
+        With ``labels`` the LM loss is not reduced by HF: the caller gets logits and normalises
+        the loss itself (see sft.py), so accumulation and multi-rank runs weigh tokens exactly.
+        """
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      output_hidden_states=with_values, use_cache=False)
+        values = None
+        if with_values:
+            h = out.hidden_states[-1]
+            values = self.v_head(h.to(self.v_head.weight.dtype)).squeeze(-1).float()
+        return out.logits, values
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    from hybrid_ds.assets import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(name))
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer {name!r} has no EOS token; hybrid_ds needs one to end responses.")
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        # A pad distinct from EOS keeps EOS inside the loss masks (RLHF_NOTES, PPO detail 2).
+        tok.add_special_tokens({"pad_token": "<|pad|>"})
+    return tok
+
+
+def load_lm(name: str, tokenizer, dtype: torch.dtype = torch.float32):
+    """A causal LM from a local dir, a hub name, or a builtin; its embeddings resized to the tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from hybrid_ds.assets import resolve_model
+
+    lm = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype)
+    if lm.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        lm.resize_token_embeddings(len(tokenizer))
+    lm.config.pad_token_id = tokenizer.pad_token_id
+    lm.generation_config.pad_token_id = tokenizer.pad_token_id
+    disable_dropout(lm)
+    return lm
+
+
+def disable_dropout(module: nn.Module) -> None:
+    """Dropout off everywhere (RLHF_NOTES detail 5): log-probs must be deterministic for PPO ratios."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    for attr in ("attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout_prob", "attention_dropout",
+                 "dropout"):
+        if hasattr(getattr(module, "config", None), attr):
+            setattr(module.config, attr, 0.0)
+
+
+def build_param_groups(model: PolicyValue, weight_decay: float) -> list[dict]:
+    """Optimizer groups tagged by role: policy (trunk + LM head) and value (value head), each split
+    into decayed weights and undecayed biases/norm weights.
+
+    One optimizer serves both phases: before each step the trainer sets every group's lr from its
+    phase's schedule. In an SFT step the value groups get lr 0, so AdamW leaves the value head
+    bit-identical (its decay and update both scale with lr) even under ZeRO, where its zero
+    gradients still pass through the optimizer.
+    """
+    groups = {}
+    norm_types = (nn.LayerNorm,)
+    no_decay_ids = set()
+    for mod in model.modules():
+        if isinstance(mod, norm_types) or "norm" in type(mod).__name__.lower():
+            no_decay_ids.update(id(p) for p in mod.parameters(recurse=False))
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        role = "value" if name.startswith("v_head.") else "policy"
+        ndim = len(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitions replace p's data
+        decay = not (ndim < 2 or id(p) in no_decay_ids or name.endswith(".bias"))
+        key = (role, decay)
+        groups.setdefault(key, {"params": [], "role": role, "weight_decay": weight_decay if decay else 0.0,
+                                "names": []})
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    out = []
+    for g in groups.values():
+        g.pop("names")
+        out.append(g)
+    return out
+
+
+def save_policy_value(lm_state: dict, model: PolicyValue, tokenizer, out_dir: str, *, with_value_head: bool):
+    """Write ``lm_state`` (keys of the PolicyValue, 'lm.' and 'v_head.' prefixes) as plain HF weights.
+
+    ``inference_lm`` gets the causal LM + tokenizer only; ``ppo_full`` adds ``value_head.pt``.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    lm_sd = {k[len("lm."):]: v for k, v in lm_state.items() if k.startswith("lm.")}
+    model.lm.save_pretrained(out_dir, state_dict=lm_sd, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    if with_value_head:
+        vh = {k[len("v_head."):]: v.clone() for k, v in lm_state.items() if k.startswith("v_head.")}
+        torch.save(vh, os.path.join(out_dir, VALUE_HEAD_FILE))
+
+
+def load_value_head(model: PolicyValue, path: str) -> bool:
+    """Load ``value_head.pt`` from a ``ppo_full`` dir if there is one (to continue RL)."""
+    f = os.path.join(path, VALUE_HEAD_FILE)
+    if os.path.isfile(f):
+        model.v_head.load_state_dict(torch.load(f, map_location="cpu"))
+        return True
+    return False

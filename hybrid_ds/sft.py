@@ -1,0 +1,58 @@
+"""The SFT phase: one optimizer step of response-only cross-entropy over a global batch.
+
+The loss is the mean over *all response tokens of the global batch*: each micro-batch's summed
+token loss is divided by the global token count (all-reduced once per step) and multiplied by the
+data-parallel world (DDP and DeepSpeed average gradients over ranks). So 1 process x accumulation 4
+and 2 processes x accumulation 2 give the same gradient, whatever the split.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from hybrid_ds.data import IGNORE_INDEX, Example, collate_sft, micro_batches
+
+
+def token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over labelled positions. logits ``(B, L, V)``, labels ``(B, L)``."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def sft_step(engine, examples: list[Example], *, accum: int, lr: float, pad_id: int, dist) -> dict[str, float]:
+    """One SFT optimizer step on this rank's share of the global batch; metrics reduced across ranks.
+
+    1. split into ``accum`` micro-batches and count the global response tokens
+    2. forward/backward each micro-batch (accumulation boundary on the last)
+    3. step with the SFT learning rate for the policy and 0 for the value head
+    """
+    t0 = time.perf_counter()
+    engine.train()
+    # 1. micro-batches and the global normaliser
+    micros = [collate_sft(m, pad_id) for m in micro_batches(examples, accum)]
+    local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micros)
+    n_tokens = float(dist.all_reduce_sum(torch.tensor([float(local_tokens)]))[0])
+    # 2. forward/backward
+    ce_total = torch.zeros((), device=dist.device)
+    for i, b in enumerate(micros):
+        boundary = i == len(micros) - 1
+        b = {k: v.to(dist.device) for k, v in b.items()}
+        with engine.no_sync(boundary):
+            logits, values = engine(b["input_ids"], b["attention_mask"], with_values=True)
+            ce_sum = token_ce_sum(logits, b["labels"])
+            # 0 x values: every parameter takes part in the graph, so ZeRO sees a (zero) value-head
+            # gradient rather than a missing one; the value head itself stays unchanged (lr 0).
+            loss = ce_sum * dist.world / n_tokens + 0.0 * values.sum()
+            engine.backward(loss, boundary)
+        ce_total += ce_sum.detach()
+    # 3. optimizer step
+    grad_norm = engine.step({"policy": lr, "value": 0.0})
+    loss = float(dist.all_reduce_sum(ce_total.reshape(1).float())[0]) / max(n_tokens, 1.0)
+    dt = time.perf_counter() - t0
+    return {"sft/loss": loss, "sft/lr": lr, "sft/grad_norm": grad_norm if grad_norm is not None else float("nan"),
+            "sft/tokens": n_tokens, "sft/tokens_per_s": n_tokens / dt, "time/sft_s": dt}

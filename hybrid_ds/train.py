@@ -1,0 +1,109 @@
+"""Entry point: ``python -m hybrid_ds.train cfg.json [KEY=VALUE ...] [--dry-run]``.
+
+The same module runs under ``accelerate launch``, ``deepspeed --module``, ``torchrun`` and plain
+``python``. Config and data are validated before any model or process group is created; problems
+exit with code 2 and a short message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXIT_CONFIG = 2
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="hybrid-ds", description="Interleaved SFT + PPO for Hugging Face causal LMs.",
+                                epilog="Every config key is listed in docs/config.md.")
+    p.add_argument("config", nargs="?", help="JSON config file (UPPER_CASE keys)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. LR_SFT=1e-4")
+    p.add_argument("--dry-run", action="store_true", help="validate config and data, print the plan, exit")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
+    args = p.parse_args(argv)
+    if args.config and "=" in args.config and not args.config.endswith(".json"):
+        args.overrides.insert(0, args.config)
+        args.config = None
+    return args
+
+
+def fail(message: str) -> "NoReturn":  # noqa: F821
+    print(f"hybrid_ds: {message}", file=sys.stderr)
+    sys.exit(EXIT_CONFIG)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from hybrid_ds.config import ConfigError, env_world_size, load_config
+    from hybrid_ds.data import DataError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        fail(str(e))
+    if args.dry_run:
+        try:
+            print(describe_plan(cfg))
+        except (DataError, ValueError, OSError) as e:
+            fail(f"data: {e}")
+        return 0
+    return run(cfg, env_world_size())
+
+
+def describe_plan(cfg) -> str:
+    """What the run would do, for --dry-run (loads tokenizer and data, no model weights)."""
+    from hybrid_ds.batching import BatchPlan
+    from hybrid_ds.config import env_world_size
+    from hybrid_ds.data import DataReport
+    from hybrid_ds.model import load_tokenizer
+    from hybrid_ds.trainer import plan_schedule, prepare_data
+
+    world = env_world_size()
+    tok = load_tokenizer(cfg.run.tokenizer or cfg.run.model)
+    report = DataReport()
+    examples = prepare_data(cfg, tok, cfg.run.seed or 0, report)
+    plan = plan_schedule(cfg, len(examples))
+    lines = [f"mode: {cfg.run.mode}", f"model: {cfg.run.model}", f"processes: {world}",
+             f"seed: {cfg.run.seed if cfg.run.seed is not None else 'drawn from the OS at start'}"]
+    lines += [f"data: {x}" for x in report.lines()]
+    if plan.sft_steps or cfg.ppo.ptx_coef:
+        lines.append("SFT batch: " + BatchPlan(cfg.sft.batch, world, cfg.sft.grad_accum).describe())
+    if plan.ppo_updates:
+        lines.append(f"PPO batch: {cfg.ppo.batch} prompts per update, minibatch "
+                     + BatchPlan(cfg.ppo_mini, world, cfg.ppo.grad_accum).describe()
+                     + f", {cfg.ppo.epochs} epochs")
+    lines.append(f"steps: {plan.describe()}")
+    lines.append(f"output: {cfg.run.output_dir}")
+    return "\n".join(lines)
+
+
+def run(cfg, world: int) -> int:
+    from hybrid_ds.batching import BatchPlan
+    from hybrid_ds.dist import init_dist
+    from hybrid_ds.trainer import build_run, save_outputs, train, write_resolved_config
+
+    sft = BatchPlan(cfg.sft.batch, world, cfg.sft.grad_accum)
+    dist = init_dist(cfg, sft_micro=sft.micro, sft_accum=sft.accum)
+    try:
+        seed = cfg.run.seed if cfg.run.seed is not None else dist.broadcast_object(
+            int.from_bytes(os.urandom(4), "little"))
+        if dist.is_main:
+            write_resolved_config(cfg, seed, os.path.join(cfg.run.output_dir, "config.json"))
+            print(f"[hybrid_ds] {cfg.run.mode} on {dist.world} process(es), device {dist.device.type}, "
+                  f"ZeRO stage {dist.zero_stage} ({dist.plan.source}), precision {dist.plan.mixed_precision}, "
+                  f"seed {seed}")
+        r = build_run(cfg, dist, seed)
+        train(r)
+        save_outputs(r)
+        r.logger.close()
+        if dist.is_main:
+            print(f"[hybrid_ds] done: outputs in {cfg.run.output_dir}")
+    finally:
+        dist.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""The run: set everything up, then loop over SFT steps, PPO updates or hybrid cycles.
+
+Read top to bottom: ``build_run`` creates the pieces (data, models, optimizer, schedules, reward,
+logger); ``train`` walks the schedule of the chosen MODE, each step one call into its phase module
+(sft.py, ppo.py); ``save_outputs`` writes ``inference_lm/`` and ``ppo_full/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from hybrid_ds.batching import BatchPlan
+from hybrid_ds.config import Config
+from hybrid_ds.data import BatchStream, DataReport, Example, load_items, rank_slice, tokenize_items
+
+
+@dataclass
+class Schedule:
+    """How many of each unit the run does, derived once from the config and the data."""
+
+    sft_steps: int  # SFT optimizer steps in the whole run
+    ppo_updates: int  # PPO updates (rollout + epochs) in the whole run
+    cycles: int  # hybrid cycles (0 outside hybrid mode)
+    ppo_optimizer_steps: int  # PPO optimizer steps = updates x epochs x minibatches per batch
+
+    def describe(self) -> str:
+        parts = []
+        if self.cycles:
+            parts.append(f"{self.cycles} hybrid cycles")
+        if self.sft_steps:
+            parts.append(f"{self.sft_steps} SFT steps")
+        if self.ppo_updates:
+            parts.append(f"{self.ppo_updates} PPO updates ({self.ppo_optimizer_steps} optimizer steps)")
+        return ", ".join(parts)
+
+
+def plan_schedule(cfg: Config, n_examples: int) -> Schedule:
+    """Steps per phase: MAX_STEPS when given, else EPOCHS passes over the data (see config docs)."""
+    mode, h = cfg.run.mode, cfg.hybrid
+    minis = cfg.ppo.batch // cfg.ppo_mini
+    if mode == "sft":
+        steps = cfg.run.max_steps or cfg.run.epochs * (n_examples // cfg.sft.batch)
+        return Schedule(steps, 0, 0, 0)
+    if mode == "ppo":
+        updates = cfg.run.max_steps or cfg.run.epochs * (n_examples // cfg.ppo.batch)
+        return Schedule(0, updates, 0, updates * cfg.ppo.epochs * minis)
+    per_cycle = cfg.sft.batch * h.cycle_sft_steps if h.cycle_sft_steps else cfg.ppo.batch * h.cycle_ppo_updates
+    cycles = cfg.run.max_steps or cfg.run.epochs * max(1, n_examples // per_cycle)
+    updates = cycles * h.cycle_ppo_updates
+    return Schedule(cycles * h.cycle_sft_steps, updates, cycles, updates * cfg.ppo.epochs * minis)
+
+
+@dataclass
+class Run:
+    """Everything the phases share."""
+
+    cfg: Config
+    dist: Any
+    tokenizer: Any
+    examples: list[Example]
+    engine: Any  # dist.TrainEngine of the PolicyValue model
+    ref: Any  # frozen reference model (None in sft mode)
+    reward: Any  # hybrid_ds.rewards.Reward (None in sft mode)
+    schedules: dict  # phase -> optim.PhaseSchedule
+    kl_ctl: Any  # ppo_math KL controller (None in sft mode)
+    logger: Any
+    plan: Schedule
+    sft_stream: Optional[BatchStream] = None
+    ppo_stream: Optional[BatchStream] = None
+    counters: dict = field(default_factory=lambda: {"sft_step": 0, "ppo_update": 0, "cycle": 0})
+
+
+# --------------------------------------------------------------------------------------
+# setup
+
+
+def prepare_data(cfg: Config, tokenizer, seed: int, report: Optional[DataReport] = None) -> list[Example]:
+    d = cfg.data
+    items = load_items(cfg.run.train_file, d.select_output, split=d.split, shuffle=d.shuffle, seed=seed,
+                       percent=d.percent, num_samples=d.num_samples, on_bad_item=d.on_bad_item, report=report)
+    return tokenize_items(items, tokenizer, d.select_output, d.maxseq, report)
+
+
+def build_run(cfg: Config, dist, seed: int) -> Run:
+    from hybrid_ds.metrics import MetricsLogger
+    from hybrid_ds.model import PolicyValue, build_param_groups, load_lm, load_tokenizer
+    from hybrid_ds.optim import build_optimizer, make_phase_schedules
+
+    torch.manual_seed(seed + 1000 * dist.rank)  # per-rank seed: sampling differs across ranks
+    tokenizer = load_tokenizer(cfg.run.tokenizer or cfg.run.model)
+    report = DataReport()
+    examples = prepare_data(cfg, tokenizer, seed, report)
+    if dist.is_main:
+        for line in report.lines():
+            print(f"[hybrid_ds] data: {line}")
+    plan = plan_schedule(cfg, len(examples))
+    rl = cfg.run.mode != "sft"
+
+    # Models: policy+value trunk (trainable), reference (frozen copy of the start).
+    with dist.load_context():
+        lm = load_lm(cfg.run.model, tokenizer)
+    model = PolicyValue(lm, seed=seed)
+    ref = load_lm(cfg.run.model, tokenizer) if rl else None
+    optimizer = build_optimizer(build_param_groups(model, cfg.optim.weight_decay), cfg, cfg.sft.lr,
+                                ds_config=dist.ds_config)
+    engine = dist.prepare_trainable(model, optimizer)
+    ref = dist.prepare_frozen(ref) if rl else None
+    schedules = make_phase_schedules(cfg, plan.sft_steps, plan.ppo_optimizer_steps)
+
+    reward = kl_ctl = None
+    if rl:
+        from hybrid_ds.ppo_math import make_kl_controller
+        from hybrid_ds.rewards import make_reward
+
+        reward = make_reward(cfg.reward, device=str(dist.device), all_reduce_sum=dist.all_reduce_sum)
+        kl_ctl = make_kl_controller(cfg.ppo.init_kl_coef, cfg.ppo.target_kl, cfg.ppo.kl_horizon,
+                                    adaptive=cfg.ppo.adaptive_kl)
+    total = plan.cycles or plan.sft_steps or plan.ppo_updates
+    logger = MetricsLogger(cfg.run.output_dir, enabled=dist.is_main, total=total, desc=cfg.run.mode)
+    run = Run(cfg, dist, tokenizer, examples, engine, ref, reward, schedules, kl_ctl, logger, plan)
+    if plan.sft_steps or cfg.ppo.ptx_coef > 0:
+        run.sft_stream = BatchStream(len(examples), cfg.sft.batch, seed, cfg.data.shuffle)
+    if plan.ppo_updates:
+        run.ppo_stream = BatchStream(len(examples), cfg.ppo.batch, seed + 1, cfg.data.shuffle)
+    return run
+
+
+# --------------------------------------------------------------------------------------
+# the loop
+
+
+def _batch(run: Run, stream: BatchStream) -> list[Example]:
+    """This rank's share of the next global batch of ``stream``."""
+    idx = rank_slice(stream.next(), run.dist.rank, run.dist.world)
+    return [run.examples[i] for i in idx]
+
+
+def do_sft_step(run: Run) -> dict:
+    from hybrid_ds.sft import sft_step
+
+    sched = run.schedules["sft"]
+    m = sft_step(run.engine, _batch(run, run.sft_stream), accum=run.cfg.sft.grad_accum, lr=sched.lr,
+                 pad_id=run.tokenizer.pad_token_id, dist=run.dist)
+    sched.step(m.get(run.cfg.sched.plateau_metric or "sft/loss"))
+    run.counters["sft_step"] += 1
+    return m
+
+
+def do_ppo_update(run: Run) -> dict:
+    from hybrid_ds.ppo import ppo_update
+
+    ptx = _batch(run, run.sft_stream) if run.cfg.ppo.ptx_coef > 0 else None
+    m = ppo_update(run, _batch(run, run.ppo_stream), ptx_examples=ptx)
+    run.counters["ppo_update"] += 1
+    return m
+
+
+def train(run: Run) -> None:
+    """Walk the run's schedule: SFT steps, PPO updates, or hybrid cycles of both."""
+    cfg, plan, log = run.cfg, run.plan, run.logger
+    if cfg.run.mode == "sft":
+        for _ in range(plan.sft_steps):
+            m = do_sft_step(run)
+            _log(run, run.counters["sft_step"], "sft", m)
+    elif cfg.run.mode == "ppo":
+        for _ in range(plan.ppo_updates):
+            m = do_ppo_update(run)
+            _log(run, run.counters["ppo_update"], "ppo", m)
+    else:
+        for _ in range(plan.cycles):
+            # 1. SFT steps, 2. PPO updates; the phases meet at collectives, so no rank runs ahead.
+            for _ in range(cfg.hybrid.cycle_sft_steps):
+                _log(run, run.counters["sft_step"] + 1, "sft", do_sft_step(run), advance=False)
+            for _ in range(cfg.hybrid.cycle_ppo_updates):
+                _log(run, run.counters["ppo_update"] + 1, "ppo", do_ppo_update(run), advance=False)
+            run.counters["cycle"] += 1
+            log.advance()
+            if cfg.run.cleanse:
+                run.dist.cleanse()
+    run.dist.barrier()
+
+
+def _log(run: Run, step: int, phase: str, metrics: dict, advance: bool = True) -> None:
+    if step % run.cfg.run.log_every == 0 or step == 1:
+        extra = {"progress/cycle": run.counters["cycle"]} if run.cfg.run.mode == "hybrid" else {}
+        run.logger.log(step, phase, {**metrics, **extra})
+    if advance:
+        run.logger.advance()
+
+
+# --------------------------------------------------------------------------------------
+# outputs
+
+
+def save_outputs(run: Run) -> None:
+    """``inference_lm/`` (plain causal LM + tokenizer) and, for RL modes, ``ppo_full/`` (+ value head)."""
+    from hybrid_ds.model import save_policy_value
+
+    state = run.dist.full_state_dict(run.engine)  # collective under ZeRO-3: every rank calls it
+    if run.dist.is_main:
+        out = run.cfg.run.output_dir
+        save_policy_value(state, run.engine.module, run.tokenizer, os.path.join(out, "inference_lm"),
+                          with_value_head=False)
+        if run.cfg.run.mode != "sft":
+            save_policy_value(state, run.engine.module, run.tokenizer, os.path.join(out, "ppo_full"),
+                              with_value_head=True)
+    run.dist.barrier()
+
+
+def write_resolved_config(cfg: Config, seed: int, path: str) -> None:
+    d = cfg.to_json_dict()
+    d["SEED"] = seed
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(d, f, indent=2)
