@@ -371,8 +371,7 @@ def load_config(path: Optional[str], overrides: list[str] = (), *, check_files: 
         raw[k] = v
     cfg, more = build_config(raw)
     problems += more
-    if not problems:
-        problems += validate(cfg, check_files=check_files, world_size=world_size)
+    problems += validate(cfg, check_files=check_files, world_size=world_size)
     if problems:
         raise ConfigError(problems, source)
     return cfg

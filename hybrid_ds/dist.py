@@ -106,7 +106,7 @@ def default_ds_config(stage: int) -> dict:
 def fill_ds_config(template: dict, *, stage: int, micro: int, accum: int, world: int, clip: float,
                    precision: str) -> dict:
     """Replace "auto" (and set what hybrid_ds owns) in a DeepSpeed config."""
-    ds = copy.deepcopy(template)
+    ds = {k: v for k, v in copy.deepcopy(template).items() if not k.startswith("_")}  # drop _comment
     ds["train_micro_batch_size_per_gpu"] = micro
     ds["gradient_accumulation_steps"] = accum
     ds["train_batch_size"] = micro * accum * world

@@ -1,0 +1,37 @@
+"""Shared fixtures. Tests run offline on CPU with tiny models built locally."""
+
+import json
+import os
+import sys
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(REPO), "shared")
+PYTHON = sys.executable
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f)
+    return str(path)
+
+
+@pytest.fixture
+def demo_items():
+    from hybrid_ds.assets import DEMO_TASKS
+
+    with open(DEMO_TASKS) as f:
+        return json.load(f)
+
+
+@pytest.fixture
+def base_cfg(tmp_path):
+    """A minimal valid config dict on the builtin model and data."""
+    return {"MODE": "sft", "MODEL": "builtin:tiny-gpt2", "TRAIN_FILE": "builtin:demo-tasks",
+            "OUTPUT_DIR": str(tmp_path / "out"), "SEED": 0}

@@ -1,0 +1,154 @@
+"""Config: every shipped config validates; bad configs give their specific message and exit code 2."""
+
+import glob
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import PYTHON, REPO, SHARED, write_json
+from hybrid_ds.config import ConfigError, config_reference_markdown, load_config
+from hybrid_ds.train import main
+
+LOCAL = ["MODEL=builtin:tiny-gpt2", "TRAIN_FILE=builtin:demo-tasks"]
+
+
+def _local_overrides(tmp_path):
+    return LOCAL + [f"OUTPUT_DIR={tmp_path}/out"]
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(SHARED, "seed-configs", "*.json"))))
+def test_seed_configs_validate_with_local_model_and_data(path, tmp_path):
+    cfg = load_config(path, _local_overrides(tmp_path))
+    with open(path) as f:
+        raw = json.load(f)
+    assert cfg.run.mode == raw["MODE"]
+    if "REWARD" in raw:
+        assert cfg.reward == raw["REWARD"]
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "examples", "*.json"))))
+def test_examples_validate(path, tmp_path):
+    overrides = [f"OUTPUT_DIR={tmp_path}/out"]
+    with open(path) as f:
+        if not json.load(f)["MODEL"].startswith("builtin:"):
+            overrides.append("MODEL=builtin:tiny-gpt2")  # examples chained on an earlier run's output
+    load_config(path, overrides)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "ds_configs", "*.json"))))
+def test_ds_configs_load_and_fill(path, tmp_path, base_cfg):
+    from hybrid_ds.dist import fill_ds_config
+
+    base_cfg["DS_CONFIG"] = path
+    cfg = load_config(write_json(tmp_path / "c.json", base_cfg))
+    with open(path) as f:
+        template = json.load(f)
+    stage = template["zero_optimization"]["stage"]
+    ds = fill_ds_config(template, stage=stage, micro=2, accum=2, world=2, clip=1.0, precision="bf16")
+    assert ds["train_batch_size"] == 8 and ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert "auto" not in json.dumps(ds), "every auto value must be filled"
+    assert cfg.run.ds_config == path
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "launch", "*.yaml"))))
+def test_launch_configs_parse_and_point_at_ds_configs(path):
+    import yaml
+
+    with open(path) as f:
+        text = f.read()
+    assert text.startswith("# accelerate launch --config_file launch/"), "header must say how to launch"
+    conf = yaml.safe_load(text)
+    assert conf["distributed_type"] == "DEEPSPEED"
+    assert os.path.isfile(os.path.join(REPO, conf["deepspeed_config"]["deepspeed_config_file"]))
+
+
+def test_overrides_parse_json_values(tmp_path, base_cfg):
+    cfg = load_config(write_json(tmp_path / "c.json", base_cfg),
+                      ["LR_SFT=1e-4", "SHUFFLE=no", 'REWARD={"type": "bleu"}', "MODE=hybrid"])
+    assert cfg.sft.lr == 1e-4 and cfg.data.shuffle is False and cfg.reward == {"type": "bleu"}
+    assert cfg.run.mode == "hybrid"
+
+
+def test_docs_reference_is_generated_and_current():
+    with open(os.path.join(REPO, "docs", "config.md")) as f:
+        assert f.read() == config_reference_markdown(), "regenerate: python -m hybrid_ds.config --docs > docs/config.md"
+
+
+# (overrides or raw changes, expected fragment of the message)
+BAD = [
+    ({"LR_SFTT": 1e-4}, "LR_SFTT: unknown key. Did you mean LR_SFT?"),
+    ({"lr_sft": 1e-4}, "lr_sft: keys are UPPER_CASE; write LR_SFT."),
+    ({"SFT_BATCH": "eight"}, "SFT_BATCH: expected an integer, got str 'eight'."),
+    ({"LR_SFT": -1.0}, "LR_SFT: -1.0 is out of range; it must be > 0.0."),
+    ({"PERCENT": 150}, "PERCENT: 150.0 is out of range; it must be <= 100.0."),
+    ({"MODE": "hybird"}, "MODE: 'hybird' is not one of sft, ppo, hybrid. Did you mean 'hybrid'?"),
+    ({"SHUFFLE": "./shuffle.sh data.json"}, "hybrid_ds never runs config strings"),
+    ({"SFT_BATCH": 6, "GRAD_ACCUM": 4}, "SFT_BATCH (6) must be divisible by processes x GRAD_ACCUM = 1 x 4 = 4"),
+    ({"MODE": "ppo", "PPO_BATCH": 8, "PPO_MINI": 3}, "PPO_MINI (3) must divide PPO_BATCH (8)."),
+    ({"TRAIN_FILE": "/nonexistent/train.json"}, "TRAIN_FILE: '/nonexistent/train.json' does not exist"),
+    ({"MODEL": "./no/such/model"}, "MODEL: './no/such/model' does not exist"),
+    ({"MODEL": "gpt2-not-cached-anywhere"}, "is not in the Hugging Face cache, and the hub is offline"),
+    ({"BF16": True, "FP16": True}, "BF16 and FP16: choose one mixed-precision mode, not both."),
+    ({"MAX_NEW_TOKENS": 4, "MIN_NEW_TOKENS": 8}, "MIN_NEW_TOKENS (8) exceeds MAX_NEW_TOKENS (4)."),
+    ({"MODE": "hybrid", "CYCLE_SFT_STEPS": 0, "CYCLE_PPO_UPDATES": 0}, "a hybrid cycle would do nothing"),
+    ({"OUTPUT_DIR": None}, "OUTPUT_DIR: expected a string, got NoneType None."),
+    ({"MODEL": "builtin:huge"}, "MODEL: unknown builtin model 'builtin:huge'"),
+    ({"MILESTONES": [3, "x"]}, "MILESTONES: expected a list of positive integers"),
+    ({"MODE": "ppo", "REWARD": {"type": "blue"}}, "REWARD.type"),
+    ({"OPTIMIZER": "adamm"}, "OPTIMIZER"),
+    ({"SCHEDULER": "cosinus"}, "SCHEDULER"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD, ids=[m[:40] for _, m in BAD])
+def test_bad_config_exits_2_with_specific_message(change, message, tmp_path, base_cfg, capsys):
+    raw = {**base_cfg, **change}
+    if "lr_sft" in change:
+        raw = {**base_cfg, "lr_sft": 1e-4}
+    with pytest.raises(SystemExit) as e:
+        main([write_json(tmp_path / "bad.json", raw)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "Traceback" not in err
+
+
+def test_all_problems_reported_at_once(tmp_path, base_cfg):
+    raw = {**base_cfg, "LR_SFTT": 1, "SFT_BATCH": -3, "MODE": "sfft"}
+    with pytest.raises(ConfigError) as e:
+        load_config(write_json(tmp_path / "c.json", raw))
+    assert len(e.value.problems) == 3, e.value.problems
+
+
+def test_cli_exit_code_and_no_traceback_in_a_real_process(tmp_path, base_cfg):
+    bad = write_json(tmp_path / "bad.json", {**base_cfg, "EPOCHSS": 2})
+    p = subprocess.run([PYTHON, "-m", "hybrid_ds.train", bad], capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 2
+    assert "EPOCHSS: unknown key. Did you mean EPOCHS?" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_not_json_and_missing_file(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{MODE: sft")
+    with pytest.raises(SystemExit) as e:
+        main([str(bad)])
+    assert e.value.code == 2 and "not valid JSON" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "missing.json")])
+    assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_dry_run_prints_plan(tmp_path, base_cfg, capsys):
+    cfg = write_json(tmp_path / "c.json", {**base_cfg, "SFT_BATCH": 8, "GRAD_ACCUM": 2, "EPOCHS": 1})
+    assert main([cfg, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "SFT batch: 8 = 1 processes x 2 accumulation x 4 micro-batch" in out
+    assert "steps: 50 SFT steps" in out  # 400 demo items / 8
+    assert not os.path.exists(tmp_path / "out"), "dry run must not write outputs"
+
+
+def test_import_is_light():
+    code = "import sys, hybrid_ds, hybrid_ds.config; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([PYTHON, "-c", code], check=True, cwd=REPO)
