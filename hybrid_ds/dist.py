@@ -207,6 +207,12 @@ class Dist:
 
     def prepare_trainable(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> "TrainEngine":
         if self.uses_deepspeed:
+            if self.zero_stage == 3 and self.plan.mixed_precision != "no":
+                # Modules built after the partitioned load (the value head) join in the same dtype.
+                dtype = torch.bfloat16 if self.plan.mixed_precision == "bf16" else torch.float16
+                for p in model.parameters():
+                    if not hasattr(p, "ds_id"):
+                        p.data = p.data.to(dtype)
             engine, _ = self.accelerator.prepare(model, optimizer)
             return TrainEngine(self, model, engine, engine.optimizer)
         model = model.to(self.device)
@@ -240,6 +246,19 @@ class Dist:
                 yield
         else:
             yield
+
+    @contextlib.contextmanager
+    def generation_model(self, engine: "TrainEngine") -> Iterator[torch.nn.Module]:
+        """The policy's causal LM, ready for ``generate``. Under ZeRO-3 its weights are gathered once
+        for the whole rollout and the partition hooks are lifted, so no collective runs per token and
+        ranks that stop at different lengths cannot hang."""
+        if self.zero_stage == 3:
+            from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+            with unwrap_model_for_generation(engine.wrapped):
+                yield engine.module.lm
+        else:
+            yield engine.module.lm
 
     def full_state_dict(self, engine: "TrainEngine") -> Optional[dict]:
         """The whole model's state dict on the main process (ZeRO-3 consolidated), None elsewhere."""
@@ -282,12 +301,15 @@ def init_dist(cfg: Config, *, sft_micro: int, sft_accum: int) -> Dist:
         ds_config = fill_ds_config(plan.ds_template, stage=plan.zero_stage, micro=sft_micro, accum=sft_accum,
                                    world=world, clip=cfg.run.max_grad_norm, precision=plan.mixed_precision)
         plugin = DeepSpeedPlugin(hf_ds_config=ds_config, zero3_init_flag=plan.zero_stage == 3)
-    kwargs = [InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=cfg.run.dist_timeout_s))]
+    # A single plain process needs no process group; otherwise name the backend explicitly (on CPU,
+    # Accelerate would otherwise leave every rank believing it is alone).
+    distributed = world > 1 or plan.zero_stage > 0
+    kwargs = [InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=cfg.run.dist_timeout_s))] \
+        if distributed else []
     mp = plan.mixed_precision
     if plan.zero_stage == 0 and mp == "fp16" and not torch.cuda.is_available():
         raise RuntimeError("FP16 without DeepSpeed needs a GPU; use BF16, or run under DeepSpeed (ZERO_STAGE>=1).")
-    acc = Accelerator(deepspeed_plugin=plugin, mixed_precision=mp, kwargs_handlers=kwargs,
-                      cpu=not torch.cuda.is_available())
+    acc = Accelerator(deepspeed_plugin=plugin, mixed_precision=mp, kwargs_handlers=kwargs)
     state = acc.state
     d = Dist(rank=state.process_index, world=state.num_processes, local_rank=state.local_process_index,
              device=acc.device, plan=plan, accelerator=acc, ds_config=ds_config,

@@ -8,15 +8,13 @@ logger); ``train`` walks the schedule of the chosen MODE, each step one call int
 from __future__ import annotations
 
 import json
-import math
 import os
-import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
-from hybrid_ds.batching import BatchPlan
 from hybrid_ds.config import Config
 from hybrid_ds.data import BatchStream, DataReport, Example, load_items, rank_slice, tokenize_items
 
@@ -72,9 +70,14 @@ class Run:
     kl_ctl: Any  # ppo_math KL controller (None in sft mode)
     logger: Any
     plan: Schedule
+    seed: int = 0
     sft_stream: Optional[BatchStream] = None
     ppo_stream: Optional[BatchStream] = None
     counters: dict = field(default_factory=lambda: {"sft_step": 0, "ppo_update": 0, "cycle": 0})
+
+    def seed_for(self, tag: str, step: int) -> int:
+        """A reproducible seed for ``tag`` at ``step`` on this rank (resumable: no hidden RNG state)."""
+        return (self.seed * 1_000_003 + zlib.crc32(tag.encode()) * 1009 + step * 7919 + self.dist.rank) % 2**31
 
 
 # --------------------------------------------------------------------------------------
@@ -124,7 +127,7 @@ def build_run(cfg: Config, dist, seed: int) -> Run:
                                     adaptive=cfg.ppo.adaptive_kl)
     total = plan.cycles or plan.sft_steps or plan.ppo_updates
     logger = MetricsLogger(cfg.run.output_dir, enabled=dist.is_main, total=total, desc=cfg.run.mode)
-    run = Run(cfg, dist, tokenizer, examples, engine, ref, reward, schedules, kl_ctl, logger, plan)
+    run = Run(cfg, dist, tokenizer, examples, engine, ref, reward, schedules, kl_ctl, logger, plan, seed=seed)
     if plan.sft_steps or cfg.ppo.ptx_coef > 0:
         run.sft_stream = BatchStream(len(examples), cfg.sft.batch, seed, cfg.data.shuffle)
     if plan.ppo_updates:

@@ -1,0 +1,281 @@
+"""The PPO phase: one update = rollout -> score -> reference -> advantages -> PPO epochs.
+
+Each step is its own function, numbered as in the algorithm (Ziegler et al. 2019; Huang et al.
+2024, "The N Implementation Details of RLHF with PPO"). The math is in ppo_math.py; everything
+distributed goes through ``run.dist`` (dist.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+
+from hybrid_ds import ppo_math as pm
+from hybrid_ds.data import Example, collate_prompts, collate_sft, micro_batches
+
+
+@dataclass
+class Rollout:
+    """One rank's share of a PPO batch. B = prompts on this rank, P = prompt length, T = response length."""
+
+    query_ids: torch.Tensor  # (B, P) left-padded prompt ids
+    query_mask: torch.Tensor  # (B, P) 1 on real prompt tokens
+    response_ids: torch.Tensor  # (B, T) generated ids, pad after EOS
+    response_mask: torch.Tensor  # (B, T) float, 1 up to and including the first EOS
+    ended: torch.Tensor  # (B,) bool, an EOS was generated
+    texts: list  # B decoded responses (EOS and pads stripped)
+    scores: Optional[torch.Tensor] = None  # (B,) task reward
+    logprobs: Optional[torch.Tensor] = None  # (B, T) old policy log-probs at TEMPERATURE
+    ref_logprobs: Optional[torch.Tensor] = None  # (B, T) reference log-probs at TEMPERATURE
+    values: Optional[torch.Tensor] = None  # (B, T) old values
+    rewards: Optional[torch.Tensor] = None  # (B, T) KL-shaped per-token rewards
+    kl: Optional[torch.Tensor] = None  # (B, T) per-token KL estimate
+    advantages: Optional[torch.Tensor] = None  # (B, T) whitened GAE advantages
+    returns: Optional[torch.Tensor] = None  # (B, T) value targets
+
+    def select(self, idx: torch.Tensor) -> dict:
+        """The tensors of rows ``idx`` (for minibatches)."""
+        return {f.name: getattr(self, f.name)[idx] for f in fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor) and f.name != "ended"}
+
+
+def sequence_inputs(query_ids, query_mask, response_ids, response_mask):
+    """Prompt + response as one batch: ids, attention mask and position ids ``(B, P+T)``.
+
+    Positions come from the attention mask, so left padding does not shift them (RLHF_NOTES 3).
+    """
+    ids = torch.cat([query_ids, response_ids], 1)
+    att = torch.cat([query_mask, response_mask.long()], 1)
+    pos = (att.cumsum(1) - 1).clamp(min=0)
+    return ids, att, pos
+
+
+def response_logprobs(logits, response_ids, P: int, temperature: float):
+    """Log-probs ``(B, T)`` of the response tokens from full-sequence logits ``(B, P+T, V)``."""
+    T = response_ids.shape[1]
+    return pm.logprobs_from_logits(logits[:, P - 1:P - 1 + T], response_ids, temperature)
+
+
+# --------------------------------------------------------------------------------------
+# 1. rollout
+
+
+@torch.no_grad()
+def generate(run, examples: list[Example]) -> Rollout:
+    """Sample one response per prompt with the config's sampling settings, stopping at EOS."""
+    cfg, tok, dev = run.cfg, run.tokenizer, run.dist.device
+    max_prompt = max(1, cfg.data.maxseq - cfg.gen.max_new_tokens)
+    q_ids, q_mask = collate_prompts(examples, tok.pad_token_id, max_prompt)
+    q_ids, q_mask = q_ids.to(dev), q_mask.to(dev)
+    g = cfg.gen
+    kwargs = dict(do_sample=True, top_p=g.top_p, top_k=g.top_k, temperature=g.temperature,
+                  no_repeat_ngram_size=g.no_repeat_ngram_size, repetition_penalty=g.repetition_penalty,
+                  max_new_tokens=g.max_new_tokens, min_new_tokens=g.min_new_tokens,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, use_cache=True)
+    run.engine.eval()
+    with run.dist.generation_model(run.engine) as lm:
+        seq = lm.generate(input_ids=q_ids, attention_mask=q_mask, **kwargs)
+    resp = seq[:, q_ids.shape[1]:]
+    if resp.shape[1] == 0:  # degenerate: nothing generated at all
+        resp = torch.full((len(examples), 1), tok.eos_token_id, dtype=torch.long, device=dev)
+    mask, ended = pm.mask_after_eos(resp, tok.eos_token_id, tok.pad_token_id)
+    resp = torch.where(mask.bool(), resp, torch.full_like(resp, tok.pad_token_id))
+    texts = tok.batch_decode(resp.masked_fill(resp == tok.eos_token_id, tok.pad_token_id),
+                             skip_special_tokens=True)
+    return Rollout(q_ids, q_mask, resp, mask, ended, texts)
+
+
+# --------------------------------------------------------------------------------------
+# 2. score
+
+
+def score(run, ro: Rollout, examples: list[Example]) -> None:
+    """Task scores ``(B,)`` from the reward on (response, target, prompt, item) for the whole batch."""
+    s = run.reward.score_batch(ro.texts, [e.target for e in examples], [e.prompt for e in examples],
+                               [e.item for e in examples])
+    s = torch.as_tensor(s, dtype=torch.float32, device=run.dist.device).reshape(-1)
+    if not torch.isfinite(s).all():  # the reward's fault policy should have caught this
+        bad = int((~torch.isfinite(s)).nonzero()[0])
+        raise FloatingPointError(f"reward returned {float(s[bad])} for sample {bad}: {ro.texts[bad][:80]!r}")
+    clip = run.cfg.ppo.score_clip
+    ro.scores = s.clamp(-clip, clip) if clip > 0 else s
+
+
+# --------------------------------------------------------------------------------------
+# 3. old policy and reference log-probs
+
+
+@torch.no_grad()
+def forward_logprobs(model, ro: Rollout, temperature: float, chunk: int, with_values: bool):
+    """Log-probs (and values) ``(B, T)`` of the rollout under ``model``, ``chunk`` rows at a time."""
+    ids, att, pos = sequence_inputs(ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask)
+    P = ro.query_ids.shape[1]
+    lps, vals = [], []
+    for s in range(0, ids.shape[0], chunk):
+        sl = slice(s, s + chunk)
+        if with_values:
+            logits, v = model(ids[sl], att[sl], position_ids=pos[sl], with_values=True)
+            vals.append(v[:, P - 1:-1])
+        else:
+            logits = model(input_ids=ids[sl], attention_mask=att[sl], position_ids=pos[sl]).logits
+        lps.append(response_logprobs(logits, ro.response_ids[sl], P, temperature))
+    return torch.cat(lps), (torch.cat(vals) if with_values else None)
+
+
+# --------------------------------------------------------------------------------------
+# 4. advantages
+
+
+def compute_advantages(run, ro: Rollout) -> None:
+    """KL-shaped rewards, GAE, and advantages whitened with statistics of all ranks."""
+    c, m = run.cfg.ppo, ro.response_mask
+    ro.rewards, ro.kl = pm.shape_rewards(ro.scores, ro.logprobs, ro.ref_logprobs, m, run.kl_ctl.value,
+                                         estimator=c.kl_estimator, missing_eos_penalty=c.missing_eos_penalty,
+                                         ended_with_eos=ro.ended)
+    if c.whiten_rewards:
+        stats = pm.moments_from_sums(run.dist.all_reduce_sum(pm.moment_sums(ro.rewards, m)))
+        ro.rewards = pm.whiten(ro.rewards, m, shift_mean=False, stats=stats)
+    adv, ro.returns = pm.gae(ro.rewards, ro.values, m, gamma=c.discount, lam=c.gae_lambda)
+    stats = pm.moments_from_sums(run.dist.all_reduce_sum(pm.moment_sums(adv, m)))
+    ro.advantages = pm.whiten(adv, m, shift_mean=True, stats=stats)
+
+
+# --------------------------------------------------------------------------------------
+# 5. PPO epochs
+
+
+def ppo_epochs(run, ro: Rollout, lr: float, ptx_examples: Optional[list[Example]]) -> dict:
+    """PPO_EPOCHS passes, each reshuffled into minibatches x accumulation; one optimizer step per minibatch.
+
+    Each micro-batch's loss is a token sum divided by the minibatch's global token count (one
+    all-reduce for all epochs up front), so accumulation and rank count do not change the update.
+    """
+    cfg, dist, engine = run.cfg, run.dist, run.engine
+    c = cfg.ppo
+    B = ro.response_ids.shape[0]
+    n_mini = c.batch // cfg.ppo_mini  # minibatches per epoch (same on every rank)
+    per_mini = B // n_mini
+    gen = torch.Generator().manual_seed(run.seed_for("ppo_perm", run.counters["ppo_update"]))
+    perms = [torch.randperm(B, generator=gen) for _ in range(c.epochs)]
+    minis = [p[k * per_mini:(k + 1) * per_mini] for p in perms for k in range(n_mini)]
+    local_tokens = torch.stack([ro.response_mask[idx].sum() for idx in minis]).double()
+    global_tokens = dist.all_reduce_sum(local_tokens).clamp(min=1.0) / dist.world
+    P = ro.query_ids.shape[1]
+    stats: dict[str, list] = {}
+    grad_norms, skipped = [], torch.zeros((), device=dist.device)
+    engine.train()
+    for step_i, idx in enumerate(minis):
+        micros = micro_batches(idx.tolist(), c.grad_accum)
+        for j, mb in enumerate(micros):
+            boundary = j == len(micros) - 1
+            b = ro.select(torch.tensor(mb, device=ro.response_ids.device))
+            with engine.no_sync(boundary):
+                ids, att, pos = sequence_inputs(b["query_ids"], b["query_mask"], b["response_ids"],
+                                                b["response_mask"])
+                logits, v = engine(ids, att, position_ids=pos, with_values=True)
+                logp = response_logprobs(logits, b["response_ids"], P, cfg.gen.temperature)
+                values = v[:, P - 1:-1]
+                m, n = b["response_mask"], global_tokens[step_i]
+                pg, pg_stats = pm.policy_loss(logp, b["logprobs"], b["advantages"], m, c.clip_range, num_tokens=n)
+                vf, vf_stats = pm.value_loss(values, b["values"], b["returns"], m, c.clip_range_value, num_tokens=n)
+                loss = pg + c.vf_coef * vf
+                if c.entropy_coef > 0:
+                    ent = pm.masked_sum(pm.entropy_from_logits(logits[:, P - 1:-1], cfg.gen.temperature), m) / n
+                    loss = loss - c.entropy_coef * ent
+                guard = pm.ratio_guard(logp.detach(), b["logprobs"], m, c.ratio_guard)
+                loss = loss * (~guard).float()  # an exploding micro-batch contributes no gradient
+                skipped += guard.float()
+                if ptx_examples and boundary:
+                    loss = loss + c.ptx_coef * ptx_loss(run, ptx_examples)
+                engine.backward(loss, boundary)
+            for k, val in {**pg_stats, **vf_stats, "loss/policy": pg.detach(), "loss/value": vf.detach()}.items():
+                stats.setdefault(k, []).append(val.detach().float())
+        grad_norms.append(engine.step({"policy": lr, "value": lr}))
+    out = {f"ppo/{k}": torch.stack(v).mean() for k, v in stats.items()}
+    out["ppo/skipped_microbatches"] = skipped
+    out = {k: float(v) for k, v in out.items()}  # one host sync, after all epochs
+    norms = [g for g in grad_norms if g is not None]
+    out["ppo/grad_norm"] = sum(norms) / len(norms) if norms else float("nan")
+    return out
+
+
+def ptx_loss(run, examples: list[Example]) -> torch.Tensor:
+    """PPO-ptx: the SFT token-mean loss of this rank's labelled examples, scaled for rank averaging."""
+    from hybrid_ds.sft import token_ce_sum
+
+    b = {k: v.to(run.dist.device) for k, v in collate_sft(examples, run.tokenizer.pad_token_id).items()}
+    n_tok = run.dist.all_reduce_sum(torch.tensor([float((b["labels"][:, 1:] != -100).sum())]))[0]
+    logits, _ = run.engine(b["input_ids"], b["attention_mask"])
+    return token_ce_sum(logits, b["labels"]) * run.dist.world / n_tok.to(logits.device)
+
+
+# --------------------------------------------------------------------------------------
+# the update
+
+
+def ppo_update(run, examples: list[Example], ptx_examples: Optional[list[Example]] = None) -> dict:
+    """One PPO update on this rank's prompts; returns metrics reduced across ranks.
+
+    1. generate  2. score  3. reference and old log-probs/values  4. advantages  5. PPO epochs
+    6. adapt the KL coefficient
+    """
+    cfg, dist = run.cfg, run.dist
+    t = {"start": time.perf_counter()}
+    # 1. rollout
+    ro = generate(run, examples)
+    t["rollout"] = time.perf_counter()
+    # 2. task scores
+    score(run, ro, examples)
+    t["scoring"] = time.perf_counter()
+    # 3. reference log-probs, then old policy log-probs and values (no dropout, no grad)
+    chunk = max(1, cfg.ppo_mini // (dist.world * cfg.ppo.grad_accum))
+    ro.ref_logprobs, _ = forward_logprobs(run.ref, ro, cfg.gen.temperature, chunk, with_values=False)
+    t["reference"] = time.perf_counter()
+    ro.logprobs, ro.values = forward_logprobs(run.engine, ro, cfg.gen.temperature, chunk, with_values=True)
+    t["old_logprobs"] = time.perf_counter()
+    # 4. advantages
+    compute_advantages(run, ro)
+    # 5. PPO epochs
+    sched = run.schedules["ppo"]
+    m = ppo_epochs(run, ro, sched.lr, ptx_examples)
+    for _ in range(cfg.ppo.epochs * (cfg.ppo.batch // cfg.ppo_mini)):
+        sched.step(m.get(cfg.sched.plateau_metric or "ppo/loss/policy"))
+    t["update"] = time.perf_counter()
+    # 6. KL controller, on the global mean KL per sequence
+    metrics = rollout_metrics(run, ro)
+    metrics = dist.mean_metrics({**metrics, **m})
+    run.kl_ctl.update(metrics["objective/kl"], cfg.ppo.batch)
+    phases = ["rollout", "scoring", "reference", "old_logprobs", "update"]
+    prev = t["start"]
+    for name in phases:
+        metrics[f"time/{name}_s"] = t[name] - prev
+        prev = t[name]
+    gen_tokens = metrics["ppo/response_len"] * cfg.ppo.batch
+    metrics["time/rollout_tokens_per_s"] = gen_tokens / max(metrics["time/rollout_s"], 1e-9)
+    metrics["time/update_s_total"] = t["update"] - t["start"]
+    metrics["ppo/lr"] = sched.lr
+    metrics["objective/kl_coef"] = run.kl_ctl.value
+    return metrics
+
+
+def rollout_metrics(run, ro: Rollout) -> dict[str, float]:
+    """Per-rank means of what the rollout produced (reduced by the caller)."""
+    m = ro.response_mask
+    lengths = m.sum(1)
+    seq_kl = (ro.kl * m).sum(1)
+    return {
+        "ppo/reward_mean": float(ro.scores.mean()),
+        "ppo/reward_std": float(ro.scores.std()) if ro.scores.numel() > 1 else 0.0,
+        "objective/kl": float(seq_kl.mean()),
+        "objective/score_minus_kl": float((ro.scores - run.kl_ctl.value * seq_kl).mean()),
+        "ppo/response_len": float(lengths.mean()),
+        "ppo/response_len_min": float(lengths.min()),
+        "ppo/eos_frac": float(ro.ended.float().mean()),
+        "ppo/empty_frac": float((lengths <= 1).float().mean()),  # collapse watch: EOS at once
+        "ppo/advantage_mean": float(pm.masked_mean(ro.advantages, m)),
+        "ppo/return_mean": float(pm.masked_mean(ro.returns, m)),
+        "ppo/value_mean_old": float(pm.masked_mean(ro.values, m)),
+    }
