@@ -300,6 +300,9 @@ def init_dist(cfg: Config, *, sft_micro: int, sft_accum: int) -> Dist:
     if plan.zero_stage > 0:
         ds_config = fill_ds_config(plan.ds_template, stage=plan.zero_stage, micro=sft_micro, accum=sft_accum,
                                    world=world, clip=cfg.run.max_grad_norm, precision=plan.mixed_precision)
+        from hybrid_ds.optim import deepspeed_optimizer_settings
+
+        ds_config.update(deepspeed_optimizer_settings(cfg.optim.name, ds_config))
         plugin = DeepSpeedPlugin(hf_ds_config=ds_config, zero3_init_flag=plan.zero_stage == 3)
     # A single plain process needs no process group; otherwise name the backend explicitly (on CPU,
     # Accelerate would otherwise leave every rank believing it is alone).
@@ -370,10 +373,13 @@ class TrainEngine:
         else:
             loss.backward()
 
-    def step(self, lrs: dict[str, float]) -> Optional[float]:
-        """Apply the accumulated gradients with per-role learning rates; returns the gradient norm."""
-        for g in self.optimizer.param_groups:
-            g["lr"] = lrs[g["role"]]
+    def step(self, lrs: dict[str, float], momentum: Optional[float] = None) -> Optional[float]:
+        """Apply the accumulated gradients with per-role learning rates (and a scheduled momentum,
+        for onecycle/cyclic); returns the global gradient norm."""
+        from hybrid_ds.optim import set_optimizer_hparams
+
+        for role, lr in lrs.items():
+            set_optimizer_hparams([g for g in self.optimizer.param_groups if g["role"] == role], lr, momentum)
         if self.dist.uses_deepspeed:
             self.wrapped.step()
             norm = self.wrapped.get_global_grad_norm()

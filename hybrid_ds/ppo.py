@@ -147,7 +147,7 @@ def compute_advantages(run, ro: Rollout) -> None:
 # 5. PPO epochs
 
 
-def ppo_epochs(run, ro: Rollout, lr: float, ptx_examples: Optional[list[Example]]) -> dict:
+def ppo_epochs(run, ro: Rollout, ptx_examples: Optional[list[Example]]) -> dict:
     """PPO_EPOCHS passes, each reshuffled into minibatches x accumulation; one optimizer step per minibatch.
 
     Each micro-batch's loss is a token sum divided by the minibatch's global token count (one
@@ -193,7 +193,9 @@ def ppo_epochs(run, ro: Rollout, lr: float, ptx_examples: Optional[list[Example]
                 engine.backward(loss, boundary)
             for k, val in {**pg_stats, **vf_stats, "loss/policy": pg.detach(), "loss/value": vf.detach()}.items():
                 stats.setdefault(k, []).append(val.detach().float())
-        grad_norms.append(engine.step({"policy": lr, "value": lr}))
+        sched = run.schedules["ppo"]
+        grad_norms.append(engine.step({"policy": sched.lr, "value": sched.lr}, sched.momentum))
+        sched.step(float(pg.detach()) if sched.name == "reduce_on_plateau" else None)
     out = {f"ppo/{k}": torch.stack(v).mean() for k, v in stats.items()}
     out["ppo/skipped_microbatches"] = skipped
     out = {k: float(v) for k, v in out.items()}  # one host sync, after all epochs
@@ -240,9 +242,7 @@ def ppo_update(run, examples: list[Example], ptx_examples: Optional[list[Example
     compute_advantages(run, ro)
     # 5. PPO epochs
     sched = run.schedules["ppo"]
-    m = ppo_epochs(run, ro, sched.lr, ptx_examples)
-    for _ in range(cfg.ppo.epochs * (cfg.ppo.batch // cfg.ppo_mini)):
-        sched.step(m.get(cfg.sched.plateau_metric or "ppo/loss/policy"))
+    m = ppo_epochs(run, ro, ptx_examples)
     t["update"] = time.perf_counter()
     # 6. KL controller, on the global mean KL per sequence
     metrics = rollout_metrics(run, ro)

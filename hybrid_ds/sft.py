@@ -9,6 +9,7 @@ and 2 processes x accumulation 2 give the same gradient, whatever the split.
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,8 @@ def token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def sft_step(engine, examples: list[Example], *, accum: int, lr: float, pad_id: int, dist) -> dict[str, float]:
+def sft_step(engine, examples: list[Example], *, accum: int, lr: float, pad_id: int, dist,
+             momentum: Optional[float] = None) -> dict[str, float]:
     """One SFT optimizer step on this rank's share of the global batch; metrics reduced across ranks.
 
     1. split into ``accum`` micro-batches and count the global response tokens
@@ -51,7 +53,7 @@ def sft_step(engine, examples: list[Example], *, accum: int, lr: float, pad_id: 
             engine.backward(loss, boundary)
         ce_total += ce_sum.detach()
     # 3. optimizer step
-    grad_norm = engine.step({"policy": lr, "value": 0.0})
+    grad_norm = engine.step({"policy": lr, "value": 0.0}, momentum)
     loss = float(dist.all_reduce_sum(ce_total.reshape(1).float())[0]) / max(n_tokens, 1.0)
     dt = time.perf_counter() - t0
     return {"sft/loss": loss, "sft/lr": lr, "sft/grad_norm": grad_norm if grad_norm is not None else float("nan"),

@@ -150,7 +150,7 @@ def do_sft_step(run: Run) -> dict:
 
     sched = run.schedules["sft"]
     m = sft_step(run.engine, _batch(run, run.sft_stream), accum=run.cfg.sft.grad_accum, lr=sched.lr,
-                 pad_id=run.tokenizer.pad_token_id, dist=run.dist)
+                 pad_id=run.tokenizer.pad_token_id, dist=run.dist, momentum=sched.momentum)
     sched.step(m.get(run.cfg.sched.plateau_metric or "sft/loss"))
     run.counters["sft_step"] += 1
     return m

@@ -1,0 +1,64 @@
+"""Run hybrid_ds through its real entry points in subprocesses (accelerate launch, python -m)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env():
+    e = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
+             TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def launch(cfg: dict, tmp_path, *, nproc: int = 1, zero: int = 0, overrides=(), timeout=600, check=True,
+           name="cfg"):
+    """Write ``cfg`` and train it. zero=0 and nproc=1: plain ``python -m``; else ``accelerate launch``."""
+    path = os.path.join(str(tmp_path), f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    if zero == 0 and nproc == 1:
+        cmd = [sys.executable, "-m", "hybrid_ds.train", path, *overrides]
+    else:
+        yaml = os.path.join(REPO, "launch", f"zero{zero}.yaml")
+        cmd = [os.path.join(BIN, "accelerate"), "launch", "--config_file", yaml, "--num_processes", str(nproc),
+               "--main_process_port", str(free_port()), "-m", "hybrid_ds.train", path, *overrides]
+    p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}: {' '.join(cmd)}\n--- stdout\n{p.stdout[-3000:]}\n"
+                             f"--- stderr\n{p.stderr[-6000:]}")
+    return p
+
+
+def metrics(output_dir, phase=None):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if phase is None or r["phase"] == phase]
+
+
+def load_weights(model_dir):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(model_dir, "model.safetensors"))
+
+
+def max_rel_diff(a: dict, b: dict) -> float:
+    """max over tensors of |a-b|_max / max(|a|_max, tiny)."""
+    worst = 0.0
+    assert a.keys() == b.keys()
+    for k in a:
+        x, y = a[k].double(), b[k].double()
+        worst = max(worst, float((x - y).abs().max() / x.abs().max().clamp(min=1e-12)))
+    return worst

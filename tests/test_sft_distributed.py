@@ -1,0 +1,67 @@
+"""SFT end to end through the real entry points: 1 process, 2 processes under ZeRO-2 and ZeRO-3."""
+
+import os
+
+import pytest
+
+from launch_utils import launch, load_weights, max_rel_diff, metrics
+
+pytestmark = pytest.mark.slow
+
+
+def sft_cfg(tmp_path, name, **extra):
+    cfg = {"MODE": "sft", "MODEL": "builtin:tiny-gpt2", "TRAIN_FILE": "builtin:demo-tasks",
+           "OUTPUT_DIR": str(tmp_path / name), "SEED": 0, "SFT_BATCH": 8, "LR_SFT": 3e-3,
+           "SCHEDULER": "constant", "MAXSEQ": 96, "MAX_STEPS": 30}
+    cfg.update(extra)
+    return cfg
+
+
+def assert_loss_falls(out):
+    rows = metrics(out, "sft")
+    first = sum(r["sft/loss"] for r in rows[:5]) / 5
+    last = sum(r["sft/loss"] for r in rows[-5:]) / 5
+    assert last < first - 1.0, f"SFT loss did not fall: first5 {first:.3f} last5 {last:.3f}"
+
+
+@pytest.mark.parametrize("nproc,zero,bf16", [(1, 0, False), (2, 2, False), (2, 3, False), (2, 2, True),
+                                              (2, 3, True)],
+                         ids=["1proc", "zero2", "zero3", "zero2-bf16", "zero3-bf16"])
+def test_sft_loss_falls_and_inference_lm_generates(tmp_path, nproc, zero, bf16):
+    cfg = sft_cfg(tmp_path, "run", BF16=bf16)
+    launch(cfg, tmp_path, nproc=nproc, zero=zero)
+    out = cfg["OUTPUT_DIR"]
+    assert_loss_falls(out)
+    for f in ("config.json", "metrics.jsonl", "inference_lm/model.safetensors", "inference_lm/tokenizer.json"):
+        assert os.path.exists(os.path.join(out, f)), f
+    assert any(n.startswith("events.") for n in os.listdir(os.path.join(out, "tensorboard")))
+    # vanilla transformers loads and generates
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(os.path.join(out, "inference_lm"))
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(out, "inference_lm"))
+    ids = tok("### Prompt:\n\n```task: copy\ninput: apple river\n```\n\n### Response:\n\n", return_tensors="pt")
+    gen = model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert gen.shape[1] > ids["input_ids"].shape[1]
+    assert torch.isfinite(model.lm_head.weight.float()).all()
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_accumulation_and_ranks_are_equivalent(tmp_path, zero):
+    """fp32: 1 process x accumulation 4 == 2 processes x accumulation 2 (same global batch, same order)."""
+    a = sft_cfg(tmp_path, "a", MAX_STEPS=5, GRAD_ACCUM=4, LR_SFT=1e-3)
+    b = sft_cfg(tmp_path, "b", MAX_STEPS=5, GRAD_ACCUM=2, LR_SFT=1e-3)
+    launch(a, tmp_path, nproc=1, zero=zero, name="a")
+    launch(b, tmp_path, nproc=2, zero=zero, name="b")
+    wa = load_weights(os.path.join(a["OUTPUT_DIR"], "inference_lm"))
+    wb = load_weights(os.path.join(b["OUTPUT_DIR"], "inference_lm"))
+    from hybrid_ds.assets import resolve_model
+
+    w0 = load_weights(resolve_model("builtin:tiny-gpt2"))
+    diff = max_rel_diff(wa, wb)
+    assert diff < 1e-5, f"1x4 vs 2x2 differ by {diff:.2e}"
+    assert max_rel_diff(wa, {k: w0[k] for k in wa}) > 1e-3
+    la = [r["sft/loss"] for r in metrics(a["OUTPUT_DIR"], "sft")]
+    lb = [r["sft/loss"] for r in metrics(b["OUTPUT_DIR"], "sft")]
+    assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-5
