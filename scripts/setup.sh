@@ -11,5 +11,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q --upgrade pip >/dev/null
   .venv/bin/pip install -q "$TORCH"
 fi
-.venv/bin/pip install -q -e ".[test]" 2>&1 | grep -v "is ignored: it is neither" || true
+.venv/bin/pip install -q -e ".[test,toxicity]" 2>&1 | grep -v "is ignored: it is neither" || true
 .venv/bin/python -c "import torch, hybrid_ds; print(f'hybrid_ds {hybrid_ds.__version__} ready: torch {torch.__version__}')"

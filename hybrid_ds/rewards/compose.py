@@ -1,0 +1,157 @@
+"""Composite rewards (``weighted_sum``) and post-processors (``clip``, ``scale``, ``ema_normalize``).
+
+A post-processor maps a batch of scores to a batch of scores and may keep state (the running
+statistics of ``ema_normalize``), exposed through ``state_dict``/``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+from .base import FaultPolicy, Reward
+
+
+class WeightedSum(Reward):
+    """``sum_k w_k r_k / sum_k w_k`` over components ``(weight, reward)``; zero weights are skipped."""
+
+    def __init__(self, components: Sequence[tuple[float, Reward]], faults: FaultPolicy):
+        super().__init__("weighted_sum", faults)
+        self.components = list(components)
+        self.total_weight = sum(w for w, _ in self.components)
+
+    def _score(self, responses, targets, prompts, items) -> list[float]:
+        total = [0.0] * len(responses)
+        for weight, reward in self.components:
+            if weight == 0:
+                continue
+            for i, s in enumerate(reward.score_batch(responses, targets, prompts, items)):
+                total[i] += weight * s
+        return [t / self.total_weight for t in total]
+
+    def state_dict(self) -> dict:
+        return {"components": [r.state_dict() for _, r in self.components]}
+
+    def load_state_dict(self, state: dict) -> None:
+        states = state.get("components", [])
+        if len(states) != len(self.components):
+            raise ValueError(f"weighted_sum has {len(self.components)} components, state has {len(states)}")
+        for (_, reward), sub in zip(self.components, states):
+            reward.load_state_dict(sub)
+
+
+class Postprocessed(Reward):
+    """A reward followed by post-processing steps, applied in order to each batch of scores."""
+
+    def __init__(self, inner: Reward, steps: Sequence, faults: FaultPolicy):
+        super().__init__(f"{inner.kind}.postprocess", faults)
+        self.inner, self.steps = inner, list(steps)
+
+    def _score(self, responses, targets, prompts, items) -> list[float]:
+        scores = self.inner.score_batch(responses, targets, prompts, items)
+        for step in self.steps:  # runs on empty batches too: ema_normalize's all-reduce must
+            scores = step(scores)
+        return scores
+
+    def state_dict(self) -> dict:
+        return {"inner": self.inner.state_dict(), "postprocess": [s.state_dict() for s in self.steps]}
+
+    def load_state_dict(self, state: dict) -> None:
+        steps = state.get("postprocess", [])
+        if len(steps) != len(self.steps):
+            raise ValueError(f"{self.kind} has {len(self.steps)} post-processors, state has {len(steps)}")
+        self.inner.load_state_dict(state.get("inner", {}))
+        for step, sub in zip(self.steps, steps):
+            step.load_state_dict(sub)
+
+
+class Stateless:
+    """Mixin for post-processors without state."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class Clip(Stateless):
+    """Clamp scores to ``[min, max]`` (either bound may be None)."""
+
+    def __init__(self, min: float | None = None, max: float | None = None):
+        self.low, self.high = min, max
+
+    def __call__(self, scores: list[float]) -> list[float]:
+        low = -math.inf if self.low is None else self.low
+        high = math.inf if self.high is None else self.high
+        return [min(max(s, low), high) for s in scores]
+
+
+class Scale(Stateless):
+    """Affine map ``s * mul + add``."""
+
+    def __init__(self, mul: float = 1.0, add: float = 0.0):
+        self.mul, self.add = mul, add
+
+    def __call__(self, scores: list[float]) -> list[float]:
+        return [s * self.mul + self.add for s in scores]
+
+
+def ema_update(mean: float, var: float, batch_mean: float, batch_var: float,
+               decay: float) -> tuple[float, float]:
+    """Exponentially weighted moments: the mixture of the old distribution (weight ``decay``) and
+    the batch (weight ``1 - decay``): ``mean' = d m + (1-d) m_b``,
+    ``var' = d v + (1-d) v_b + d (1-d) (m_b - m)^2`` (law of total variance)."""
+    new_mean = decay * mean + (1 - decay) * batch_mean
+    new_var = decay * var + (1 - decay) * batch_var + decay * (1 - decay) * (batch_mean - mean) ** 2
+    return new_mean, new_var
+
+
+def batch_moments(count: float, shifted_sum: float, shifted_sq: float, shift: float) -> tuple[float, float]:
+    """Mean and (population) variance from ``count``, ``sum(x - shift)`` and ``sum((x - shift)^2)``."""
+    mean_shifted = shifted_sum / count
+    return shift + mean_shifted, max(shifted_sq / count - mean_shifted ** 2, 0.0)
+
+
+class EmaNormalize:
+    """Normalise scores with running moments: ``(x - mean) / sqrt(var + eps)``.
+
+    Each batch first updates the moments (``ema_update``; the first batch initialises them), then
+    is normalised with the updated moments. With ``all_reduce_sum`` the batch's count, sum and sum
+    of squares (shifted by the current mean for precision) are summed across data-parallel ranks,
+    so every rank holds identical statistics; every rank must then call it once per step, with an
+    empty batch if it has no sample."""
+
+    def __init__(self, decay: float = 0.99, eps: float = 1e-8,
+                 all_reduce_sum: Callable | None = None):
+        self.decay, self.eps, self.all_reduce_sum = decay, eps, all_reduce_sum
+        self.mean, self.var, self.count = 0.0, 1.0, 0
+
+    def __call__(self, scores: list[float]) -> list[float]:
+        shift = self.mean if self.count else 0.0
+        sums = [float(len(scores)), sum(s - shift for s in scores), sum((s - shift) ** 2 for s in scores)]
+        count, shifted_sum, shifted_sq = self._reduce(sums)
+        if count > 0:
+            batch_mean, batch_var = batch_moments(count, shifted_sum, shifted_sq, shift)
+            if self.count == 0:
+                self.mean, self.var = batch_mean, batch_var
+            else:
+                self.mean, self.var = ema_update(self.mean, self.var, batch_mean, batch_var, self.decay)
+            self.count += int(round(count))
+        scale = math.sqrt(self.var + self.eps)
+        return [(s - self.mean) / scale for s in scores]
+
+    def _reduce(self, sums: list[float]) -> list[float]:
+        if self.all_reduce_sum is None:
+            return sums
+        import torch
+
+        local = torch.tensor(sums, dtype=torch.float64)
+        reduced = self.all_reduce_sum(local)
+        return (local if reduced is None else reduced).cpu().tolist()  # None: reduced in place
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])
