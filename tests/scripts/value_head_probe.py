@@ -1,0 +1,42 @@
+"""Run under any launcher: 2 SFT steps, then 1 PPO update; print whether the value head and the policy
+changed in each phase (compared on the full, ZeRO-3-consolidated state dict). Used by test_ppo_runs.py."""
+
+import json
+import sys
+
+import torch
+
+from hybrid_ds.config import load_config
+from hybrid_ds.dist import init_dist
+from hybrid_ds.trainer import build_run, do_ppo_update, do_sft_step
+
+
+def snapshot(run):
+    sd = run.dist.full_state_dict(run.engine)  # collective under ZeRO-3
+    return None if sd is None else {k: v.detach().clone().float() for k, v in sd.items()}
+
+
+def changed(a, b, prefix):
+    return any(not torch.equal(a[k], b[k]) for k in a if k.startswith(prefix))
+
+
+def main():
+    cfg = load_config(sys.argv[1], sys.argv[2:])
+    dist = init_dist(cfg, sft_micro=cfg.sft.batch // (int(__import__("os").environ.get("WORLD_SIZE", "1"))
+                                                      * cfg.sft.grad_accum), sft_accum=cfg.sft.grad_accum)
+    run = build_run(cfg, dist, cfg.run.seed)
+    s0 = snapshot(run)
+    for _ in range(2):
+        do_sft_step(run)
+    s1 = snapshot(run)
+    do_ppo_update(run)
+    s2 = snapshot(run)
+    if dist.is_main:
+        print("PROBE " + json.dumps({
+            "sft_value_changed": changed(s0, s1, "v_head."), "sft_policy_changed": changed(s0, s1, "lm."),
+            "ppo_value_changed": changed(s1, s2, "v_head."), "ppo_policy_changed": changed(s1, s2, "lm.")}))
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()
