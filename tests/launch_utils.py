@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 
+import torch
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 
@@ -52,6 +54,20 @@ def load_weights(model_dir):
     from safetensors.torch import load_file
 
     return load_file(os.path.join(model_dir, "model.safetensors"))
+
+
+def rel_norm_diffs(a: dict, b: dict) -> dict:
+    """Per tensor ||a-b|| / ||a||. For GPT-2's fused attention bias only the query and value thirds
+    count: the key bias has an identically-zero gradient (softmax is invariant to a per-query shift),
+    so Adam turns float round-off into +-lr steps there, whatever the run layout."""
+    out = {}
+    for k in a:
+        x, y = a[k].double(), b[k].double()
+        if k.endswith("attn.c_attn.bias"):
+            third = x.shape[0] // 3
+            x, y = torch.cat([x[:third], x[2 * third:]]), torch.cat([y[:third], y[2 * third:]])
+        out[k] = float((x - y).norm() / x.norm().clamp(min=1e-12))
+    return out
 
 
 def max_rel_diff(a: dict, b: dict) -> float:
