@@ -135,6 +135,12 @@ class PPOConfig:
 class HybridConfig:
     cycle_sft_steps: int = opt(1, "SFT steps per hybrid cycle.", key="CYCLE_SFT_STEPS", lo=0)
     cycle_ppo_updates: int = opt(1, "PPO updates per hybrid cycle.", key="CYCLE_PPO_UPDATES", lo=0)
+    sft_warmup_steps: int = opt(0, "SFT-only steps before the first hybrid cycle (start SFT-heavy).",
+                                key="SFT_WARMUP_STEPS", lo=0)
+    ref_init: str = opt("start", "Reference model: start = a frozen copy of the starting policy; after_warmup = "
+                                 "a snapshot of the policy after SFT_WARMUP_STEPS (use it when MODEL is not yet "
+                                 "able to do the task, e.g. builtin:tiny-gpt2).", key="REF_INIT",
+                        choices=("start", "after_warmup"))
 
 
 @dataclass
@@ -445,6 +451,11 @@ def validate(cfg: Config, *, check_files: bool = True, world_size: Optional[int]
         problems.append(f"MILESTONES: expected a list of positive integers, got {cfg.sched.milestones!r}.")
     if cfg.run.mode == "hybrid" and cfg.hybrid.cycle_sft_steps + cfg.hybrid.cycle_ppo_updates == 0:
         problems.append("CYCLE_SFT_STEPS and CYCLE_PPO_UPDATES are both 0: a hybrid cycle would do nothing.")
+    if cfg.hybrid.sft_warmup_steps and cfg.run.mode != "hybrid":
+        problems.append(f"SFT_WARMUP_STEPS ({cfg.hybrid.sft_warmup_steps}) applies to MODE=hybrid only; "
+                        f"for {cfg.run.mode} start from an SFT run's output instead.")
+    if cfg.hybrid.ref_init == "after_warmup" and not (cfg.run.mode == "hybrid" and cfg.hybrid.sft_warmup_steps):
+        problems.append("REF_INIT=after_warmup needs MODE=hybrid and SFT_WARMUP_STEPS > 0.")
     if cfg.gen.min_new_tokens > cfg.gen.max_new_tokens:
         problems.append(f"MIN_NEW_TOKENS ({cfg.gen.min_new_tokens}) exceeds MAX_NEW_TOKENS "
                         f"({cfg.gen.max_new_tokens}).")
@@ -517,6 +528,9 @@ def _file_problems(cfg: Config) -> list[str]:
     out_dir = cfg.run.output_dir
     if out_dir and os.path.exists(out_dir) and not os.path.isdir(out_dir):
         out.append(f"OUTPUT_DIR: {out_dir!r} exists and is not a directory.")
+    elif out_dir and os.path.isfile(os.path.join(out_dir, "metrics.jsonl")):
+        out.append(f"OUTPUT_DIR: {out_dir!r} already holds a run (metrics.jsonl). Resuming from checkpoints is "
+                   f"not built yet, and hybrid_ds never overwrites finished work: choose a new OUTPUT_DIR.")
     if cfg.run.ds_config and not os.path.isfile(cfg.run.ds_config):
         out.append(f"DS_CONFIG: {cfg.run.ds_config!r} does not exist.")
     return out

@@ -247,6 +247,21 @@ class Dist:
         else:
             yield
 
+    @torch.no_grad()
+    def copy_weights(self, src: torch.nn.Module, dst: torch.nn.Module) -> None:
+        """Overwrite ``dst``'s weights with ``src``'s (same architecture), e.g. policy -> reference.
+
+        Under ZeRO-3 both are partitioned the same way over the same ranks, so each rank copies its
+        own partitions and nothing is gathered."""
+        dst_module = getattr(dst, "module", dst)  # a DeepSpeed inference engine wraps the model
+        src_p = dict(src.named_parameters())
+        for name, p in dst_module.named_parameters():
+            s = src_p[name]
+            if hasattr(p, "ds_tensor"):
+                p.ds_tensor.data.copy_(s.ds_tensor.data)
+            else:
+                p.data.copy_(s.data.to(p.dtype))
+
     @contextlib.contextmanager
     def generation_model(self, engine: "TrainEngine") -> Iterator[torch.nn.Module]:
         """The policy's causal LM, ready for ``generate``. Under ZeRO-3 its weights are gathered once

@@ -254,8 +254,9 @@ def ppo_update(run, examples: list[Example], ptx_examples: Optional[list[Example
         metrics[f"time/{name}_s"] = t[name] - prev
         prev = t[name]
     gen_tokens = metrics["ppo/response_len"] * cfg.ppo.batch
-    metrics["time/rollout_tokens_per_s"] = gen_tokens / max(metrics["time/rollout_s"], 1e-9)
-    metrics["time/update_s_total"] = t["update"] - t["start"]
+    metrics["perf/rollout_tokens_per_s"] = gen_tokens / max(metrics["time/rollout_s"], 1e-9)
+    metrics["perf/ppo_update_s"] = t["update"] - t["start"]
+    metrics["perf/ppo_samples_per_s"] = cfg.ppo.batch / metrics["perf/ppo_update_s"]
     metrics["ppo/lr"] = sched.lr
     metrics["objective/kl_coef"] = run.kl_ctl.value
     return metrics

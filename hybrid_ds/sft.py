@@ -57,4 +57,4 @@ def sft_step(engine, examples: list[Example], *, accum: int, lr: float, pad_id: 
     loss = float(dist.all_reduce_sum(ce_total.reshape(1).float())[0]) / max(n_tokens, 1.0)
     dt = time.perf_counter() - t0
     return {"sft/loss": loss, "sft/lr": lr, "sft/grad_norm": grad_norm if grad_norm is not None else float("nan"),
-            "sft/tokens": n_tokens, "sft/tokens_per_s": n_tokens / dt, "time/sft_s": dt}
+            "sft/tokens": n_tokens, "perf/sft_tokens_per_s": n_tokens / dt, "time/sft_s": dt}

@@ -52,7 +52,8 @@ def plan_schedule(cfg: Config, n_examples: int) -> Schedule:
     per_cycle = cfg.sft.batch * h.cycle_sft_steps if h.cycle_sft_steps else cfg.ppo.batch * h.cycle_ppo_updates
     cycles = cfg.run.max_steps or cfg.run.epochs * max(1, n_examples // per_cycle)
     updates = cycles * h.cycle_ppo_updates
-    return Schedule(cycles * h.cycle_sft_steps, updates, cycles, updates * cfg.ppo.epochs * minis)
+    return Schedule(h.sft_warmup_steps + cycles * h.cycle_sft_steps, updates, cycles,
+                    updates * cfg.ppo.epochs * minis)
 
 
 @dataclass
@@ -177,6 +178,11 @@ def train(run: Run) -> None:
             m = do_ppo_update(run)
             _log(run, run.counters["ppo_update"], "ppo", m)
     else:
+        # 0. SFT warm-up (optional), then the reference snapshot if REF_INIT=after_warmup.
+        for _ in range(cfg.hybrid.sft_warmup_steps):
+            _log(run, run.counters["sft_step"] + 1, "sft", do_sft_step(run), advance=False)
+        if cfg.hybrid.ref_init == "after_warmup":
+            run.dist.copy_weights(run.engine.module.lm, run.ref)
         for _ in range(plan.cycles):
             # 1. SFT steps, 2. PPO updates; the phases meet at collectives, so no rank runs ahead.
             for _ in range(cfg.hybrid.cycle_sft_steps):

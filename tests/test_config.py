@@ -115,6 +115,15 @@ def test_bad_config_exits_2_with_specific_message(change, message, tmp_path, bas
     assert "Traceback" not in err
 
 
+def test_output_dir_with_a_finished_run_is_refused(tmp_path, base_cfg, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(SystemExit) as e:
+        main([write_json(tmp_path / "c.json", {**base_cfg, "OUTPUT_DIR": str(out)})])
+    assert e.value.code == 2 and "already holds a run" in capsys.readouterr().err
+
+
 def test_all_problems_reported_at_once(tmp_path, base_cfg):
     raw = {**base_cfg, "LR_SFTT": 1, "SFT_BATCH": -3, "MODE": "sfft"}
     with pytest.raises(ConfigError) as e:

@@ -56,7 +56,7 @@ def test_ppo_and_hybrid_run_on_two_processes(tmp_path, mode, zero, bf16):
     assert len(rows) == 2
     for k in ("ppo/reward_mean", "objective/kl", "objective/kl_coef", "ppo/loss/policy", "ppo/loss/value",
               "ppo/clipfrac", "ppo/approx_kl", "ppo/response_len", "time/rollout_s",
-              "time/scoring_s", "time/reference_s", "time/update_s", "time/rollout_tokens_per_s"):
+              "time/scoring_s", "time/reference_s", "time/update_s", "perf/rollout_tokens_per_s"):
         assert k in rows[-1], k
     if mode == "hybrid":
         assert len(metrics(out, "sft")) == 2
