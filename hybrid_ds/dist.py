@@ -164,20 +164,20 @@ class Dist:
         if self.initialized:
             torch.distributed.barrier()
 
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum of ``t`` over ranks (a new tensor on t's device)."""
+    def _all_reduce(self, t: torch.Tensor, op) -> torch.Tensor:
         if not self.initialized or self.world == 1:
             return t.clone()
         out = t.detach().clone().to(self.device)
-        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+        torch.distributed.all_reduce(out, op=op)
         return out.to(t.device)
 
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of ``t`` over ranks (a new tensor on t's device)."""
+        return self._all_reduce(t, torch.distributed.ReduceOp.SUM)
+
     def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
-        if not self.initialized or self.world == 1:
-            return t.clone()
-        out = t.detach().clone().to(self.device)
-        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX)
-        return out.to(t.device)
+        """Max of ``t`` over ranks (a new tensor on t's device)."""
+        return self._all_reduce(t, torch.distributed.ReduceOp.MAX)
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         if not self.initialized or self.world == 1:
