@@ -72,8 +72,30 @@ class RunConfig:
     ds_config: str = opt("", "Path to a DeepSpeed JSON config (e.g. ds_configs/zero3_offload.json); "
                              "\"auto\" values in it are filled by hybrid_ds.")
     max_grad_norm: float = opt(1.0, "Gradient clipping by global norm; 0 disables.", lo=0.0)
+    ref_placement: str = opt("colocated", "Where the frozen reference model runs: colocated (on every policy rank) "
+                                          "or separate (on the last REF_RANKS ranks; docs/placement.md).",
+                             choices=("colocated", "separate"))
+    ref_ranks: int = opt(1, "Reference ranks with REF_PLACEMENT=separate; policy ranks = processes - REF_RANKS.",
+                         lo=1)
+    ref_timeout_s: float = opt(600.0, "Longest wait for a reference answer: a dead reference rank is noticed at "
+                                      "once, a hung one after this many seconds.", lo=1.0)
     dist_timeout_s: int = opt(1800, "Timeout of collective operations, seconds: a dead rank ends the job "
                                     "after at most this long.", lo=10)
+    # -- checkpoints, resume, faults (hybrid_ds/checkpoint.py) --
+    save_every: int = opt(0, "Checkpoint every N steps (hybrid cycles in hybrid mode, SFT steps in sft mode, PPO "
+                             "updates in ppo mode) under OUTPUT_DIR/checkpoints; 0 = only at the end (a "
+                             "checkpoint is always written at the end and on SIGTERM/SIGINT).", lo=0)
+    keep_last: int = opt(2, "Complete checkpoints to keep; older ones are deleted once a newer one is visible. "
+                            "0 = keep all.", lo=0)
+    resume: str = opt("auto", "auto: resume from the latest complete checkpoint in OUTPUT_DIR when there is one "
+                              "(and say so); never: refuse an OUTPUT_DIR that already holds a run; fresh: move "
+                              "an existing run aside to OUTPUT_DIR.prev-<time> and start over; or a checkpoint "
+                              "directory (.../checkpoints/step-XXXXXXX) to resume from.")
+    allow_config_change: list = opt([], "Keys allowed to differ from the checkpoint's config on resume (EPOCHS, "
+                                        "MAX_STEPS, SAVE_EVERY, KEEP_LAST, LOG_EVERY and the other run-control "
+                                        "keys always may).")
+    max_nan_steps: int = opt(3, "Stop with an error after this many non-finite losses in a row (each one's "
+                                "update is skipped).", lo=1)
 
 
 @dataclass
@@ -427,11 +449,11 @@ def _check_bounds(key: str, value, meta) -> Optional[str]:
 
 
 def env_world_size() -> int:
-    """World size a launcher announced ($WORLD_SIZE), known before any process group exists."""
-    try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
+    """Processes the launcher started, known before any process group exists (placement.py keeps it
+    readable after the policy ranks' WORLD_SIZE is rewritten)."""
+    from hybrid_ds.placement import launch_world_size
+
+    return launch_world_size()
 
 
 def validate(cfg: Config, *, check_files: bool = True, world_size: Optional[int] = None) -> list[str]:
@@ -459,7 +481,17 @@ def validate(cfg: Config, *, check_files: bool = True, world_size: Optional[int]
     if cfg.gen.min_new_tokens > cfg.gen.max_new_tokens:
         problems.append(f"MIN_NEW_TOKENS ({cfg.gen.min_new_tokens}) exceeds MAX_NEW_TOKENS "
                         f"({cfg.gen.max_new_tokens}).")
-    problems += batch_problems(cfg, world_size or env_world_size())
+    from hybrid_ds.placement import placement_problems, policy_world_size
+
+    launched = world_size or env_world_size()
+    place = placement_problems(cfg.run.ref_placement, cfg.run.ref_ranks, launched)
+    problems += place
+    if cfg.run.ref_placement == "separate" and cfg.run.mode == "sft":
+        problems.append("REF_PLACEMENT=separate with MODE=sft: SFT uses no reference model; use colocated.")
+    if cfg.run.ref_placement == "separate" and cfg.hybrid.ref_init != "start":
+        problems.append("REF_INIT=after_warmup needs the reference on the policy ranks (REF_PLACEMENT=colocated).")
+    if not place:
+        problems += batch_problems(cfg, policy_world_size(cfg.run.ref_placement, cfg.run.ref_ranks, launched))
     problems += _optim_sched_problems(cfg)
     problems += _reward_problems(cfg)
     if check_files:
@@ -528,9 +560,10 @@ def _file_problems(cfg: Config) -> list[str]:
     out_dir = cfg.run.output_dir
     if out_dir and os.path.exists(out_dir) and not os.path.isdir(out_dir):
         out.append(f"OUTPUT_DIR: {out_dir!r} exists and is not a directory.")
-    elif out_dir and os.path.isfile(os.path.join(out_dir, "metrics.jsonl")):
-        out.append(f"OUTPUT_DIR: {out_dir!r} already holds a run (metrics.jsonl). Resuming from checkpoints is "
-                   f"not built yet, and hybrid_ds never overwrites finished work: choose a new OUTPUT_DIR.")
+    else:  # a run already in OUTPUT_DIR: resumed, refused or moved aside per RESUME (checkpoint.py)
+        from hybrid_ds.checkpoint import resume_problems
+
+        out += resume_problems(cfg)
     if cfg.run.ds_config and not os.path.isfile(cfg.run.ds_config):
         out.append(f"DS_CONFIG: {cfg.run.ds_config!r} does not exist.")
     return out

@@ -275,6 +275,28 @@ class Dist:
         else:
             yield engine.module.lm
 
+    # -- checkpoints (hybrid_ds/checkpoint.py): the frozen reference when it is a snapshot -----------
+    def frozen_state_dict(self, model: torch.nn.Module) -> Optional[dict]:
+        """A frozen model's whole state dict on the main process (gathered under ZeRO-3), None elsewhere."""
+        module = getattr(model, "module", model)  # a DeepSpeed inference engine wraps the model
+        with self.gathered(module):
+            sd = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if self.is_main else None
+        return sd
+
+    @torch.no_grad()
+    def load_frozen_state_dict(self, model: torch.nn.Module, state: dict) -> None:
+        """Overwrite a frozen model's weights from a whole state dict that every rank holds."""
+        module = getattr(model, "module", model)
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+                if self.is_main:
+                    module.load_state_dict(state)
+        else:
+            module.load_state_dict(state)
+    # -- end checkpoints -----------------------------------------------------------------------------
+
     def full_state_dict(self, engine: "TrainEngine") -> Optional[dict]:
         """The whole model's state dict on the main process (ZeRO-3 consolidated), None elsewhere."""
         if self.uses_deepspeed:
@@ -402,6 +424,9 @@ class TrainEngine:
         clip = self.dist.max_grad_norm
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        if not torch.isfinite(norm):  # checkpoint.py/faults: a non-finite gradient never reaches the
+            self.optimizer.zero_grad(set_to_none=True)  # weights (DeepSpeed skips such steps itself)
+            return float(norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)

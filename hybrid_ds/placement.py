@@ -223,10 +223,16 @@ class Bridge:
         return self.placement.describe(world_rank)
 
     def isend(self, tensor, peer: int, tag: int):
-        return self.group.send([tensor], self.members.index(peer), tag)
+        try:  # gloo can fail at once when the peer's connection is already gone
+            return self.group.send([tensor], self.members.index(peer), tag)
+        except RuntimeError as e:
+            raise BridgeError(self.peer_failure(peer, "sending", self.timeout_s, e), peer) from e
 
     def irecv(self, tensor, peer: int, tag: int):
-        return self.group.recv([tensor], self.members.index(peer), tag)
+        try:
+            return self.group.recv([tensor], self.members.index(peer), tag)
+        except RuntimeError as e:
+            raise BridgeError(self.peer_failure(peer, "receiving", self.timeout_s, e), peer) from e
 
     def wait(self, work, peer: int, what: str, timeout_s: Optional[float] = None) -> None:
         """Wait for ``work`` with ``peer`` at most ``timeout_s`` (default: the bridge timeout)."""

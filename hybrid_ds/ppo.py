@@ -76,6 +76,9 @@ def generate(run, examples: list[Example]) -> Rollout:
                   max_new_tokens=g.max_new_tokens, min_new_tokens=g.min_new_tokens,
                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, use_cache=True)
     run.engine.eval()
+    # Sampling draws from a seed of (SEED, rank, update), not from whatever state model loading or
+    # earlier phases left in the global RNG: placements and resumed runs sample the same tokens.
+    torch.manual_seed(run.seed_for("rollout", run.counters["ppo_update"]))
     with run.dist.generation_model(run.engine) as lm:
         seq = lm.generate(input_ids=q_ids, attention_mask=q_mask, **kwargs)
     resp = seq[:, q_ids.shape[1]:]
@@ -123,6 +126,13 @@ def forward_logprobs(model, ro: Rollout, temperature: float, chunk: int, with_va
             logits = model(input_ids=ids[sl], attention_mask=att[sl], position_ids=pos[sl]).logits
         lps.append(response_logprobs(logits, ro.response_ids[sl], P, temperature))
     return torch.cat(lps), (torch.cat(vals) if with_values else None)
+
+
+def request_reference(run, ro: Rollout):
+    """Send the rollout's ids and masks to this rank's reference rank; ``.wait()`` gives ``(B, T)`` fp32."""
+    ids, att, _ = sequence_inputs(ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask)
+    return run.ref_client.request(ids, att, ro.query_ids.shape[1], ro.response_ids.shape[1],
+                                  run.cfg.gen.temperature)
 
 
 # --------------------------------------------------------------------------------------
@@ -229,14 +239,19 @@ def ppo_update(run, examples: list[Example], ptx_examples: Optional[list[Example
     # 1. rollout
     ro = generate(run, examples)
     t["rollout"] = time.perf_counter()
+    # (separate reference ranks start on the reference log-probs now, while this rank scores)
+    pending = request_reference(run, ro) if run.ref_client is not None else None
     # 2. task scores
     score(run, ro, examples)
     t["scoring"] = time.perf_counter()
     # 3. reference log-probs, then old policy log-probs and values (no dropout, no grad)
     chunk = max(1, cfg.ppo_mini // (dist.world * cfg.ppo.grad_accum))
-    ro.ref_logprobs, _ = forward_logprobs(run.ref, ro, cfg.gen.temperature, chunk, with_values=False)
+    if pending is None:
+        ro.ref_logprobs, _ = forward_logprobs(run.ref, ro, cfg.gen.temperature, chunk, with_values=False)
     t["reference"] = time.perf_counter()
     ro.logprobs, ro.values = forward_logprobs(run.engine, ro, cfg.gen.temperature, chunk, with_values=True)
+    if pending is not None:
+        ro.ref_logprobs = pending.wait().to(ro.logprobs.device)
     t["old_logprobs"] = time.perf_counter()
     # 4. advantages
     compute_advantages(run, ro)

@@ -8,6 +8,7 @@ exit with code 2 and a short message, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -55,6 +56,7 @@ def main(argv=None) -> int:
 def describe_plan(cfg) -> str:
     """What the run would do, for --dry-run (loads tokenizer and data, no model weights)."""
     from hybrid_ds.batching import BatchPlan
+    from hybrid_ds.checkpoint import describe_resume
     from hybrid_ds.config import env_world_size
     from hybrid_ds.data import DataReport
     from hybrid_ds.model import load_tokenizer
@@ -76,30 +78,54 @@ def describe_plan(cfg) -> str:
                      + f", {cfg.ppo.epochs} epochs")
     lines.append(f"steps: {plan.describe()}")
     lines.append(f"output: {cfg.run.output_dir}")
+    lines.append(describe_resume(cfg))
     return "\n".join(lines)
 
 
 def run(cfg, world: int) -> int:
+    from hybrid_ds import checkpoint as ckpt
     from hybrid_ds.batching import BatchPlan
+    from hybrid_ds.config import ConfigError
     from hybrid_ds.dist import init_dist
-    from hybrid_ds.trainer import build_run, save_outputs, train, write_resolved_config
+    from hybrid_ds.placement import Placement, setup_placement
+    from hybrid_ds.refproto import RefClient
+    from hybrid_ds.trainer import build_run, train, write_resolved_config
 
+    # Reference ranks (REF_PLACEMENT=separate) split off before any default process group exists,
+    # so Accelerate and DeepSpeed only ever see the policy ranks.
+    placement = Placement.from_env(cfg.run.ref_placement, cfg.run.ref_ranks)
+    bridge = setup_placement(placement, cfg.run.ref_timeout_s)
+    if placement.role == "reference":
+        from hybrid_ds.trainer import serve_reference
+
+        return serve_reference(cfg, placement, bridge)
+    world = placement.policy_world
     sft = BatchPlan(cfg.sft.batch, world, cfg.sft.grad_accum)
     dist = init_dist(cfg, sft_micro=sft.micro, sft_accum=sft.accum)
+    ref_client = RefClient(bridge) if bridge is not None else contextlib.nullcontext()
     try:
-        seed = cfg.run.seed if cfg.run.seed is not None else dist.broadcast_object(
+        point = ckpt.prepare_output_dir(cfg, dist)  # RESUME: the checkpoint to continue from, or None
+        seed = point.seed if point else cfg.run.seed if cfg.run.seed is not None else dist.broadcast_object(
             int.from_bytes(os.urandom(4), "little"))
         if dist.is_main:
             write_resolved_config(cfg, seed, os.path.join(cfg.run.output_dir, "config.json"))
             print(f"[hybrid_ds] {cfg.run.mode} on {dist.world} process(es), device {dist.device.type}, "
                   f"ZeRO stage {dist.zero_stage} ({dist.plan.source}), precision {dist.plan.mixed_precision}, "
                   f"seed {seed}")
-        r = build_run(cfg, dist, seed)
-        train(r)
-        save_outputs(r)
+        with ref_client as client:  # SHUTDOWN to the reference at the end, ABORT on an error
+            r = build_run(cfg, dist, seed, ref_client=client)
+            ckpt.attach(r, point)  # restores the checkpoint's state; SIGTERM/SIGINT stop after a step
+            train(r)
+            completed = ckpt.finish(r)  # final checkpoint, inference_lm/ and ppo_full/
         r.logger.close()
-        if dist.is_main:
+        if dist.is_main and completed:
             print(f"[hybrid_ds] done: outputs in {cfg.run.output_dir}")
+    except (ckpt.CheckpointError, ckpt.NonFiniteLossError) as e:
+        print(f"hybrid_ds: {e}", file=sys.stderr, flush=True)
+        return 1
+    except ConfigError as e:  # found only once the data is known (e.g. warm-up longer than the run)
+        print(f"hybrid_ds: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
     finally:
         dist.shutdown()
     return 0

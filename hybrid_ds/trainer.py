@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 import torch
 
-from hybrid_ds.config import Config
+from hybrid_ds.checkpoint import check_finite
+from hybrid_ds.config import Config, ConfigError
 from hybrid_ds.data import BatchStream, DataReport, Example, load_items, rank_slice, tokenize_items
 
 
@@ -72,9 +73,11 @@ class Run:
     logger: Any
     plan: Schedule
     seed: int = 0
+    ref_client: Any = None  # refproto.RefClient when the reference runs on its own ranks
     sft_stream: Optional[BatchStream] = None
     ppo_stream: Optional[BatchStream] = None
     counters: dict = field(default_factory=lambda: {"sft_step": 0, "ppo_update": 0, "cycle": 0})
+    guard: Any = None  # checkpoint.Guard (signals, last checkpoint), set by checkpoint.attach
 
     def seed_for(self, tag: str, step: int) -> int:
         """A reproducible seed for ``tag`` at ``step`` on this rank (resumable: no hidden RNG state)."""
@@ -92,7 +95,7 @@ def prepare_data(cfg: Config, tokenizer, seed: int, report: Optional[DataReport]
     return tokenize_items(items, tokenizer, d.select_output, d.maxseq, report)
 
 
-def build_run(cfg: Config, dist, seed: int) -> Run:
+def build_run(cfg: Config, dist, seed: int, ref_client=None) -> Run:
     from hybrid_ds.metrics import MetricsLogger
     from hybrid_ds.model import PolicyValue, build_param_groups, load_lm, load_tokenizer
     from hybrid_ds.optim import build_optimizer, make_phase_schedules
@@ -111,12 +114,16 @@ def build_run(cfg: Config, dist, seed: int) -> Run:
     with dist.load_context():
         lm = load_lm(cfg.run.model, tokenizer)
     model = PolicyValue(lm, seed=seed)
-    ref = load_lm(cfg.run.model, tokenizer) if rl else None
+    colocated_ref = rl and ref_client is None  # else the reference answers from its own ranks
+    ref = load_lm(cfg.run.model, tokenizer) if colocated_ref else None
     optimizer = build_optimizer(build_param_groups(model, cfg.optim.weight_decay), cfg, cfg.sft.lr,
                                 ds_config=dist.ds_config)
     engine = dist.prepare_trainable(model, optimizer)
-    ref = dist.prepare_frozen(ref) if rl else None
-    schedules = make_phase_schedules(cfg, plan.sft_steps, plan.ppo_optimizer_steps)
+    ref = dist.prepare_frozen(ref) if colocated_ref else None
+    try:  # the schedules' totals come from the data, so some checks can only run here
+        schedules = make_phase_schedules(cfg, plan.sft_steps, plan.ppo_optimizer_steps)
+    except ValueError as e:
+        raise ConfigError([str(e).replace("\n", " ")], "the run's schedule") from None
 
     reward = kl_ctl = None
     if rl:
@@ -128,12 +135,34 @@ def build_run(cfg: Config, dist, seed: int) -> Run:
                                     adaptive=cfg.ppo.adaptive_kl)
     total = plan.cycles or plan.sft_steps or plan.ppo_updates
     logger = MetricsLogger(cfg.run.output_dir, enabled=dist.is_main, total=total, desc=cfg.run.mode)
-    run = Run(cfg, dist, tokenizer, examples, engine, ref, reward, schedules, kl_ctl, logger, plan, seed=seed)
+    run = Run(cfg, dist, tokenizer, examples, engine, ref, reward, schedules, kl_ctl, logger, plan, seed=seed,
+              ref_client=ref_client)
     if plan.sft_steps or cfg.ppo.ptx_coef > 0:
         run.sft_stream = BatchStream(len(examples), cfg.sft.batch, seed, cfg.data.shuffle)
     if plan.ppo_updates:
         run.ppo_stream = BatchStream(len(examples), cfg.ppo.batch, seed + 1, cfg.data.shuffle)
     return run
+
+
+def serve_reference(cfg: Config, placement, bridge) -> int:
+    """Main loop of a reference rank (REF_PLACEMENT=separate): load the frozen reference, answer
+    log-prob requests from its policy ranks until they all shut down, exit."""
+    from hybrid_ds.model import load_lm, load_tokenizer
+    from hybrid_ds.refproto import RefServer, model_logprob_fn
+
+    dev = torch.device("cuda", placement.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dtype = torch.bfloat16 if cfg.run.bf16 else torch.float16 if cfg.run.fp16 else torch.float32
+    ref = load_lm(cfg.run.model, load_tokenizer(cfg.run.tokenizer or cfg.run.model), dtype=dtype)
+    ref = ref.to(dev).eval().requires_grad_(False)
+    chunk = len(bridge.clients) * max(1, cfg.ppo_mini // (placement.policy_world * cfg.ppo.grad_accum))
+    os.makedirs(cfg.run.output_dir, exist_ok=True)  # operators (and tests) find the process here
+    with open(os.path.join(cfg.run.output_dir, f"reference-rank-{placement.rank}.pid"), "w") as f:
+        f.write(str(os.getpid()))
+    stats = RefServer(bridge, model_logprob_fn(ref, chunk=chunk, device=dev)).serve()
+    print(f"[hybrid_ds] reference rank {placement.rank}: served {stats.requests} requests")
+    return 0
 
 
 # --------------------------------------------------------------------------------------
@@ -154,6 +183,7 @@ def do_sft_step(run: Run) -> dict:
                  pad_id=run.tokenizer.pad_token_id, dist=run.dist, momentum=sched.momentum)
     sched.step(m.get(run.cfg.sched.plateau_metric or "sft/loss"))
     run.counters["sft_step"] += 1
+    check_finite(run, "sft", m)  # a non-finite loss: its update was skipped; counted, limited
     return m
 
 
@@ -161,29 +191,44 @@ def do_ppo_update(run: Run) -> dict:
     from hybrid_ds.ppo import ppo_update
 
     ptx = _batch(run, run.sft_stream) if run.cfg.ppo.ptx_coef > 0 else None
+    kl_before = run.kl_ctl.state_dict()
     m = ppo_update(run, _batch(run, run.ppo_stream), ptx_examples=ptx)
     run.counters["ppo_update"] += 1
+    check_finite(run, "ppo", m, kl_before)  # non-finite: update skipped, KL controller kept
     return m
 
 
 def train(run: Run) -> None:
-    """Walk the run's schedule: SFT steps, PPO updates, or hybrid cycles of both."""
-    cfg, plan, log = run.cfg, run.plan, run.logger
+    """Walk the run's schedule: SFT steps, PPO updates, or hybrid cycles of both.
+
+    Every loop runs from the counters (restored on resume) to the plan's end; after each step
+    ``at_boundary`` writes SAVE_EVERY checkpoints and, after SIGTERM/SIGINT, stops all ranks together.
+    """
+    from hybrid_ds.checkpoint import at_boundary
+
+    cfg, plan, log, c = run.cfg, run.plan, run.logger, run.counters
     if cfg.run.mode == "sft":
-        for _ in range(plan.sft_steps):
+        while c["sft_step"] < plan.sft_steps:
             m = do_sft_step(run)
             _log(run, run.counters["sft_step"], "sft", m)
+            if at_boundary(run):
+                return
     elif cfg.run.mode == "ppo":
-        for _ in range(plan.ppo_updates):
+        while c["ppo_update"] < plan.ppo_updates:
             m = do_ppo_update(run)
             _log(run, run.counters["ppo_update"], "ppo", m)
+            if at_boundary(run):
+                return
     else:
         # 0. SFT warm-up (optional), then the reference snapshot if REF_INIT=after_warmup.
-        for _ in range(cfg.hybrid.sft_warmup_steps):
+        while c["sft_step"] < cfg.hybrid.sft_warmup_steps:
             _log(run, run.counters["sft_step"] + 1, "sft", do_sft_step(run), advance=False)
-        if cfg.hybrid.ref_init == "after_warmup":
+            if at_boundary(run):
+                return
+        if cfg.hybrid.ref_init == "after_warmup" and not c.get("ref_snapshot"):
             run.dist.copy_weights(run.engine.module.lm, run.ref)
-        for _ in range(plan.cycles):
+            c["ref_snapshot"] = 1  # checkpoints from now on carry the reference
+        while c["cycle"] < plan.cycles:
             # 1. SFT steps, 2. PPO updates; the phases meet at collectives, so no rank runs ahead.
             for _ in range(cfg.hybrid.cycle_sft_steps):
                 _log(run, run.counters["sft_step"] + 1, "sft", do_sft_step(run), advance=False)
@@ -193,6 +238,8 @@ def train(run: Run) -> None:
             log.advance()
             if cfg.run.cleanse:
                 run.dist.cleanse()
+            if at_boundary(run):
+                return
     run.dist.barrier()
 
 
