@@ -157,6 +157,14 @@ class PPOConfig:
 class HybridConfig:
     cycle_sft_steps: int = opt(1, "SFT steps per hybrid cycle.", key="CYCLE_SFT_STEPS", lo=0)
     cycle_ppo_updates: int = opt(1, "PPO updates per hybrid cycle.", key="CYCLE_PPO_UPDATES", lo=0)
+    curriculum: str = opt("none", "SFT->PPO curriculum over the hybrid cycles: none, linear or step "
+                                  "(from CYCLE_SFT_STEPS/CYCLE_PPO_UPDATES to the *_END values).",
+                          key="CURRICULUM", choices=("none", "linear", "step"))
+    curriculum_sft_steps_end: int = opt(1, "SFT steps of the last cycle under CURRICULUM.",
+                                        key="CURRICULUM_SFT_STEPS_END", lo=0)
+    curriculum_ppo_updates_end: int = opt(1, "PPO updates of the last cycle under CURRICULUM.",
+                                          key="CURRICULUM_PPO_UPDATES_END", lo=0)
+    curriculum_stages: int = opt(4, "Stages of CURRICULUM=step.", key="CURRICULUM_STAGES", lo=1)
     sft_warmup_steps: int = opt(0, "SFT-only steps before the first hybrid cycle (start SFT-heavy).",
                                 key="SFT_WARMUP_STEPS", lo=0)
     ref_init: str = opt("start", "Reference model: start = a frozen copy of the starting policy; after_warmup = "
@@ -473,6 +481,11 @@ def validate(cfg: Config, *, check_files: bool = True, world_size: Optional[int]
         problems.append(f"MILESTONES: expected a list of positive integers, got {cfg.sched.milestones!r}.")
     if cfg.run.mode == "hybrid" and cfg.hybrid.cycle_sft_steps + cfg.hybrid.cycle_ppo_updates == 0:
         problems.append("CYCLE_SFT_STEPS and CYCLE_PPO_UPDATES are both 0: a hybrid cycle would do nothing.")
+    if cfg.hybrid.curriculum != "none" and cfg.run.mode != "hybrid":
+        problems.append(f"CURRICULUM ({cfg.hybrid.curriculum}) applies to MODE=hybrid only.")
+    if cfg.hybrid.curriculum != "none" and cfg.hybrid.curriculum_sft_steps_end + cfg.hybrid.curriculum_ppo_updates_end == 0:
+        problems.append("CURRICULUM_SFT_STEPS_END and CURRICULUM_PPO_UPDATES_END are both 0: the last cycles would do "
+                        "nothing.")
     if cfg.hybrid.sft_warmup_steps and cfg.run.mode != "hybrid":
         problems.append(f"SFT_WARMUP_STEPS ({cfg.hybrid.sft_warmup_steps}) applies to MODE=hybrid only; "
                         f"for {cfg.run.mode} start from an SFT run's output instead.")

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 
 from hybrid_ds.checkpoint import check_finite
+from hybrid_ds import curriculum
 from hybrid_ds.config import Config, ConfigError
 from hybrid_ds.data import BatchStream, DataReport, Example, load_items, rank_slice, tokenize_items
 
@@ -52,8 +53,9 @@ def plan_schedule(cfg: Config, n_examples: int) -> Schedule:
         return Schedule(0, updates, 0, updates * cfg.ppo.epochs * minis)
     per_cycle = cfg.sft.batch * h.cycle_sft_steps if h.cycle_sft_steps else cfg.ppo.batch * h.cycle_ppo_updates
     cycles = cfg.run.max_steps or cfg.run.epochs * max(1, n_examples // per_cycle)
-    updates = cycles * h.cycle_ppo_updates
-    return Schedule(h.sft_warmup_steps + cycles * h.cycle_sft_steps, updates, cycles,
+    mixes = curriculum.plan(cfg, cycles)
+    updates = sum(p for _, p in mixes)
+    return Schedule(h.sft_warmup_steps + sum(n for n, _ in mixes), updates, cycles,
                     updates * cfg.ppo.epochs * minis)
 
 
@@ -229,11 +231,14 @@ def train(run: Run) -> None:
             run.dist.copy_weights(run.engine.module.lm, run.ref)
             c["ref_snapshot"] = 1  # checkpoints from now on carry the reference
         while c["cycle"] < plan.cycles:
-            # 1. SFT steps, 2. PPO updates; the phases meet at collectives, so no rank runs ahead.
-            for _ in range(cfg.hybrid.cycle_sft_steps):
-                _log(run, run.counters["sft_step"] + 1, "sft", do_sft_step(run), advance=False)
-            for _ in range(cfg.hybrid.cycle_ppo_updates):
-                _log(run, run.counters["ppo_update"] + 1, "ppo", do_ppo_update(run), advance=False)
+            # 1. SFT steps, 2. PPO updates, as many as the curriculum says for this cycle; the
+            # phases meet at collectives, so no rank runs ahead.
+            n_sft, n_ppo = curriculum.cycle_mix(cfg, c["cycle"], plan.cycles)
+            mix = {"curriculum/sft_steps": n_sft, "curriculum/ppo_updates": n_ppo}
+            for _ in range(n_sft):
+                _log(run, run.counters["sft_step"] + 1, "sft", {**do_sft_step(run), **mix}, advance=False)
+            for _ in range(n_ppo):
+                _log(run, run.counters["ppo_update"] + 1, "ppo", {**do_ppo_update(run), **mix}, advance=False)
             run.counters["cycle"] += 1
             log.advance()
             if cfg.run.cleanse:

@@ -67,3 +67,11 @@ def test_accumulation_and_ranks_are_equivalent(tmp_path, zero):
     la = [r["sft/loss"] for r in metrics(a["OUTPUT_DIR"], "sft")]
     lb = [r["sft/loss"] for r in metrics(b["OUTPUT_DIR"], "sft")]
     assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-5
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "lion_8bit"])
+def test_bitsandbytes_optimizers_train_under_zero2(tmp_path, optimizer):
+    lr = 3e-3 if optimizer == "adamw_8bit" else 1e-3  # Lion (a sign update) wants a smaller step
+    cfg = sft_cfg(tmp_path, "run", OPTIMIZER=optimizer, LR_SFT=lr)
+    launch(cfg, tmp_path, nproc=2, zero=2)
+    assert_loss_falls(cfg["OUTPUT_DIR"])
