@@ -76,7 +76,7 @@ def run(args, overrides) -> dict:
             "cycle_s_min_max": [min(cycle_s), max(cycle_s)], "ppo_samples_per_s": 8.0 / med(cycle_s),
             "sft_steps_per_s": 1.0 / phases["sft"], "gen_tokens_per_s": gen_tokens / phases["rollout"],
             "median_s": phases, "process_wall_s": wall,
-            "peak_rss_mb_rank0": max((r.get("mem/peak_rss_mb", 0.0) for r in rows), default=0.0)}
+            "peak_rss_mb": {k.rsplit("/", 1)[1]: v for k, v in ppo[-1].items() if k.startswith("mem/peak_rss_mb/")}}
 
 
 def main() -> None:

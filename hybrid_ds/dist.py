@@ -195,6 +195,18 @@ class Dist:
         t = self.all_reduce_sum(t) / self.world
         return dict(zip(keys, t.tolist()))
 
+    def memory_metrics(self) -> dict[str, float]:
+        """Peak memory of every rank, ``mem/peak_rss_mb/rank{r}`` (host RSS) and on CUDA
+        ``mem/peak_gpu_mb/rank{r}`` (allocator peak), gathered in one all-reduce."""
+        mine = {"mem/peak_rss_mb": peak_rss_mb()}
+        if self.device.type == "cuda":
+            mine["mem/peak_gpu_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        keys = sorted(mine)
+        table = torch.zeros(len(keys), self.world, dtype=torch.float64)
+        table[:, self.rank] = torch.tensor([mine[k] for k in keys], dtype=torch.float64)
+        table = self.all_reduce_sum(table)
+        return {f"{k}/rank{r}": float(table[i, r]) for i, k in enumerate(keys) for r in range(self.world)}
+
     def cleanse(self) -> None:
         """Free cached allocator blocks between phases (GPU only)."""
         if self.device.type == "cuda":
@@ -357,6 +369,13 @@ def init_dist(cfg: Config, *, sft_micro: int, sft_accum: int) -> Dist:
     if d.world != world:
         raise RuntimeError(f"launcher announced WORLD_SIZE={world} but the process group has {d.world} ranks")
     return d
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB (ru_maxrss is KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _free_port() -> int:

@@ -163,7 +163,10 @@ def serve_reference(cfg: Config, placement, bridge) -> int:
     with open(os.path.join(cfg.run.output_dir, f"reference-rank-{placement.rank}.pid"), "w") as f:
         f.write(str(os.getpid()))
     stats = RefServer(bridge, model_logprob_fn(ref, chunk=chunk, device=dev)).serve()
-    print(f"[hybrid_ds] reference rank {placement.rank}: served {stats.requests} requests")
+    from hybrid_ds.dist import peak_rss_mb
+
+    print(f"[hybrid_ds] reference rank {placement.rank}: served {stats.requests} requests, "
+          f"peak_rss_mb {peak_rss_mb():.1f}", flush=True)
     return 0
 
 
