@@ -247,8 +247,8 @@ class SchedConfig:
                            choices=("triangular", "triangular2", "exp_range"))
     plateau_mode: str = opt("min", "reduce_on_plateau: min or max of PLATEAU_METRIC (the spec's MODE).",
                             key="PLATEAU_MODE", choices=("min", "max"))
-    plateau_metric: str = opt("", "Metric that steps reduce_on_plateau; empty = the phase's loss "
-                                  "(sft/loss, ppo/loss/total).", key="PLATEAU_METRIC")
+    plateau_metric: str = opt("", "SFT metric that steps reduce_on_plateau (any sft/* key); empty = sft/loss. "
+                                  "The PPO schedule steps on each minibatch's policy loss.", key="PLATEAU_METRIC")
     factor: float = opt(0.1, "reduce_on_plateau factor.", key="FACTOR", lo=0.0, hi=1.0, lo_open=True)
     patience: int = opt(10, "reduce_on_plateau patience.", key="PATIENCE", lo=0)
     threshold: float = opt(1e-4, "reduce_on_plateau threshold.", key="THRESHOLD", lo=0.0)

@@ -75,3 +75,31 @@ def test_bitsandbytes_optimizers_train_under_zero2(tmp_path, optimizer):
     cfg = sft_cfg(tmp_path, "run", OPTIMIZER=optimizer, LR_SFT=lr)
     launch(cfg, tmp_path, nproc=2, zero=2)
     assert_loss_falls(cfg["OUTPUT_DIR"])
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_torchrun_and_deepspeed_launchers(tmp_path, launcher):
+    """The same module under torchrun (DDP, no DeepSpeed) and the deepspeed launcher (ZeRO-2 by default)."""
+    import json
+    import subprocess
+    import sys
+
+    from launch_utils import REPO, env, free_port
+
+    cfg = sft_cfg(tmp_path, "run", MAX_STEPS=5)
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    bindir = os.path.dirname(sys.executable)
+    e = env()
+    if launcher == "torchrun":
+        cmd = [os.path.join(bindir, "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+               "-m", "hybrid_ds.train", str(path)]
+    else:
+        e.update(DS_ACCELERATOR="cpu", PATH=bindir + os.pathsep + e.get("PATH", ""))
+        cmd = [os.path.join(bindir, "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+               "--module", "hybrid_ds.train", str(path)]
+    p = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    stage = "ZeRO stage 0" if launcher == "torchrun" else "ZeRO stage 2 (deepspeed launcher)"
+    assert "sft on 2 process(es)" in p.stdout + p.stderr and stage in p.stdout + p.stderr
+    assert len(metrics(cfg["OUTPUT_DIR"], "sft")) == 5
