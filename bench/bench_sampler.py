@@ -1,0 +1,132 @@
+"""Rollout generation: transformers' ``generate`` vs ``hybrid_ds.sampler.sample`` on the peers' work unit.
+
+    OMP_NUM_THREADS=2 python bench/bench_sampler.py [--iters 20] [--bs 8] [--new 32] [--caches dynamic,static]
+
+The work unit is the peers' (/work/shared/bench-peers): GPT-2 4 layers x 256 wide, vocab 4096, 8
+left-padded prompts, exactly ``--new`` new tokens (``min_new_tokens = max_new_tokens`` for
+``generate``, ``fixed_length=True`` for ``sample``), the design's sampling settings (top_p 0.9,
+temperature 0.7, top_k 50, no-repeat 3, repetition penalty 1.15). ``PEER_WORK`` points at a
+built unit; without it the unit is built with the peers' make_work.py into a temporary dir.
+The batch is the unit's first ``--bs`` items (the peers' batch 0). Variants: ``hf_generate``,
+``sample`` (defaults: the exact draw, same tokens as generate) and ``sample_candidate_rng``
+(``hf_rng=False``). Each runs once to warm up (from seed 0: ``same_tokens_as_generate``), then
+``--iters`` times, interleaved so that load from other processes hits all alike; the median
+wall time is reported, with the minimum, the median process CPU time and the 1-minute load
+average before and after (the bench machine is shared). Prints one JSON line.
+
+Compare speedups rather than seconds when the machine is loaded: with 2 OpenMP threads and
+other processes running, every variant's time inflates several-fold, the ratios much less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "2")  # the peers' setting; set before torch is imported
+REPO = Path(__file__).resolve().parents[1]
+PEERS = REPO.parent / "shared" / "bench-peers"
+sys.path.insert(0, str(REPO))
+
+SETTINGS = dict(top_p=0.9, temperature=0.7, top_k=50, no_repeat_ngram_size=3, repetition_penalty=1.15)
+
+
+def work_unit() -> Path:
+    """The built work unit: $PEER_WORK, else built once into the temp dir."""
+    if os.environ.get("PEER_WORK"):
+        return Path(os.environ["PEER_WORK"])
+    unit = Path(tempfile.gettempdir()) / "hybrid_ds-peer-work" / "unit"
+    if not (unit / "bench-small").is_dir():
+        subprocess.run([sys.executable, str(PEERS / "make_work.py"), str(unit)], cwd=PEERS, check=True,
+                       stdout=subprocess.DEVNULL)
+    return unit
+
+
+def prompts(unit: Path, tok, bs: int):
+    """The first ``bs`` prompts of the unit (the peers' format), left-padded with EOS."""
+    sys.path.insert(0, str(PEERS))
+    from common import prompt  # the peers' prompt format
+
+    import torch
+
+    items = json.loads((unit / "data.json").read_text())[:bs]
+    seqs = [tok(prompt(it))["input_ids"] for it in items]
+    width = max(map(len, seqs))
+    eos = tok.eos_token_id
+    ids = torch.tensor([[eos] * (width - len(s)) + s for s in seqs])
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+    return ids, mask
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=20, help="timed iterations per variant")
+    parser.add_argument("--bs", type=int, default=8, help="prompts per batch")
+    parser.add_argument("--new", type=int, default=32, help="new tokens per prompt (fixed)")
+    parser.add_argument("--caches", default="",
+                        help="also time sample() on transformers' caches (decoding through the forward): dynamic,static")
+    args = parser.parse_args()
+
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hybrid_ds.sampler import SamplingSettings, sample
+
+    unit = work_unit()
+    tok = AutoTokenizer.from_pretrained(unit / "bench-small")
+    model = AutoModelForCausalLM.from_pretrained(unit / "bench-small").eval()
+    ids, mask = prompts(unit, tok, args.bs)
+    st = SamplingSettings(max_new_tokens=args.new, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+                          **SETTINGS)
+    gen_kwargs = {**st.generate_kwargs(), "min_new_tokens": args.new}
+    variants = {
+        "hf_generate": lambda: model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)[:, ids.shape[1]:],
+        "sample": lambda: sample(model, ids, mask, st, fixed_length=True).response_ids,
+        "sample_candidate_rng": lambda: sample(model, ids, mask, st, fixed_length=True, hf_rng=False).response_ids,
+    }
+    for cache in filter(None, args.caches.split(",")):
+        variants[f"sample_{cache}_cache"] = lambda c=cache: sample(model, ids, mask, st, fixed_length=True,
+                                                                    cache=c).response_ids
+    load_before = os.getloadavg()[0]
+    wall = {name: [] for name in variants}
+    cpu = {name: [] for name in variants}
+    with torch.no_grad():
+        first = {}
+        for name, fn in variants.items():  # warm-up, and the same-seed token check
+            torch.manual_seed(0)
+            first[name] = fn()
+        for _ in range(args.iters):  # interleaved, so load from other processes hits all alike
+            for name, fn in variants.items():
+                w, c = time.perf_counter(), time.process_time()
+                fn()
+                wall[name].append(time.perf_counter() - w)
+                cpu[name].append(time.process_time() - c)
+    med = {name: statistics.median(ts) for name, ts in wall.items()}
+    tokens = args.bs * args.new
+    print(json.dumps({
+        "bench": "sampler", "bs": args.bs, "new_tokens": args.new, "iters": args.iters,
+        "threads": torch.get_num_threads(), "settings": SETTINGS,
+        "median_s": {k: round(v, 4) for k, v in med.items()},
+        "tokens_per_s": {k: round(tokens / v, 1) for k, v in med.items()},
+        "speedup": {k: round(med["hf_generate"] / v, 2) for k, v in med.items() if k != "hf_generate"},
+        "min_s": {k: round(min(v), 4) for k, v in wall.items()},
+        "median_cpu_s": {k: round(statistics.median(v), 4) for k, v in cpu.items()},
+        "same_tokens_as_generate": {k: bool(torch.equal(v, first["hf_generate"]))
+                                    for k, v in first.items() if k != "hf_generate"},
+        "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }))
+
+
+if __name__ == "__main__":
+    main()

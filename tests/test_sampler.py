@@ -1,0 +1,297 @@
+"""hybrid_ds.sampler against transformers' ``generate`` on tiny random models built here.
+
+Same seed -> same tokens as ``model.generate(do_sample=True, ...)`` for every processor setting;
+log-probs equal to a recomputed full forward; the candidate-only draw (``hf_rng=False``) checked
+statistically against the exact processed distribution.
+"""
+
+import math
+
+import pytest
+import torch
+
+from hybrid_ds import ppo_math as pm
+from hybrid_ds.sampler import SampleOutput, SamplingSettings, _Gpt2Step, _make_cache, _Processors, sample
+
+V, EOS, PAD = 96, 1, 0
+
+
+def tiny_gpt2(seed=0, eos_logit=0.0, attn="sdpa", peaky=1.0):
+    """2-layer, 32-wide GPT-2. ``eos_logit`` raises EOS's logit by about that much (so rows end);
+    ``peaky`` scales the logits (a random init is otherwise nearly uniform over V)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=V, n_positions=128, n_embd=32, n_layer=2, n_head=2, bos_token_id=EOS,
+                     eos_token_id=EOS, pad_token_id=PAD, tie_word_embeddings=False, attn_implementation=attn)
+    model = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(peaky / (0.02 * 32 ** 0.5))  # init std 0.02: logits' std becomes `peaky`
+        b = torch.full((32,), 0.5)  # ln_f's output = normalised part (sums to 0) + b ...
+        model.transformer.ln_f.bias.copy_(b)
+        model.lm_head.weight[EOS] += eos_logit * b / b.dot(b)  # ... so EOS's logit gains exactly eos_logit
+    return model
+
+
+def tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, bos_token_id=EOS, eos_token_id=EOS,
+                      pad_token_id=PAD)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50)
+    return model
+
+
+def prompts(B=5, P=9, pads=(0, 3, 5, 1, 8), seed=1):
+    """Left-padded ragged prompts ``(B, P)`` and their mask (``pads[i]`` pad tokens in row i)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, V, (B, P), generator=g)
+    mask = torch.ones(B, P, dtype=torch.long)
+    for i, n in enumerate(pads[:B]):
+        ids[i, :n], mask[i, :n] = PAD, 0
+    return ids, mask
+
+
+def settings(**kw):
+    return SamplingSettings(**{"max_new_tokens": 24, "eos_token_id": EOS, "pad_token_id": PAD, **kw})
+
+
+def hf_tokens(model, ids, mask, st, seed, min_new=None):
+    kw = st.generate_kwargs()
+    if min_new is not None:
+        kw["min_new_tokens"] = min_new
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, **kw)[:, ids.shape[1]:]
+
+
+def our_tokens(model, ids, mask, st, seed, **kw) -> SampleOutput:
+    torch.manual_seed(seed)
+    return sample(model, ids, mask, st, **kw)
+
+
+CASES = {
+    "plain": dict(),
+    "temperature_top_k_top_p": dict(temperature=0.7, top_k=20, top_p=0.9),
+    "top_p_only": dict(temperature=1.3, top_p=0.8),
+    "penalty_ngram": dict(repetition_penalty=1.3, no_repeat_ngram_size=2),
+    "design": dict(temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.15, no_repeat_ngram_size=3),
+    "reward_repetition": dict(repetition_penalty=0.8, top_k=10, no_repeat_ngram_size=3),
+    "min_new_tokens": dict(min_new_tokens=12, top_k=30, top_p=0.95),
+}
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return tiny_gpt2(eos_logit=2.0)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_same_tokens_as_generate(gpt2, case):
+    """Ragged left padding, EOS stops rows early (the EOS-biased model), several seeds."""
+    ids, mask = prompts()
+    st = settings(**CASES[case])
+    ended = 0
+    for seed in range(3):
+        ref = hf_tokens(gpt2, ids, mask, st, seed)
+        out = our_tokens(gpt2, ids, mask, st, seed)
+        assert out.response_ids.shape == ref.shape
+        assert torch.equal(out.response_ids, ref), f"{case} seed {seed}"
+        ended += int(out.ended.sum())
+        mask_ref, ended_ref = pm.mask_after_eos(ref, EOS)
+        assert torch.equal(out.response_mask, mask_ref) and torch.equal(out.ended, ended_ref)
+    assert ended > 0  # EOS stopping was exercised
+
+
+def test_all_rows_stop_at_eos_early(gpt2):
+    """With EOS likely, every row ends before max_new_tokens and the output is as short as generate's."""
+    ids, mask = prompts()
+    st = settings(max_new_tokens=60, top_k=5)
+    model = tiny_gpt2(eos_logit=6.0)
+    ref = hf_tokens(model, ids, mask, st, seed=4)
+    out = our_tokens(model, ids, mask, st, seed=4)
+    assert torch.equal(out.response_ids, ref) and out.response_ids.shape[1] < 60 and bool(out.ended.all())
+    after = out.response_mask == 0
+    assert bool((out.response_ids[after] == PAD).all()) and bool((out.logprobs[after] == 0).all())
+
+
+def test_unpadded_batch_and_pad_equal_to_eos(gpt2):
+    ids, mask = prompts(pads=(0, 0, 0, 0, 0))
+    st = SamplingSettings(max_new_tokens=20, eos_token_id=EOS, pad_token_id=EOS, temperature=0.8, top_k=15,
+                          top_p=0.9, repetition_penalty=1.2, no_repeat_ngram_size=2)
+    for seed in range(2):
+        assert torch.equal(our_tokens(gpt2, ids, mask, st, seed).response_ids, hf_tokens(gpt2, ids, mask, st, seed))
+
+
+def test_fixed_length_equals_generate_with_min_new_tokens(gpt2):
+    ids, mask = prompts()
+    st = settings(**CASES["design"])
+    out = our_tokens(gpt2, ids, mask, st, 7, fixed_length=True)
+    assert torch.equal(out.response_ids, hf_tokens(gpt2, ids, mask, st, 7, min_new=st.max_new_tokens))
+    assert out.response_ids.shape == (5, 24) and not bool((out.response_ids == EOS).any())
+    assert bool((out.response_mask == 1).all()) and not bool(out.ended.any())
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_transformers_caches_give_the_same_tokens(gpt2, cache):
+    ids, mask = prompts()
+    st = settings(**CASES["design"])
+    assert torch.equal(our_tokens(gpt2, ids, mask, st, 3, cache=cache).response_ids,
+                       our_tokens(gpt2, ids, mask, st, 3).response_ids)
+
+
+@pytest.mark.parametrize("model_fn", [lambda: tiny_gpt2(eos_logit=3.0, attn="eager"), tiny_llama],
+                         ids=["gpt2_eager", "llama"])
+def test_other_models_through_their_forward(model_fn):
+    """Models without the GPT-2 fast step decode through their own forward (2D masks for eager)."""
+    model = model_fn()
+    ids, mask = prompts()
+    st = settings(**CASES["design"])
+    for seed in range(2):
+        assert torch.equal(our_tokens(model, ids, mask, st, seed).response_ids, hf_tokens(model, ids, mask, st, seed))
+
+
+@pytest.mark.parametrize("pads", [(0, 3, 5, 1, 8), (0, 0, 0, 0, 0)])
+def test_gpt2_step_logits_are_bit_identical_to_the_forward(gpt2, pads):
+    """The GPT-2 step and the model's forward on the same preallocated cache: equal logits, every step."""
+    ids, mask = prompts(pads=pads)
+    B, P = ids.shape
+    toks = torch.randint(2, V, (B, 6))
+    full = torch.cat([mask, torch.ones(B, 6, dtype=torch.long)], 1)
+    pos = full.cumsum(-1) - 1
+    caches = [_make_cache(gpt2, "prealloc", P + 6) for _ in range(2)]
+    padded = bool((mask == 0).any())
+    with torch.no_grad():
+        for kv in caches:
+            gpt2(input_ids=ids, attention_mask=mask if padded else None, past_key_values=kv, use_cache=True,
+                 position_ids=pos[:, :P].clamp(min=0))
+        step = _Gpt2Step(gpt2, caches[1], full if padded else None)
+        for t in range(6):
+            n = P + t
+            m = full.bool()[:, None, None, :n + 1] if padded else None
+            ref = gpt2(input_ids=toks[:, t:t + 1], attention_mask=m, position_ids=pos[:, n:n + 1],
+                       past_key_values=caches[0], use_cache=True).logits[:, -1]
+            assert torch.equal(step(toks[:, t], pos[:, n:n + 1], n), ref)
+
+
+def test_fast_candidates_equal_generates_warpers():
+    """The top-k/top-p fast path rebuilds exactly the processed scores of the full-vocabulary ops,
+    in every row it does not flag as ambiguous (ties, a mass within rounding of 1 - top_p)."""
+    st = settings(temperature=0.7, top_k=40, top_p=0.9)
+    ids = torch.full((64, 4), 5)
+    proc = _Processors(st, ids, torch.ones_like(ids), ids, 512, 0, True, None)
+    g = torch.Generator().manual_seed(0)
+    rows = flagged = 0
+    for trial in range(20):
+        logits = torch.randn(64, 512, generator=g) * (0.5 + trial / 4)
+        if trial % 5 == 4:  # ties: rounded logits
+            logits = (logits * 4).round() / 4
+        vals, idx, ambiguous = proc.candidates(logits)
+        rebuilt = torch.full_like(logits, -math.inf).scatter_(1, idx, vals)
+        ok = ~ambiguous
+        assert torch.equal(rebuilt[ok], proc.exact_scores(logits)[ok])
+        rows, flagged = rows + len(ok), flagged + int(ambiguous.sum())
+    assert 0 < flagged < rows / 4
+
+
+def test_logprobs_equal_a_recomputed_forward(gpt2):
+    """logprobs = log_softmax(logits / T) of a full forward on prompt + response (fp32, eval), 1e-5."""
+    ids, mask = prompts()
+    st = settings(**CASES["design"])
+    out = our_tokens(gpt2, ids, mask, st, 11)
+    resp, rmask = out.response_ids, out.response_mask
+    seq = torch.cat([ids, resp], 1)
+    att = torch.cat([mask, rmask.long()], 1)
+    pos = (att.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = gpt2(input_ids=seq, attention_mask=att, position_ids=pos).logits
+    P = ids.shape[1]
+    ref = pm.logprobs_from_logits(logits[:, P - 1:-1], resp, st.temperature) * rmask
+    torch.testing.assert_close(out.logprobs, ref, atol=1e-5, rtol=0)
+    assert out.logprobs.dtype == torch.float32 and bool((out.processed_logprobs <= 0).all())
+    # processors change the distribution: the processed log-probs are those of a narrower one
+    assert bool((out.processed_logprobs >= out.logprobs - 1e-6)[rmask.bool()].float().mean() > 0.9)
+
+
+def test_processed_logprobs_equal_logprobs_without_processors(gpt2):
+    ids, mask = prompts()
+    out = our_tokens(gpt2, ids, mask, settings(temperature=0.8), 2)
+    torch.testing.assert_close(out.processed_logprobs, out.logprobs, atol=1e-5, rtol=0)
+
+
+def test_candidate_draw_matches_the_processed_distribution(gpt2):
+    """hf_rng=False: a different random stream, the same distribution. First token of 4000 copies of
+    one prompt vs the exact processed probabilities (chi-square), and one later step vs hf_rng=True."""
+    st = settings(max_new_tokens=3, temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.3,
+                  no_repeat_ngram_size=2)
+    ids, mask = prompts(B=1, pads=(2,))
+    n = 4000
+    ids, mask = ids.expand(n, -1), mask.expand(n, -1)
+    g = torch.Generator().manual_seed(0)
+    fast = sample(gpt2, ids, mask, st, generator=g, hf_rng=False)
+    exact = sample(gpt2, ids, mask, st, generator=torch.Generator().manual_seed(1))
+
+    with torch.no_grad():  # the exact processed distribution of the first token, from generate's processors
+        from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
+                                                            TemperatureLogitsWarper, TopKLogitsWarper,
+                                                            TopPLogitsWarper)
+        pos = (mask[:1].cumsum(-1) - 1).clamp(min=0)
+        logits = gpt2(input_ids=ids[:1], attention_mask=mask[:1], position_ids=pos).logits[:, -1]
+        procs = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.3, prompt_ignore_length=2),
+                                     TemperatureLogitsWarper(0.7), TopKLogitsWarper(20), TopPLogitsWarper(0.9)])
+        p = procs(ids[:1], logits).softmax(-1)[0]
+    counts = torch.bincount(fast.response_ids[:, 0], minlength=V).double()
+    support = p > 0
+    assert counts[~support].sum() == 0
+    chi2 = (((counts - n * p) ** 2) / (n * p))[support].sum().item()
+    df = int(support.sum()) - 1
+    assert chi2 < df + 5 * math.sqrt(2 * df), (chi2, df)  # ~5 sigma
+    torch.testing.assert_close(fast.processed_logprobs[:, 0].exp(), p[fast.response_ids[:, 0]].float(),
+                               atol=1e-5, rtol=0)
+    # third token: two-sample chi-square between the candidate draw and the exact draw
+    a = torch.bincount(fast.response_ids[:, 2], minlength=V).double()
+    b = torch.bincount(exact.response_ids[:, 2], minlength=V).double()
+    both = (a + b) > 0
+    chi2 = (((a - b) ** 2) / (a + b))[both].sum().item()
+    df = int(both.sum()) - 1
+    assert chi2 < df + 5 * math.sqrt(2 * df), (chi2, df)
+
+
+def test_generator_makes_runs_reproducible(gpt2):
+    ids, mask = prompts()
+    st = settings(**CASES["design"])
+    for hf_rng in (True, False):
+        a = sample(gpt2, ids, mask, st, generator=torch.Generator().manual_seed(5), hf_rng=hf_rng)
+        b = sample(gpt2, ids, mask, st, generator=torch.Generator().manual_seed(5), hf_rng=hf_rng)
+        c = sample(gpt2, ids, mask, st, generator=torch.Generator().manual_seed(6), hf_rng=hf_rng)
+        assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)
+        assert not torch.equal(a.response_ids, c.response_ids)
+
+
+def test_settings_are_validated_all_at_once():
+    with pytest.raises(ValueError) as err:
+        SamplingSettings(max_new_tokens=0, temperature=0.0, top_p=1.5, top_k=-1, eos_token_id=EOS, pad_token_id=PAD)
+    for word in ("max_new_tokens", "temperature", "top_p", "top_k"):
+        assert word in str(err.value)
+
+
+def test_settings_from_gen_config():
+    from hybrid_ds.config import GenConfig
+
+    st = SamplingSettings.from_gen_config(GenConfig(), eos_token_id=EOS, pad_token_id=PAD)
+    assert (st.top_k, st.top_p, st.temperature, st.no_repeat_ngram_size, st.repetition_penalty) == \
+        (50, 0.9, 0.7, 3, 1.15)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_same_tokens_as_generate_on_cuda():
+    model = tiny_gpt2(eos_logit=3.0).cuda()
+    ids, mask = (x.cuda() for x in prompts())
+    st = settings(**CASES["design"])
+    for seed in range(2):
+        assert torch.equal(our_tokens(model, ids, mask, st, seed).response_ids, hf_tokens(model, ids, mask, st, seed))
