@@ -187,6 +187,9 @@ class GenConfig:
                                     key="NO_REPEAT_NGRAM_SIZE", lo=0)
     repetition_penalty: float = opt(1.15, "CTRL repetition penalty; 1.0 disables.", key="REPETITION_PENALTY",
                                     lo=0.0, lo_open=True)
+    sampler: str = opt("hf", "Rollout sampler: hf (transformers generate) or lean (hybrid_ds.sampler: the same "
+                             "tokens from the same seed, less per-step overhead).", key="SAMPLER",
+                       choices=("hf", "lean"))
 
 
 @dataclass

@@ -80,8 +80,13 @@ def generate(run, examples: list[Example]) -> Rollout:
     # earlier phases left in the global RNG: placements and resumed runs sample the same tokens.
     torch.manual_seed(run.seed_for("rollout", run.counters["ppo_update"]))
     with run.dist.generation_model(run.engine) as lm:
-        seq = lm.generate(input_ids=q_ids, attention_mask=q_mask, **kwargs)
-    resp = seq[:, q_ids.shape[1]:]
+        if g.sampler == "lean":  # bit-identical tokens to generate() from the same seed (test_sampler.py)
+            from hybrid_ds.sampler import SamplingSettings, sample
+
+            st = SamplingSettings.from_gen_config(g, tok.eos_token_id, tok.pad_token_id)
+            resp = sample(lm, q_ids, q_mask, st).response_ids
+        else:
+            resp = lm.generate(input_ids=q_ids, attention_mask=q_mask, **kwargs)[:, q_ids.shape[1]:]
     if resp.shape[1] == 0:  # degenerate: nothing generated at all
         resp = torch.full((len(examples), 1), tok.eos_token_id, dtype=torch.long, device=dev)
     mask, ended = pm.mask_after_eos(resp, tok.eos_token_id, tok.pad_token_id)
