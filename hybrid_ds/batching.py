@@ -35,13 +35,6 @@ class BatchPlan:
                     f"{world} x {accum} = {world * accum}; e.g. {name}={max(1, global_batch // (world * accum)) * world * accum}."]
         return []
 
-    @classmethod
-    def make(cls, name: str, global_batch: int, world: int, accum: int, accum_name: str) -> "BatchPlan":
-        errors = cls.problems(name, global_batch, world, accum, accum_name)
-        if errors:
-            raise ValueError(errors[0])
-        return cls(global_batch, world, accum)
-
     def describe(self) -> str:
         return (f"{self.global_batch} = {self.world} processes x {self.accum} accumulation x "
                 f"{self.micro} micro-batch")

@@ -213,10 +213,6 @@ class Dist:
             torch.cuda.empty_cache()
 
     # -- models -------------------------------------------------------------------------
-    def load_context(self):
-        """Context for ``from_pretrained`` of a trainable model: ZeRO-3 partitions it at init."""
-        return contextlib.nullcontext()
-
     def prepare_trainable(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> "TrainEngine":
         if self.uses_deepspeed:
             if self.zero_stage == 3 and self.plan.mixed_precision != "no":
@@ -449,8 +445,3 @@ class TrainEngine:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
-
-    def skipped_step(self) -> bool:
-        """True when DeepSpeed's fp16 loss scaler skipped the last step (overflow)."""
-        return bool(self.dist.uses_deepspeed and getattr(self.wrapped, "skipped_steps", 0)
-                    and getattr(self.wrapped.optimizer, "overflow", False))

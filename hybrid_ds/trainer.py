@@ -113,8 +113,7 @@ def build_run(cfg: Config, dist, seed: int, ref_client=None) -> Run:
     rl = cfg.run.mode != "sft"
 
     # Models: policy+value trunk (trainable), reference (frozen copy of the start).
-    with dist.load_context():
-        lm = load_lm(cfg.run.model, tokenizer)
+    lm = load_lm(cfg.run.model, tokenizer)  # under ZeRO-3, Accelerate's DeepSpeed plugin partitions it at load
     model = PolicyValue(lm, seed=seed)
     colocated_ref = rl and ref_client is None  # else the reference answers from its own ranks
     ref = load_lm(cfg.run.model, tokenizer) if colocated_ref else None
