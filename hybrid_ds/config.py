@@ -187,9 +187,15 @@ class GenConfig:
                                     key="NO_REPEAT_NGRAM_SIZE", lo=0)
     repetition_penalty: float = opt(1.15, "CTRL repetition penalty; 1.0 disables.", key="REPETITION_PENALTY",
                                     lo=0.0, lo_open=True)
-    sampler: str = opt("hf", "Rollout sampler: hf (transformers generate) or lean (hybrid_ds.sampler: the same "
-                             "tokens from the same seed, less per-step overhead).", key="SAMPLER",
-                       choices=("hf", "lean"))
+    sampler: str = opt("lean", "Rollout sampler: lean (hybrid_ds.sampler: generate's distribution with less "
+                               "per-step work, the draw restricted to the top-k candidates), lean_exact (the "
+                               "same tokens as generate from the same seed) or hf (transformers generate).",
+                       key="SAMPLER", choices=("lean", "lean_exact", "hf"))
+    old_logprobs: str = opt("auto", "PPO's old log-probs and values: rollout = the lean sampler's own (no second "
+                                    "forward; equal to one to fp32 rounding), recompute = a forward after the "
+                                    "rollout, auto = rollout when SAMPLER is lean* and the policy runs in fp32 "
+                                    "(in bf16/fp16 the cached decode rounds differently), else recompute.",
+                            key="OLD_LOGPROBS", choices=("auto", "rollout", "recompute"))
 
 
 @dataclass
@@ -480,6 +486,9 @@ def validate(cfg: Config, *, check_files: bool = True, world_size: Optional[int]
             problems.append(p)
     if cfg.run.bf16 and cfg.run.fp16:
         problems.append("BF16 and FP16: choose one mixed-precision mode, not both.")
+    if cfg.gen.old_logprobs == "rollout" and cfg.gen.sampler == "hf":
+        problems.append('OLD_LOGPROBS="rollout" needs the lean sampler (SAMPLER "lean" or "lean_exact"): '
+                        'transformers generate returns no values; use "auto" or "recompute".')
     if not all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in cfg.sched.milestones):
         problems.append(f"MILESTONES: expected a list of positive integers, got {cfg.sched.milestones!r}.")
     if cfg.run.mode == "hybrid" and cfg.hybrid.cycle_sft_steps + cfg.hybrid.cycle_ppo_updates == 0:

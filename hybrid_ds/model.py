@@ -6,7 +6,9 @@ phases (see ``build_param_groups``). The frozen reference model is a separate pl
 
 from __future__ import annotations
 
+import inspect
 import os
+import weakref
 from typing import Optional
 
 import torch
@@ -34,19 +36,41 @@ class PolicyValue(nn.Module):
     def config(self):
         return self.lm.config
 
-    def forward(self, input_ids, attention_mask, position_ids=None, labels=None, with_values: bool = False):
-        """Logits ``(B, L, V)`` and, when ``with_values``, values ``(B, L)`` in float32.
-
-        With ``labels`` the LM loss is not reduced by HF: the caller gets logits and normalises
-        the loss itself (see sft.py), so accumulation and multi-rank runs weigh tokens exactly.
+    def forward(self, input_ids, attention_mask, position_ids=None, with_values: bool = False, keep_last: int = 0):
+        """Logits ``(B, K, V)`` and, when ``with_values``, values ``(B, K)`` in float32, for the last
+        ``K = keep_last`` positions (0: all ``L``). Positions no loss reads need no LM-head matmul in
+        the forward or the backward (PPO reads the response, SFT the labelled tokens).
         """
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      output_hidden_states=with_values, use_cache=False)
+                      output_hidden_states=with_values, use_cache=False, **logits_to_keep(self.lm, keep_last))
+        logits = out.logits[:, -keep_last:] if keep_last else out.logits  # (a model without logits_to_keep)
         values = None
         if with_values:
             h = out.hidden_states[-1]
+            h = h[:, -keep_last:] if keep_last else h
             values = self.v_head(h.to(self.v_head.weight.dtype)).squeeze(-1).float()
-        return out.logits, values
+        return logits, values
+
+
+def logits_to_keep(lm: nn.Module, keep_last: int) -> dict:
+    """``{"logits_to_keep": keep_last}`` where the causal LM's forward takes it (transformers' models
+    do), else ``{}``: the caller slices full logits, which gives the same values."""
+    if not keep_last:
+        return {}
+    module = getattr(lm, "module", lm)  # a DeepSpeed engine wraps the model
+    if module not in _KEEPS:
+        _KEEPS[module] = "logits_to_keep" in inspect.signature(module.forward).parameters
+    return {"logits_to_keep": keep_last} if _KEEPS[module] else {}
+
+
+_KEEPS: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def causal_lm_logits(lm: nn.Module, input_ids, attention_mask, position_ids=None, keep_last: int = 0):
+    """A plain causal LM's (the reference's) logits ``(B, K, V)`` for the last ``keep_last`` positions."""
+    logits = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                **logits_to_keep(lm, keep_last)).logits
+    return logits[:, -keep_last:] if keep_last else logits
 
 
 def load_tokenizer(name: str):

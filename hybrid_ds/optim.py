@@ -97,7 +97,8 @@ _ADEMAMIX_NOTE = ("built as {cls}(optim_bits=32): bitsandbytes' {cls}32bit keeps
                   "AdEMAMix needs two and fails to step on CPU. " + _ADEMAMIX_ALPHA)
 
 OPTIMIZERS: dict[str, OptimSpec] = {s.name: s for s in (
-    OptimSpec("adamw", "torch", "torch.optim:AdamW", "adam", note="decoupled weight decay"),
+    OptimSpec("adamw", "torch", "torch.optim:AdamW", "adam", fixed=(("fused", True),),
+              note="decoupled weight decay; torch's fused kernel (CPU and GPU: one pass over each tensor)"),
     _bnb("adamw_8bit", "AdamW8bit", "adam"),
     _bnb("adamw_32bit", "AdamW32bit", "adam"),
     _bnb("paged_adamw_8bit", "PagedAdamW8bit", "adam", _CPU_PAGED),

@@ -15,6 +15,7 @@ import torch
 
 from hybrid_ds import ppo_math as pm
 from hybrid_ds.data import Example, collate_prompts, collate_sft, micro_batches
+from hybrid_ds.model import causal_lm_logits
 
 
 @dataclass
@@ -53,10 +54,19 @@ def sequence_inputs(query_ids, query_mask, response_ids, response_mask):
     return ids, att, pos
 
 
-def response_logprobs(logits, response_ids, P: int, temperature: float):
-    """Log-probs ``(B, T)`` of the response tokens from full-sequence logits ``(B, P+T, V)``."""
+def policy_response_outputs(model, ids, att, pos, T: int, with_values: bool = True):
+    """The policy/value model's logits ``(B, T, V)`` and values ``(B, T)`` at the positions that predict
+    the ``T`` response tokens (the last prompt token .. the second-to-last token); the LM head runs
+    on those ``T + 1`` last positions only."""
+    logits, values = model(ids, att, position_ids=pos, with_values=with_values, keep_last=T + 1)
+    return logits[:, :T], (values[:, :T] if with_values else None)
+
+
+def lm_response_logprobs(lm, ids, att, pos, response_ids, temperature: float):
+    """A plain causal LM's (the reference's) log-probs ``(B, T)`` of the response tokens."""
     T = response_ids.shape[1]
-    return pm.logprobs_from_logits(logits[:, P - 1:P - 1 + T], response_ids, temperature)
+    logits = causal_lm_logits(lm, ids, att, pos, keep_last=T + 1)[:, :T]
+    return pm.logprobs_from_logits(logits, response_ids, temperature)
 
 
 # --------------------------------------------------------------------------------------
@@ -79,21 +89,42 @@ def generate(run, examples: list[Example]) -> Rollout:
     # Sampling draws from a seed of (SEED, rank, update), not from whatever state model loading or
     # earlier phases left in the global RNG: placements and resumed runs sample the same tokens.
     torch.manual_seed(run.seed_for("rollout", run.counters["ppo_update"]))
+    logprobs = values = None
     with run.dist.generation_model(run.engine) as lm:
-        if g.sampler == "lean":  # bit-identical tokens to generate() from the same seed (test_sampler.py)
+        if g.sampler.startswith("lean"):  # generate's distribution (lean_exact: its very tokens), test_sampler.py
             from hybrid_ds.sampler import SamplingSettings, sample
 
             st = SamplingSettings.from_gen_config(g, tok.eos_token_id, tok.pad_token_id)
-            resp = sample(lm, q_ids, q_mask, st).response_ids
+            v_head = run.engine.module.v_head  # whole here, also under ZeRO-3 (gathered with the LM)
+            value_fn = (lambda h: v_head(h.to(v_head.weight.dtype))) if old_from_rollout(run) else None
+            out = sample(lm, q_ids, q_mask, st, hf_rng=g.sampler == "lean_exact", value_fn=value_fn)
+            resp = out.response_ids
+            if value_fn is not None:
+                logprobs, values = out.logprobs, out.values
         else:
             resp = lm.generate(input_ids=q_ids, attention_mask=q_mask, **kwargs)[:, q_ids.shape[1]:]
     if resp.shape[1] == 0:  # degenerate: nothing generated at all
         resp = torch.full((len(examples), 1), tok.eos_token_id, dtype=torch.long, device=dev)
-    mask, ended = pm.mask_after_eos(resp, tok.eos_token_id, tok.pad_token_id)
+    # Up to and including the first EOS, whatever the ids: a pad id the policy sampled mid-response is
+    # a token it conditioned on (not padding), so the recomputed forwards must attend to it as well.
+    mask, ended = pm.mask_after_eos(resp, tok.eos_token_id)
     resp = torch.where(mask.bool(), resp, torch.full_like(resp, tok.pad_token_id))
     texts = tok.batch_decode(resp.masked_fill(resp == tok.eos_token_id, tok.pad_token_id),
                              skip_special_tokens=True)
-    return Rollout(q_ids, q_mask, resp, mask, ended, texts)
+    return Rollout(q_ids, q_mask, resp, mask, ended, texts, logprobs=logprobs, values=values)
+
+
+def old_from_rollout(run) -> bool:
+    """Whether PPO's old log-probs and values are the sampler's own (OLD_LOGPROBS, config.py).
+
+    They are the same model on the same tokens, computed through the KV cache instead of one
+    full forward: equal to float32 rounding (~1e-6, tests/test_sampler.py), which PPO's first
+    ratio exp(new - old) cannot tell from 1. In bf16/fp16 the two paths round differently
+    (~1e-2), so ``auto`` recomputes there."""
+    g = run.cfg.gen
+    if g.old_logprobs == "auto":
+        return g.sampler.startswith("lean") and run.dist.plan.mixed_precision == "no"
+    return g.old_logprobs == "rollout"
 
 
 # --------------------------------------------------------------------------------------
@@ -118,18 +149,19 @@ def score(run, ro: Rollout, examples: list[Example]) -> None:
 
 @torch.no_grad()
 def forward_logprobs(model, ro: Rollout, temperature: float, chunk: int, with_values: bool):
-    """Log-probs (and values) ``(B, T)`` of the rollout under ``model``, ``chunk`` rows at a time."""
+    """Log-probs (and values) ``(B, T)`` of the rollout under ``model``, ``chunk`` rows at a time:
+    the policy/value model when ``with_values``, a plain causal LM (the reference) otherwise."""
     ids, att, pos = sequence_inputs(ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask)
-    P = ro.query_ids.shape[1]
+    T = ro.response_ids.shape[1]
     lps, vals = [], []
     for s in range(0, ids.shape[0], chunk):
-        sl = slice(s, s + chunk)
+        sl, resp = slice(s, s + chunk), ro.response_ids[s:s + chunk]
         if with_values:
-            logits, v = model(ids[sl], att[sl], position_ids=pos[sl], with_values=True)
-            vals.append(v[:, P - 1:-1])
+            logits, v = policy_response_outputs(model, ids[sl], att[sl], pos[sl], T)
+            lps.append(pm.logprobs_from_logits(logits, resp, temperature))
+            vals.append(v)
         else:
-            logits = model(input_ids=ids[sl], attention_mask=att[sl], position_ids=pos[sl]).logits
-        lps.append(response_logprobs(logits, ro.response_ids[sl], P, temperature))
+            lps.append(lm_response_logprobs(model, ids[sl], att[sl], pos[sl], resp, temperature))
     return torch.cat(lps), (torch.cat(vals) if with_values else None)
 
 
@@ -178,7 +210,7 @@ def ppo_epochs(run, ro: Rollout, ptx_examples: Optional[list[Example]]) -> dict:
     minis = [p[k * per_mini:(k + 1) * per_mini] for p in perms for k in range(n_mini)]
     local_tokens = torch.stack([ro.response_mask[idx].sum() for idx in minis]).double()
     global_tokens = dist.all_reduce_sum(local_tokens).clamp(min=1.0) / dist.world
-    P = ro.query_ids.shape[1]
+    T = ro.response_ids.shape[1]
     stats: dict[str, list] = {}
     grad_norms, skipped = [], torch.zeros((), device=dist.device)
     engine.train()
@@ -190,15 +222,14 @@ def ppo_epochs(run, ro: Rollout, ptx_examples: Optional[list[Example]]) -> dict:
             with engine.no_sync(boundary):
                 ids, att, pos = sequence_inputs(b["query_ids"], b["query_mask"], b["response_ids"],
                                                 b["response_mask"])
-                logits, v = engine(ids, att, position_ids=pos, with_values=True)
-                logp = response_logprobs(logits, b["response_ids"], P, cfg.gen.temperature)
-                values = v[:, P - 1:-1]
+                logits, values = policy_response_outputs(engine, ids, att, pos, T)
+                logp = pm.logprobs_from_logits(logits, b["response_ids"], cfg.gen.temperature)
                 m, n = b["response_mask"], global_tokens[step_i]
                 pg, pg_stats = pm.policy_loss(logp, b["logprobs"], b["advantages"], m, c.clip_range, num_tokens=n)
                 vf, vf_stats = pm.value_loss(values, b["values"], b["returns"], m, c.clip_range_value, num_tokens=n)
                 loss = pg + c.vf_coef * vf
                 if c.entropy_coef > 0:
-                    ent = pm.masked_sum(pm.entropy_from_logits(logits[:, P - 1:-1], cfg.gen.temperature), m) / n
+                    ent = pm.masked_sum(pm.entropy_from_logits(logits, cfg.gen.temperature), m) / n
                     loss = loss - c.entropy_coef * ent
                 guard = pm.ratio_guard(logp.detach(), b["logprobs"], m, c.ratio_guard)
                 loss = loss * (~guard).float()  # an exploding micro-batch contributes no gradient
@@ -221,12 +252,14 @@ def ppo_epochs(run, ro: Rollout, ptx_examples: Optional[list[Example]]) -> dict:
 
 def ptx_loss(run, examples: list[Example]) -> torch.Tensor:
     """PPO-ptx: the SFT token-mean loss of this rank's labelled examples, scaled for rank averaging."""
-    from hybrid_ds.sft import token_ce_sum
+    from hybrid_ds.sft import labelled_tail, token_ce_sum
 
-    b = {k: v.to(run.dist.device) for k, v in collate_sft(examples, run.tokenizer.pad_token_id).items()}
+    b = collate_sft(examples, run.tokenizer.pad_token_id)
     n_tok = run.dist.all_reduce_sum(torch.tensor([float((b["labels"][:, 1:] != -100).sum())]))[0]
-    logits, _ = run.engine(b["input_ids"], b["attention_mask"])
-    return token_ce_sum(logits, b["labels"]) * run.dist.world / n_tok.to(logits.device)
+    keep = labelled_tail(b["labels"])
+    b = {k: v.to(run.dist.device) for k, v in b.items()}
+    logits, _ = run.engine(b["input_ids"], b["attention_mask"], keep_last=keep)
+    return token_ce_sum(logits, b["labels"][:, -keep:]) * run.dist.world / n_tok.to(logits.device)
 
 
 # --------------------------------------------------------------------------------------
@@ -254,7 +287,8 @@ def ppo_update(run, examples: list[Example], ptx_examples: Optional[list[Example
     if pending is None:
         ro.ref_logprobs, _ = forward_logprobs(run.ref, ro, cfg.gen.temperature, chunk, with_values=False)
     t["reference"] = time.perf_counter()
-    ro.logprobs, ro.values = forward_logprobs(run.engine, ro, cfg.gen.temperature, chunk, with_values=True)
+    if ro.logprobs is None:  # not the sampler's own (OLD_LOGPROBS)
+        ro.logprobs, ro.values = forward_logprobs(run.engine, ro, cfg.gen.temperature, chunk, with_values=True)
     if pending is not None:
         ro.ref_logprobs = pending.wait().to(ro.logprobs.device)
     t["old_logprobs"] = time.perf_counter()

@@ -429,7 +429,7 @@ def model_logprob_fn(model: torch.nn.Module, *, chunk: int = 0,
                      device: Optional[torch.device] = None) -> ComputeFn:
     """A compute_fn running a causal LM exactly as the colocated reference does (``ppo.forward_logprobs``):
     positions from the mask, logits divided by the temperature, ``chunk`` rows per forward (0 = all)."""
-    from hybrid_ds.ppo import response_logprobs, sequence_inputs
+    from hybrid_ds.ppo import lm_response_logprobs, sequence_inputs
 
     dev = device if device is not None else next(model.parameters()).device
 
@@ -442,8 +442,7 @@ def model_logprob_fn(model: torch.nn.Module, *, chunk: int = 0,
         out = []
         for s in range(0, B, step):
             sl = slice(s, s + step)
-            logits = model(input_ids=ids[sl], attention_mask=att[sl], position_ids=pos[sl]).logits
-            out.append(response_logprobs(logits, ids[sl, P:], P, temperature))
+            out.append(lm_response_logprobs(model, ids[sl], att[sl], pos[sl], ids[sl, P:], temperature))
         return torch.cat(out).float() if out else torch.zeros(0, T)
 
     return compute

@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +140,7 @@ class SampleOutput:
     logprobs: Tensor  # (B, T) float32, log_softmax(raw_logits / temperature) at the token; 0 after EOS
     processed_logprobs: Tensor  # (B, T) float32, log-prob under the processed distribution; 0 after EOS
     ended: Tensor  # (B,) bool, the row emitted an EOS
+    values: Optional[Tensor] = None  # (B, T) float32 from ``value_fn`` (see :func:`sample`); 0 after EOS
 
 
 # --------------------------------------------------------------------------------------
@@ -221,8 +222,9 @@ def _uses_4d_bool_masks(model) -> bool:
     return getattr(cfg, "_attn_implementation", None) == "sdpa" and not sliding
 
 
-def _hf_step(model, kv, full_mask: Optional[Tensor], static: bool = False):
-    """``step(tok (B,), pos (B, 1), n) -> logits (B, V)`` through the model's own forward.
+def _hf_step(model, kv, full_mask: Optional[Tensor], static: bool = False, hidden: bool = False):
+    """``step(tok (B,), pos (B, 1), n) -> (logits (B, V), final hidden state (B, C) or None)`` through
+    the model's own forward (``hidden``: ask it for its hidden states).
 
     ``full_mask`` ``(B, L)``: the attention mask of prompt + all new tokens, None if there is no
     padding (``generate`` then drops the mask too). It is passed as the prebuilt 4D boolean
@@ -240,8 +242,9 @@ def _hf_step(model, kv, full_mask: Optional[Tensor], static: bool = False):
             mask = masks & (slots <= n)
         else:
             mask = None if full_mask is None else full_mask[..., :n + 1]
-        return model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, past_key_values=kv,
-                     use_cache=True).logits[:, -1]
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, past_key_values=kv,
+                    use_cache=True, output_hidden_states=hidden)
+        return out.logits[:, -1], (out.hidden_states[-1][:, -1] if hidden else None)
     return step
 
 
@@ -296,7 +299,8 @@ class _Gpt2Step:
                                                layer._v[:, :, :n + 1], attn_mask=mask, scale=attn.scaling)
             h = self._conv1d(attn.c_proj, o.view(B, -1)) + h
             h = h + self._conv1d(mlp.c_proj, mlp.act.forward(self._conv1d(mlp.c_fc, self._norm(ln_2, h))))
-        return F.linear(self._norm(self.ln_f, h), self.head.weight, self.head.bias)
+        h = self._norm(self.ln_f, h)  # the final hidden state (hidden_states[-1] of the forward)
+        return F.linear(h, self.head.weight, self.head.bias), h
 
 
 # --------------------------------------------------------------------------------------
@@ -449,7 +453,7 @@ class _Processors:
 @torch.no_grad()
 def sample(model, input_ids: Tensor, attention_mask: Tensor, settings: SamplingSettings, *,
            generator: Optional[torch.Generator] = None, fixed_length: bool = False, hf_rng: bool = True,
-           cache: str = "prealloc") -> SampleOutput:
+           cache: str = "prealloc", value_fn: Optional[Callable[[Tensor], Tensor]] = None) -> SampleOutput:
     """Sample up to ``settings.max_new_tokens`` tokens after each left-padded prompt.
 
     Shapes: ``input_ids`` ``(B, P)`` left-padded prompt ids, ``attention_mask`` ``(B, P)`` with 1 on
@@ -464,6 +468,9 @@ def sample(model, input_ids: Tensor, attention_mask: Tensor, settings: SamplingS
     random stream, and no ``V``-sized random draw per step (see the module docstring).
     ``cache``: the KV cache to decode with, "prealloc" (default, fastest), "dynamic" or "static"
     (transformers' caches, kept for the benchmark); all give the same tokens.
+    ``value_fn``: final hidden states ``(B, C)`` -> values ``(B,)`` (PPO's value head); when given,
+    ``values[:, t]`` is its value at the position whose logits drew token ``t`` (the last prompt
+    token for ``t = 0``), the same positions as the log-probs, so a rollout needs no second forward.
     """
     s = settings
     B, P = input_ids.shape
@@ -493,14 +500,20 @@ def sample(model, input_ids: Tensor, attention_mask: Tensor, settings: SamplingS
 
     # 1. prefill: the whole prompt, logits of its last position
     keep = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
-    logits = model(input_ids=input_ids, attention_mask=attention_mask if padded else None, position_ids=pos,
-                   past_key_values=kv, use_cache=True, **keep).logits[:, -1].float()
+    want_h = value_fn is not None
+    out_v = torch.zeros(B, N, dtype=torch.float32, device=dev) if want_h else None
+    first = model(input_ids=input_ids, attention_mask=attention_mask if padded else None, position_ids=pos,
+                  past_key_values=kv, use_cache=True, output_hidden_states=want_h, **keep)
+    logits = first.logits[:, -1].float()
+    hidden = first.hidden_states[-1][:, -1] if want_h else None
+    del first
     proc = _Processors(s, input_ids, attention_mask, ids, logits.shape[-1], N if fixed_length else s.min_new_tokens,
                        hf_rng, generator)
     if cache == "prealloc" and _Gpt2Step.supports(model):
         step = _Gpt2Step(model, kv, full_mask if padded else None)
     else:
-        step = _hf_step(model, kv, full_mask if padded or cache == "static" else None, static=cache == "static")
+        step = _hf_step(model, kv, full_mask if padded or cache == "static" else None, static=cache == "static",
+                        hidden=want_h)
 
     T = N
     for t in range(N):
@@ -512,6 +525,8 @@ def sample(model, input_ids: Tensor, attention_mask: Tensor, settings: SamplingS
         proc.push(tok, t)
         out_lp[:, t] = logp.gather(1, tok[:, None]).squeeze(1)
         out_plp[:, t] = p_tok
+        if want_h:
+            out_v[:, t] = value_fn(hidden).reshape(B).float()
         if track_eos:
             unfinished = alive[:, t + 1] = unfinished & ~proc.is_eos(tok)
             if not bool(unfinished.any()):
@@ -520,10 +535,11 @@ def sample(model, input_ids: Tensor, attention_mask: Tensor, settings: SamplingS
         if t == N - 1:
             break
         # 3. next logits: one token per row into the cache slot P + t
-        logits = step(tok, step_pos[:, t:t + 1], P + t).float()
+        logits, hidden = step(tok, step_pos[:, t:t + 1], P + t)
+        logits = logits.float()
 
     mask = alive[:, :T]
     return SampleOutput(response_ids=ids[:, P:P + T].clone(), response_mask=mask.float(),
                         logprobs=out_lp[:, :T].masked_fill(~mask, 0.0),
                         processed_logprobs=out_plp[:, :T].log().masked_fill(~mask, 0.0),
-                        ended=~unfinished)
+                        ended=~unfinished, values=out_v[:, :T].masked_fill(~mask, 0.0) if want_h else None)

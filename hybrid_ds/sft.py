@@ -25,6 +25,13 @@ def token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def labelled_tail(labels: torch.Tensor) -> int:
+    """How many last positions of ``labels`` ``(B, L)`` the loss needs logits for: from the first
+    position, in any row, whose next token is labelled (the prompts before it need no LM head)."""
+    cols = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
+    return labels.shape[1] - (int(cols[0]) if len(cols) else labels.shape[1] - 1)
+
+
 def sft_step(engine, examples: list[Example], *, accum: int, lr: float, pad_id: int, dist,
              momentum: Optional[float] = None) -> dict[str, float]:
     """One SFT optimizer step on this rank's share of the global batch; metrics reduced across ranks.
@@ -43,10 +50,11 @@ def sft_step(engine, examples: list[Example], *, accum: int, lr: float, pad_id: 
     ce_total = torch.zeros((), device=dist.device)
     for i, b in enumerate(micros):
         boundary = i == len(micros) - 1
+        keep = labelled_tail(b["labels"])
         b = {k: v.to(dist.device) for k, v in b.items()}
         with engine.no_sync(boundary):
-            logits, values = engine(b["input_ids"], b["attention_mask"], with_values=True)
-            ce_sum = token_ce_sum(logits, b["labels"])
+            logits, values = engine(b["input_ids"], b["attention_mask"], with_values=True, keep_last=keep)
+            ce_sum = token_ce_sum(logits, b["labels"][:, -keep:])
             # 0 x values: every parameter takes part in the graph, so ZeRO sees a (zero) value-head
             # gradient rather than a missing one; the value head itself stays unchanged (lr 0).
             loss = ce_sum * dist.world / n_tokens + 0.0 * values.sum()

@@ -173,9 +173,11 @@ def test_gpt2_step_logits_are_bit_identical_to_the_forward(gpt2, pads):
         for t in range(6):
             n = P + t
             m = full.bool()[:, None, None, :n + 1] if padded else None
-            ref = gpt2(input_ids=toks[:, t:t + 1], attention_mask=m, position_ids=pos[:, n:n + 1],
-                       past_key_values=caches[0], use_cache=True).logits[:, -1]
-            assert torch.equal(step(toks[:, t], pos[:, n:n + 1], n), ref)
+            out = gpt2(input_ids=toks[:, t:t + 1], attention_mask=m, position_ids=pos[:, n:n + 1],
+                       past_key_values=caches[0], use_cache=True, output_hidden_states=True)
+            logits, hidden = step(toks[:, t], pos[:, n:n + 1], n)
+            assert torch.equal(logits, out.logits[:, -1])
+            assert torch.equal(hidden, out.hidden_states[-1][:, -1])
 
 
 def test_fast_candidates_equal_generates_warpers():
@@ -198,20 +200,32 @@ def test_fast_candidates_equal_generates_warpers():
     assert 0 < flagged < rows / 4
 
 
-def test_logprobs_equal_a_recomputed_forward(gpt2):
-    """logprobs = log_softmax(logits / T) of a full forward on prompt + response (fp32, eval), 1e-5."""
+@pytest.mark.parametrize("model_fn", [tiny_gpt2, lambda: tiny_gpt2(attn="eager"), tiny_llama],
+                         ids=["gpt2_step", "gpt2_forward", "llama_forward"])
+def test_logprobs_and_values_equal_a_recomputed_forward(model_fn):
+    """logprobs = log_softmax(logits / T) and values = value_fn(last hidden state) of a full forward on
+    prompt + response (fp32, eval), 1e-5, through the GPT-2 step and through models' own forward."""
+    model = model_fn()
     ids, mask = prompts()
     st = settings(**CASES["design"])
-    out = our_tokens(gpt2, ids, mask, st, 11)
+    g = torch.Generator().manual_seed(3)
+    v_head = torch.nn.Linear(model.config.hidden_size, 1)
+    with torch.no_grad():
+        v_head.weight.copy_(torch.randn(v_head.weight.shape, generator=g))
+    out = our_tokens(model, ids, mask, st, 11, value_fn=v_head)
+    assert torch.equal(out.response_ids, our_tokens(model, ids, mask, st, 11).response_ids)
     resp, rmask = out.response_ids, out.response_mask
     seq = torch.cat([ids, resp], 1)
     att = torch.cat([mask, rmask.long()], 1)
     pos = (att.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
-        logits = gpt2(input_ids=seq, attention_mask=att, position_ids=pos).logits
-    P = ids.shape[1]
-    ref = pm.logprobs_from_logits(logits[:, P - 1:-1], resp, st.temperature) * rmask
+        full = model(input_ids=seq, attention_mask=att, position_ids=pos, output_hidden_states=True)
+        P = ids.shape[1]
+        ref = pm.logprobs_from_logits(full.logits[:, P - 1:-1], resp, st.temperature) * rmask
+        ref_v = v_head(full.hidden_states[-1][:, P - 1:-1]).squeeze(-1) * rmask
     torch.testing.assert_close(out.logprobs, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.values, ref_v, atol=1e-5, rtol=0)
+    assert float(ref_v.abs().max()) > 0.1  # the values are not trivially zero
     assert out.logprobs.dtype == torch.float32 and bool((out.processed_logprobs <= 0).all())
     # processors change the distribution: the processed log-probs are those of a narrower one
     assert bool((out.processed_logprobs >= out.logprobs - 1e-6)[rmask.bool()].float().mean() > 0.9)
