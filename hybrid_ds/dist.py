@@ -94,9 +94,11 @@ def _deepspeed_launcher_args() -> bool:
 
 def default_ds_config(stage: int) -> dict:
     """A DeepSpeed config for ``stage`` whose batch/precision values are filled by :func:`fill_ds_config`."""
-    zero: dict[str, Any] = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True}
+    zero: dict[str, Any] = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True,
+                            "reduce_bucket_size": "auto"}
     if stage == 3:
-        zero.update({"stage3_gather_16bit_weights_on_model_save": True, "stage3_param_persistence_threshold": 0})
+        zero.update({"stage3_gather_16bit_weights_on_model_save": True, "stage3_param_persistence_threshold": 0,
+                     "stage3_prefetch_bucket_size": "auto"})
     return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
             "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": zero,
             "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}, "steps_per_print": 10**9,
@@ -104,8 +106,13 @@ def default_ds_config(stage: int) -> dict:
 
 
 def fill_ds_config(template: dict, *, stage: int, micro: int, accum: int, world: int, clip: float,
-                   precision: str) -> dict:
-    """Replace "auto" (and set what hybrid_ds owns) in a DeepSpeed config."""
+                   precision: str, hidden_size: Optional[int] = None) -> dict:
+    """Replace "auto" (and set what hybrid_ds owns) in a DeepSpeed config.
+
+    Bucket sizes follow the model as transformers' DeepSpeed integration sizes them (hidden^2 for
+    the gradient-reduce bucket, 0.9 hidden^2 for the ZeRO-3 prefetch): DeepSpeed's own default,
+    5e8 elements, reserves a 2 GB fp32 buffer per rank whatever the model (larger gradients
+    bypass the bucket). Without ``hidden_size`` an "auto" falls back to DeepSpeed's default."""
     ds = {k: v for k, v in copy.deepcopy(template).items() if not k.startswith("_")}  # drop _comment
     ds["train_micro_batch_size_per_gpu"] = micro
     ds["gradient_accumulation_steps"] = accum
@@ -120,9 +127,13 @@ def fill_ds_config(template: dict, *, stage: int, micro: int, accum: int, world:
     ds.pop("optimizer", None)  # hybrid_ds builds the optimizer (optim.py) and owns the lr schedule
     ds.pop("scheduler", None)
     ds.setdefault("steps_per_print", 10**9)
+    sized = {"reduce_bucket_size": 1.0, "stage3_prefetch_bucket_size": 0.9}
     for k, v in list(ds.get("zero_optimization", {}).items()):
         if v == "auto":
-            ds["zero_optimization"].pop(k)
+            if k in sized and hidden_size:
+                ds["zero_optimization"][k] = int(sized[k] * hidden_size * hidden_size)
+            else:
+                ds["zero_optimization"].pop(k)
     return ds
 
 
@@ -195,10 +206,14 @@ class Dist:
         t = self.all_reduce_sum(t) / self.world
         return dict(zip(keys, t.tolist()))
 
-    def memory_metrics(self) -> dict[str, float]:
+    def memory_metrics(self, engine: Optional["TrainEngine"] = None) -> dict[str, float]:
         """Peak memory of every rank, ``mem/peak_rss_mb/rank{r}`` (host RSS) and on CUDA
-        ``mem/peak_gpu_mb/rank{r}`` (allocator peak), gathered in one all-reduce."""
+        ``mem/peak_gpu_mb/rank{r}`` (allocator peak), and with ``engine`` the model state it holds,
+        ``mem/params_mb/rank{r}`` and ``mem/optim_mb/rank{r}`` (:func:`model_state_bytes`), gathered
+        in one all-reduce."""
         mine = {"mem/peak_rss_mb": peak_rss_mb()}
+        if engine is not None:
+            mine.update({f"mem/{k}_mb": v / 2**20 for k, v in model_state_bytes(engine).items()})
         if self.device.type == "cuda":
             mine["mem/peak_gpu_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         keys = sorted(mine)
@@ -344,7 +359,8 @@ def init_dist(cfg: Config, *, sft_micro: int, sft_accum: int) -> Dist:
     ds_config, plugin = None, None
     if plan.zero_stage > 0:
         ds_config = fill_ds_config(plan.ds_template, stage=plan.zero_stage, micro=sft_micro, accum=sft_accum,
-                                   world=world, clip=cfg.run.max_grad_norm, precision=plan.mixed_precision)
+                                   world=world, clip=cfg.run.max_grad_norm, precision=plan.mixed_precision,
+                                   hidden_size=_hidden_size(cfg.run.model))
         from hybrid_ds.optim import deepspeed_optimizer_settings
 
         ds_config.update(deepspeed_optimizer_settings(cfg.optim.name, ds_config))
@@ -365,6 +381,53 @@ def init_dist(cfg: Config, *, sft_micro: int, sft_accum: int) -> Dist:
     if d.world != world:
         raise RuntimeError(f"launcher announced WORLD_SIZE={world} but the process group has {d.world} ranks")
     return d
+
+
+def model_state_bytes(engine: "TrainEngine") -> dict[str, int]:
+    """Bytes of model state this rank holds, each storage counted once (views share one).
+
+    ``params``: the policy/value parameters as stored here (under ZeRO-3 this rank's partitions,
+    not the gathered whole). ``optim``: everything else the optimizer reaches: its state (Adam's
+    moments), DeepSpeed's fp32 master partitions and flat gradient buffers.
+    """
+    seen: set = set()
+
+    def size(t) -> int:
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return 0
+        st = t.untyped_storage()
+        if st.data_ptr() in seen or st.nbytes() == 0:
+            return 0
+        seen.add(st.data_ptr())
+        return st.nbytes()
+
+    def walk(obj, depth: int) -> int:
+        if isinstance(obj, torch.Tensor):
+            return size(obj)
+        if depth == 0 or isinstance(obj, (str, bytes, int, float, torch.nn.Module)):
+            return 0
+        if isinstance(obj, dict):
+            return sum(walk(v, depth - 1) for v in obj.values())
+        if isinstance(obj, (list, tuple, set)):
+            return sum(walk(v, depth - 1) for v in obj)
+        if isinstance(obj, torch.optim.Optimizer) or type(obj).__module__.startswith("deepspeed"):
+            return sum(walk(v, depth - 1) for v in vars(obj).values())
+        return 0
+
+    params = sum(size(getattr(p, "ds_tensor", p.data)) for p in engine.module.parameters())
+    return {"params": params, "optim": walk(engine.optimizer, 5)}
+
+
+def _hidden_size(model: str) -> Optional[int]:
+    """The model's hidden size from its config (sizes DeepSpeed's buckets), None if unreadable."""
+    try:
+        from transformers import AutoConfig
+
+        from hybrid_ds.assets import resolve_model
+
+        return int(AutoConfig.from_pretrained(resolve_model(model)).hidden_size)
+    except Exception:  # a bucket size is an optimisation: DeepSpeed's default still works
+        return None
 
 
 def peak_rss_mb() -> float:

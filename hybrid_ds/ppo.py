@@ -300,7 +300,7 @@ def ppo_update(run, examples: list[Example], ptx_examples: Optional[list[Example
     t["update"] = time.perf_counter()
     # 6. KL controller, on the global mean KL per sequence
     metrics = rollout_metrics(run, ro)
-    metrics = {**dist.mean_metrics({**metrics, **m}), **dist.memory_metrics()}
+    metrics = {**dist.mean_metrics({**metrics, **m}), **dist.memory_metrics(run.engine)}
     run.kl_ctl.update(metrics["objective/kl"], cfg.ppo.batch)
     phases = ["rollout", "scoring", "reference", "old_logprobs", "update"]
     prev = t["start"]
