@@ -76,7 +76,14 @@ def run(args, overrides) -> dict:
             "cycle_s_min_max": [min(cycle_s), max(cycle_s)], "ppo_samples_per_s": 8.0 / med(cycle_s),
             "sft_steps_per_s": 1.0 / phases["sft"], "gen_tokens_per_s": gen_tokens / phases["rollout"],
             "median_s": phases, "process_wall_s": wall,
-            "peak_rss_mb": {k.rsplit("/", 1)[1]: v for k, v in ppo[-1].items() if k.startswith("mem/peak_rss_mb/")}}
+            "peak_rss_mb": per_rank(ppo[-1], "mem/peak_rss_mb/"),
+            "model_state_mb": {"params": per_rank(ppo[-1], "mem/params_mb/"),
+                               "optimizer": per_rank(ppo[-1], "mem/optim_mb/"),
+                               "buffers": per_rank(ppo[-1], "mem/buffers_mb/")}}
+
+
+def per_rank(row: dict, prefix: str) -> dict:
+    return {k.rsplit("/", 1)[1]: v for k, v in row.items() if k.startswith(prefix)}
 
 
 def main() -> None:

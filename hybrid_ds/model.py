@@ -99,7 +99,28 @@ def load_lm(name: str, tokenizer, dtype: torch.dtype = torch.float32):
     lm.config.pad_token_id = tokenizer.pad_token_id
     lm.generation_config.pad_token_id = tokenizer.pad_token_id
     disable_dropout(lm)
+    fuse_activations(lm)
     return lm
+
+
+def fuse_activations(module: nn.Module) -> int:
+    """Swap GPT-2's ``gelu_new`` (NewGELUActivation: eight tensor ops in Python) for torch's fused
+    kernel of the same formula, ``F.gelu(approximate="tanh")`` (transformers' ``gelu_pytorch_tanh``).
+
+    The two agree to float32 rounding (2.4e-7 at most over N(0, 16) inputs); the fused one saves a
+    seventh of a GPT-2 training step on CPU (bench notes in README) and a few ops per decoded
+    token. Only the in-memory modules change: the config, hence every saved model, still says
+    ``gelu_new``. Returns how many activations were swapped.
+    """
+    from transformers.activations import ACT2FN, NewGELUActivation
+
+    swapped = 0
+    for parent in module.modules():
+        for name, child in list(parent.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(parent, name, ACT2FN["gelu_pytorch_tanh"])
+                swapped += 1
+    return swapped
 
 
 def disable_dropout(module: nn.Module) -> None:

@@ -1,0 +1,114 @@
+"""The policy/value model's forward trims (keep_last, labelled_tail), the fused GELU, and model-state accounting."""
+
+import pytest
+import torch
+
+from hybrid_ds.dist import TrainEngine, model_state_bytes
+from hybrid_ds.model import PolicyValue, causal_lm_logits, fuse_activations
+from hybrid_ds.sft import labelled_tail, token_ce_sum
+
+V = 97
+
+
+def tiny_gpt2(seed=0, layers=2):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=layers, n_head=2)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def batch(B=4, L=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (B, L), generator=g)
+    att = torch.ones(B, L, dtype=torch.long)
+    att[1, :3] = 0  # left padding in one row
+    pos = (att.cumsum(1) - 1).clamp(min=0)
+    return ids, att, pos
+
+
+def test_fused_gelu_equals_gelu_new_and_configs_keep_their_name(tmp_path):
+    a, b = tiny_gpt2(), tiny_gpt2()
+    assert fuse_activations(b) == 2 and fuse_activations(b) == 0  # once per layer, idempotent
+    assert b.config.activation_function == "gelu_new"
+    ids, att, pos = batch()
+    with torch.no_grad():
+        oa = a(input_ids=ids, attention_mask=att, position_ids=pos, output_hidden_states=True)
+        ob = b(input_ids=ids, attention_mask=att, position_ids=pos, output_hidden_states=True)
+    torch.testing.assert_close(ob.logits, oa.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ob.hidden_states[-1], oa.hidden_states[-1], atol=1e-5, rtol=0)
+    b.save_pretrained(tmp_path)
+    assert '"activation_function": "gelu_new"' in (tmp_path / "config.json").read_text()
+
+
+def test_keep_last_gives_the_last_positions_of_the_full_forward():
+    model = PolicyValue(tiny_gpt2(), seed=3)
+    with torch.no_grad():
+        model.v_head.weight.normal_()
+    ids, att, pos = batch()
+    with torch.no_grad():
+        full_logits, full_values = model(ids, att, position_ids=pos, with_values=True)
+        logits, values = model(ids, att, position_ids=pos, with_values=True, keep_last=5)
+        ref = causal_lm_logits(model.lm, ids, att, pos, keep_last=5)
+    assert logits.shape == (4, 5, V) and values.shape == (4, 5)
+    torch.testing.assert_close(logits, full_logits[:, -5:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(values, full_values[:, -5:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ref, full_logits[:, -5:], atol=1e-5, rtol=0)
+
+
+def test_causal_lm_logits_slices_when_the_model_cannot_keep():
+    class NoKeep(torch.nn.Module):  # a causal LM whose forward has no logits_to_keep
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    lm = tiny_gpt2()
+    ids, att, pos = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(causal_lm_logits(NoKeep(lm), ids, att, pos, keep_last=3),
+                                   lm(input_ids=ids, attention_mask=att, position_ids=pos).logits[:, -3:])
+
+
+@pytest.mark.parametrize("starts", [(5, 7, 9), (1, 1, 1), (11, 11, 11)])
+def test_sft_loss_on_the_labelled_tail_equals_the_full_loss(starts):
+    """labelled_tail keeps every position whose next token is labelled; the summed CE and its gradient
+    equal the full-logit ones."""
+    B, L = len(starts), 12
+    ids = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    for i, s in enumerate(starts):
+        labels[i, :s] = -100
+    keep = labelled_tail(labels)
+    assert keep == L - (min(starts) - 1)
+    model = PolicyValue(tiny_gpt2())
+    att = torch.ones_like(ids)
+    full, _ = model(ids, att)
+    loss_full = token_ce_sum(full, labels)
+    g_full = torch.autograd.grad(loss_full, model.lm.transformer.wte.weight)[0]
+    part, _ = model(ids, att, keep_last=keep)
+    loss_part = token_ce_sum(part, labels[:, -keep:])
+    g_part = torch.autograd.grad(loss_part, model.lm.transformer.wte.weight)[0]
+    torch.testing.assert_close(loss_part, loss_full, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(g_part, g_full, atol=1e-6, rtol=1e-5)
+
+
+def test_labelled_tail_without_labels_keeps_one_position():
+    assert labelled_tail(torch.full((2, 6), -100)) == 1
+
+
+def test_model_state_bytes_counts_params_and_adam_state_once():
+    model = PolicyValue(tiny_gpt2())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    logits, values = model(*batch()[:2], with_values=True)
+    (logits.sum() + values.sum()).backward()  # every parameter gets a gradient, hence Adam state
+    opt.step()
+    n = sum(p.numel() for p in model.parameters())
+    shared = model.lm.lm_head.weight is model.lm.transformer.wte.weight  # tied: one storage
+    assert shared
+    out = model_state_bytes(TrainEngine(None, model, model, opt))
+    assert out["params"] == 4 * n
+    assert out["optim"] >= 2 * 4 * n and out["optim"] <= 2 * 4 * n + 64 * len(opt.state)  # moments + step counters
+    assert out["buffers"] == 0  # a torch optimizer holds nothing else
