@@ -4,8 +4,8 @@
 
 Both go through ``bench/bench_hybrid.py`` (``accelerate launch`` with launch/zero2.yaml or zero3.yaml, the
 path a user takes). Generation: the median ``time/rollout_s`` of a 2-process run under each stage,
-alternating stages over ``--rounds`` rounds; under ZeRO-3 the policy's partitions are gathered once per
-rollout (``dist.generation_model``), not per token. Memory: the parameters and the optimizer's state,
+alternating stages over ``--rounds`` rounds, OMP threads = cores / processes; under ZeRO-3 the policy's
+partitions are gathered once per rollout (``dist.generation_model``: one all-gather), not per token. Memory: the parameters and the optimizer's state,
 master weights and gradient buffers each rank holds (``mem/params_mb`` + ``mem/optim_mb``,
 ``dist.model_state_bytes``) under ZeRO-3 at 1, 2 and 4 processes, against the 1-process total / N.
 Prints a Markdown table and writes ``zero.json``.
@@ -24,8 +24,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def bench(nproc: int, zero: int, cycles: int) -> dict:
+    threads = max(1, (os.cpu_count() or 2) // nproc)  # one core each: oversubscribed OpenMP threads spin
     cmd = [sys.executable, os.path.join(REPO, "bench", "bench_hybrid.py"), "--nproc", str(nproc), "--zero", str(zero),
-           "--cycles", str(cycles)]
+           "--cycles", str(cycles), "--threads", str(threads)]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if p.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")

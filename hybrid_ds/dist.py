@@ -292,12 +292,10 @@ class Dist:
     @contextlib.contextmanager
     def generation_model(self, engine: "TrainEngine") -> Iterator[torch.nn.Module]:
         """The policy's causal LM, ready for ``generate``. Under ZeRO-3 its weights are gathered once
-        for the whole rollout and the partition hooks are lifted, so no collective runs per token and
-        ranks that stop at different lengths cannot hang."""
+        for the whole rollout (:func:`_zero3_whole_weights`) and the partition hooks are lifted, so no
+        collective runs per token and ranks that stop at different lengths cannot hang."""
         if self.zero_stage == 3:
-            from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
-
-            with unwrap_model_for_generation(engine.wrapped):
+            with _zero3_whole_weights(engine.wrapped, engine.module, self.device):
                 yield engine.module.lm
         else:
             yield engine.module.lm
@@ -345,6 +343,55 @@ class Dist:
                 torch.distributed.destroy_process_group()
             except Exception:  # pragma: no cover - best effort at exit
                 pass
+
+
+@contextlib.contextmanager
+def _zero3_whole_weights(ds_engine, module: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """Every ZeRO-3 parameter of ``module`` whole on every rank, with DeepSpeed's fetch hooks off.
+
+    One ``all_gather_into_tensor`` of each rank's partitions, laid end to end, then each parameter
+    reassembled from its ``world`` slices (DeepSpeed puts rank r's slice of a flattened parameter at
+    ``r * partition_size``). DeepSpeed's ``GatheredParameters`` does the same gather with per-parameter
+    bookkeeping that doubles its cost on small models (measured in bench/bench_zero.py); where its
+    layout differs (mixed dtypes, hpZ secondary partitions, partitions off the compute device, i.e.
+    parameter offload) its own ``unwrap_model_for_generation`` runs instead. On exit every parameter
+    gets back its partitioned placeholder and the hooks are registered again.
+    """
+    import torch.distributed as tdist
+
+    params = [p for p in module.parameters() if hasattr(p, "ds_tensor")]
+    if (not params or len({p.ds_tensor.dtype for p in params}) != 1
+            or any(getattr(p, "ds_secondary_tensor", None) is not None for p in params)
+            or any(p.ds_tensor.device != device for p in params)):
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+        with unwrap_model_for_generation(ds_engine):
+            yield
+        return
+    group = params[0].ds_process_group
+    world = tdist.get_world_size(group)
+    sizes = [p.ds_tensor.ds_numel for p in params]  # padded partition size, equal on every rank
+    local = torch.cat([p.ds_tensor.data.reshape(-1)[:n] for p, n in zip(params, sizes)])
+    full = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device)
+    tdist.all_gather_into_tensor(full, local, group=group)
+    full = full.view(world, local.numel())
+    placeholders, offset = [], 0
+    for p, n in zip(params, sizes):
+        placeholders.append(p.data)
+        p.data = full[:, offset:offset + n].reshape(-1)[:p.ds_numel].view(p.ds_shape)
+        offset += n
+    del full, local
+    opt = ds_engine.optimizer
+    offload = opt.parameter_offload if hasattr(opt, "parameter_offload") else opt
+    for hook in offload.forward_hooks + offload.backward_hooks:
+        hook.remove()
+    offload.forward_hooks, offload.backward_hooks = [], []
+    try:
+        yield
+    finally:
+        for p, placeholder in zip(params, placeholders):
+            p.data = placeholder
+        offload._register_deepspeed_module(offload.module)
 
 
 def init_dist(cfg: Config, *, sft_micro: int, sft_accum: int) -> Dist:

@@ -43,6 +43,23 @@ def test_sft_leaves_value_head_bit_identical_and_ppo_moves_it(tmp_path, nproc, z
                  "ppo_policy_changed": True}, r
 
 
+def test_zero3_generation_weights_equal_deepspeeds_gather(tmp_path):
+    """dist.generation_model gathers ZeRO-3 partitions with one all-gather: the same weights as
+    DeepSpeed's GatheredParameters, partitions restored on exit, training unaffected."""
+    cfg = rl_cfg(tmp_path, "sft")
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    probe = os.path.join(REPO, "tests", "scripts", "zero3_gather_probe.py")
+    cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--config_file",
+           os.path.join(REPO, "launch", "zero3.yaml"), "--num_processes", "2", "--main_process_port",
+           str(free_port()), probe, str(path)]
+    p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    line = next(ln for ln in p.stdout.splitlines() if ln.startswith("PROBE "))
+    assert json.loads(line[len("PROBE "):]) == {"whole_lm": True, "equal": True, "partitioned_after": True,
+                                                "trains_after": True}
+
+
 @pytest.mark.parametrize("mode,zero,bf16", [("ppo", 2, False), ("hybrid", 2, False), ("ppo", 3, False),
                                             ("hybrid", 3, False), ("hybrid", 2, True), ("hybrid", 3, True)])
 def test_ppo_and_hybrid_run_on_two_processes(tmp_path, mode, zero, bf16):

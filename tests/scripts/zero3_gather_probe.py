@@ -1,0 +1,40 @@
+"""Under ZeRO-3 (any launcher): dist.generation_model's one-all-gather weights equal DeepSpeed's
+GatheredParameters, the partitions come back on exit and training still runs. Used by test_ppo_runs.py."""
+
+import json
+import os
+import sys
+
+import torch
+
+from hybrid_ds.config import load_config
+from hybrid_ds.dist import init_dist
+from hybrid_ds.trainer import build_run, do_sft_step
+
+
+def main():
+    cfg = load_config(sys.argv[1], sys.argv[2:])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dist = init_dist(cfg, sft_micro=cfg.sft.batch // world, sft_accum=1)
+    run = build_run(cfg, dist, cfg.run.seed)
+    do_sft_step(run)  # the weights have moved off their initial values
+    module = run.engine.module
+    with dist.generation_model(run.engine) as lm:
+        ours = {k: v.detach().clone() for k, v in module.named_parameters()}
+        whole_lm = lm is module.lm and all(v.numel() > 0 for v in ours.values())
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters())):
+        theirs = {k: v.detach().clone() for k, v in module.named_parameters()}
+    partitioned = all(p.data.numel() == 0 for p in module.parameters())
+    loss = do_sft_step(run)["sft/loss"]  # hooks are back: the partitioned forward/backward runs
+    if dist.is_main:
+        print("PROBE " + json.dumps({
+            "whole_lm": whole_lm, "equal": sorted(ours) == sorted(theirs) and all(
+                torch.equal(ours[k], theirs[k]) for k in ours),
+            "partitioned_after": partitioned, "trains_after": loss == loss}))
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()
