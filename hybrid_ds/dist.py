@@ -213,8 +213,7 @@ class Dist:
         """Peak memory of every rank, ``mem/peak_rss_mb/rank{r}`` (host RSS) and on CUDA
         ``mem/peak_gpu_mb/rank{r}`` (allocator peak), and with ``engine`` the model state it holds,
         ``mem/params_mb/rank{r}``, ``mem/optim_mb/rank{r}`` and ``mem/buffers_mb/rank{r}``
-        (:func:`model_state_bytes`), gathered
-        in one all-reduce."""
+        (:func:`model_state_bytes`), gathered in one all-reduce."""
         mine = {"mem/peak_rss_mb": peak_rss_mb()}
         if engine is not None:
             mine.update({f"mem/{k}_mb": v / 2**20 for k, v in model_state_bytes(engine).items()})

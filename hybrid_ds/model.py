@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import weakref
 from typing import Optional
 
 import torch
@@ -52,18 +51,15 @@ class PolicyValue(nn.Module):
         return logits, values
 
 
+def supports_logits_to_keep(lm: nn.Module) -> bool:
+    """Whether the causal LM's forward (under a DeepSpeed engine's wrapper, if any) takes ``logits_to_keep``."""
+    return "logits_to_keep" in inspect.signature(getattr(lm, "module", lm).forward).parameters
+
+
 def logits_to_keep(lm: nn.Module, keep_last: int) -> dict:
     """``{"logits_to_keep": keep_last}`` where the causal LM's forward takes it (transformers' models
     do), else ``{}``: the caller slices full logits, which gives the same values."""
-    if not keep_last:
-        return {}
-    module = getattr(lm, "module", lm)  # a DeepSpeed engine wraps the model
-    if module not in _KEEPS:
-        _KEEPS[module] = "logits_to_keep" in inspect.signature(module.forward).parameters
-    return {"logits_to_keep": keep_last} if _KEEPS[module] else {}
-
-
-_KEEPS: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+    return {"logits_to_keep": keep_last} if keep_last and supports_logits_to_keep(lm) else {}
 
 
 def causal_lm_logits(lm: nn.Module, input_ids, attention_mask, position_ids=None, keep_last: int = 0):

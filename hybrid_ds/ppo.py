@@ -54,12 +54,12 @@ def sequence_inputs(query_ids, query_mask, response_ids, response_mask):
     return ids, att, pos
 
 
-def policy_response_outputs(model, ids, att, pos, T: int, with_values: bool = True):
+def policy_response_outputs(model, ids, att, pos, T: int):
     """The policy/value model's logits ``(B, T, V)`` and values ``(B, T)`` at the positions that predict
     the ``T`` response tokens (the last prompt token .. the second-to-last token); the LM head runs
     on those ``T + 1`` last positions only."""
-    logits, values = model(ids, att, position_ids=pos, with_values=with_values, keep_last=T + 1)
-    return logits[:, :T], (values[:, :T] if with_values else None)
+    logits, values = model(ids, att, position_ids=pos, with_values=True, keep_last=T + 1)
+    return logits[:, :T], values[:, :T]
 
 
 def lm_response_logprobs(lm, ids, att, pos, response_ids, temperature: float):
@@ -252,14 +252,12 @@ def ppo_epochs(run, ro: Rollout, ptx_examples: Optional[list[Example]]) -> dict:
 
 def ptx_loss(run, examples: list[Example]) -> torch.Tensor:
     """PPO-ptx: the SFT token-mean loss of this rank's labelled examples, scaled for rank averaging."""
-    from hybrid_ds.sft import labelled_tail, token_ce_sum
+    from hybrid_ds.sft import labelled_ce_sum
 
     b = collate_sft(examples, run.tokenizer.pad_token_id)
     n_tok = run.dist.all_reduce_sum(torch.tensor([float((b["labels"][:, 1:] != -100).sum())]))[0]
-    keep = labelled_tail(b["labels"])
-    b = {k: v.to(run.dist.device) for k, v in b.items()}
-    logits, _ = run.engine(b["input_ids"], b["attention_mask"], keep_last=keep)
-    return token_ce_sum(logits, b["labels"][:, -keep:]) * run.dist.world / n_tok.to(logits.device)
+    ce_sum, _ = labelled_ce_sum(run.engine, b, run.dist.device)
+    return ce_sum * run.dist.world / n_tok.to(ce_sum.device)
 
 
 # --------------------------------------------------------------------------------------

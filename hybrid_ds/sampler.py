@@ -68,13 +68,14 @@ float32 the rollout's own log-probs and values serve as PPO's old ones (``OLD_LO
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from hybrid_ds.model import logits_to_keep
 
 _NEG_INF = float("-inf")
 
@@ -207,10 +208,6 @@ def _make_cache(model, kind: str, capacity: int):
 
 # --------------------------------------------------------------------------------------
 # one decode step: the model's forward, or GPT-2's written against its weights
-
-
-def _supports_logits_to_keep(model) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def _uses_4d_bool_masks(model) -> bool:
@@ -502,7 +499,7 @@ def sample(model, input_ids: Tensor, attention_mask: Tensor, settings: SamplingS
     unfinished = alive[:, 0]
 
     # 1. prefill: the whole prompt, logits of its last position
-    keep = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
+    keep = logits_to_keep(model, 1)
     want_h = value_fn is not None
     out_v = torch.zeros(B, N, dtype=torch.float32, device=dev) if want_h else None
     first = model(input_ids=input_ids, attention_mask=attention_mask if padded else None, position_ids=pos,

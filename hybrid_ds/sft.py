@@ -32,6 +32,15 @@ def labelled_tail(labels: torch.Tensor) -> int:
     return labels.shape[1] - (int(cols[0]) if len(cols) else labels.shape[1] - 1)
 
 
+def labelled_ce_sum(engine, batch: dict, device, with_values: bool = False):
+    """Summed CE of one collated (CPU) SFT batch and, with ``with_values``, the values of the positions
+    it ran; the LM head runs on the labelled tail only (:func:`labelled_tail`)."""
+    keep = labelled_tail(batch["labels"])
+    b = {k: v.to(device) for k, v in batch.items()}
+    logits, values = engine(b["input_ids"], b["attention_mask"], with_values=with_values, keep_last=keep)
+    return token_ce_sum(logits, b["labels"][:, -keep:]), values
+
+
 def sft_step(engine, examples: list[Example], *, accum: int, lr: float, pad_id: int, dist,
              momentum: Optional[float] = None) -> dict[str, float]:
     """One SFT optimizer step on this rank's share of the global batch; metrics reduced across ranks.
@@ -50,11 +59,8 @@ def sft_step(engine, examples: list[Example], *, accum: int, lr: float, pad_id: 
     ce_total = torch.zeros((), device=dist.device)
     for i, b in enumerate(micros):
         boundary = i == len(micros) - 1
-        keep = labelled_tail(b["labels"])
-        b = {k: v.to(dist.device) for k, v in b.items()}
         with engine.no_sync(boundary):
-            logits, values = engine(b["input_ids"], b["attention_mask"], with_values=True, keep_last=keep)
-            ce_sum = token_ce_sum(logits, b["labels"][:, -keep:])
+            ce_sum, values = labelled_ce_sum(engine, b, dist.device, with_values=True)
             # 0 x values: every parameter takes part in the graph, so ZeRO sees a (zero) value-head
             # gradient rather than a missing one; the value head itself stays unchanged (lr 0).
             loss = ce_sum * dist.world / n_tokens + 0.0 * values.sum()
