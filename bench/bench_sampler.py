@@ -1,4 +1,4 @@
-"""Rollout generation: transformers' ``generate`` vs ``hybrid_ds.sampler.sample`` on the peers' work unit.
+"""Rollout generation: transformers' ``generate`` vs ``hybrid_ds.rollout.sampler.sample`` on the peers' work unit.
 
     OMP_NUM_THREADS=2 python bench/bench_sampler.py [--iters 20] [--bs 8] [--new 32] [--caches dynamic,static]
 
@@ -80,7 +80,7 @@ def main() -> None:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hybrid_ds.sampler import SamplingSettings, sample
+    from hybrid_ds.rollout.sampler import SamplingSettings, sample
 
     unit = work_unit()
     tok = AutoTokenizer.from_pretrained(unit / "bench-small")

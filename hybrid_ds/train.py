@@ -55,12 +55,12 @@ def main(argv=None) -> int:
 
 def describe_plan(cfg) -> str:
     """What the run would do, for --dry-run (loads tokenizer and data, no model weights)."""
-    from hybrid_ds.batching import BatchPlan
-    from hybrid_ds.checkpoint import describe_resume
+    from hybrid_ds.config.batch_plan import BatchPlan
+    from hybrid_ds.run.checkpoint import describe_resume
     from hybrid_ds.config import env_world_size
     from hybrid_ds.data import DataReport
-    from hybrid_ds.model import load_tokenizer
-    from hybrid_ds.trainer import plan_schedule, prepare_data
+    from hybrid_ds.models.policy_value import load_tokenizer
+    from hybrid_ds.run.loop import plan_schedule, prepare_data
 
     world = env_world_size()
     tok = load_tokenizer(cfg.run.tokenizer or cfg.run.model)
@@ -83,20 +83,20 @@ def describe_plan(cfg) -> str:
 
 
 def run(cfg, world: int) -> int:
-    from hybrid_ds import checkpoint as ckpt
-    from hybrid_ds.batching import BatchPlan
+    from hybrid_ds.run import checkpoint as ckpt
+    from hybrid_ds.config.batch_plan import BatchPlan
     from hybrid_ds.config import ConfigError
-    from hybrid_ds.dist import init_dist
-    from hybrid_ds.placement import Placement, setup_placement
-    from hybrid_ds.refproto import RefClient
-    from hybrid_ds.trainer import build_run, train, write_resolved_config
+    from hybrid_ds.engine.dist import init_dist
+    from hybrid_ds.engine.placement import Placement, setup_placement
+    from hybrid_ds.reference.protocol import RefClient
+    from hybrid_ds.run.loop import build_run, train, write_resolved_config
 
     # Reference ranks (REF_PLACEMENT=separate) split off before any default process group exists,
     # so Accelerate and DeepSpeed only ever see the policy ranks.
     placement = Placement.from_env(cfg.run.ref_placement, cfg.run.ref_ranks)
     bridge = setup_placement(placement, cfg.run.ref_timeout_s)
     if placement.role == "reference":
-        from hybrid_ds.trainer import serve_reference
+        from hybrid_ds.run.loop import serve_reference
 
         return serve_reference(cfg, placement, bridge)
     world = placement.policy_world

@@ -21,7 +21,7 @@ import torch
 
 from launch_utils import BIN, REPO, env, free_port, load_weights, max_rel_diff, metrics
 
-from hybrid_ds import checkpoint as ck
+from hybrid_ds.run import checkpoint as ck
 from hybrid_ds.config import ConfigError, load_config
 
 IGNORED = ("time", "time/", "perf/", "mem/")  # wall-clock and memory keys differ between runs
@@ -305,7 +305,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, zero):
 
     if zero == 3:  # merged weights from the sharded checkpoint, loaded by vanilla transformers
         exp = tmp_path / "exported"
-        p = subprocess.run([sys.executable, "-m", "hybrid_ds.checkpoint", "export",
+        p = subprocess.run([sys.executable, "-m", "hybrid_ds.run.checkpoint", "export",
                             str(b_out / "checkpoints" / "step-0000008"), str(exp)], cwd=REPO, env=env(),
                            capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]

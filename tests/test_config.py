@@ -39,7 +39,7 @@ def test_examples_validate(path, tmp_path):
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "ds_configs", "*.json"))))
 def test_ds_configs_load_and_fill(path, tmp_path, base_cfg):
-    from hybrid_ds.dist import fill_ds_config
+    from hybrid_ds.engine.dist import fill_ds_config
 
     base_cfg["DS_CONFIG"] = path
     cfg = load_config(write_json(tmp_path / "c.json", base_cfg))

@@ -3,7 +3,7 @@
 import pytest
 
 from hybrid_ds.config import build_config
-from hybrid_ds.curriculum import plan
+from hybrid_ds.run.curriculum import plan
 from launch_utils import launch, metrics
 
 

@@ -11,7 +11,7 @@ from hybrid_ds.data import (IGNORE_INDEX, BatchStream, DataError, DataReport, co
 
 @pytest.fixture(scope="module")
 def tok():
-    from hybrid_ds.model import load_tokenizer
+    from hybrid_ds.models.policy_value import load_tokenizer
 
     return load_tokenizer("builtin:tiny-gpt2")
 

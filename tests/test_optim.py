@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from hybrid_ds import optim as ho
+from hybrid_ds.optim import core as ho
 from hybrid_ds.config import build_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Tests of hybrid_ds.ppo_math against numbers computed by hand and against naive loops.
+"""Tests of hybrid_ds.algorithms.ppo_math against numbers computed by hand and against naive loops.
 
 Expected values are written as literals (worked out in the comments), not recomputed with the
 formula under test.
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hybrid_ds import ppo_math as pm
+from hybrid_ds.algorithms import ppo_math as pm
 
 T = torch.tensor
 

@@ -18,9 +18,9 @@ from datetime import timedelta
 import pytest
 import torch
 
-from hybrid_ds.placement import (Placement, connect_bridge, placement_problems, policy_world_size,
+from hybrid_ds.engine.placement import (Placement, connect_bridge, placement_problems, policy_world_size,
                                  setup_placement)
-from hybrid_ds.refproto import Request, RefClient, RefServer, merge_requests, model_logprob_fn
+from hybrid_ds.reference.protocol import Request, RefClient, RefServer, merge_requests, model_logprob_fn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "scripts", "refproto_worker.py")
@@ -97,13 +97,13 @@ def model():
 
 
 def local_logprobs(model, ro):
-    from hybrid_ds.ppo import forward_logprobs
+    from hybrid_ds.algorithms.ppo import forward_logprobs
 
     return forward_logprobs(model, ro, W.TEMPERATURE, 2, with_values=False)[0]
 
 
 def as_request(rank, ro):
-    from hybrid_ds.ppo import sequence_inputs
+    from hybrid_ds.algorithms.ppo import sequence_inputs
 
     ids, att, _ = sequence_inputs(ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask)
     return Request(rank, 1, ids, att, ro.query_ids.shape[1], ro.response_ids.shape[1], W.TEMPERATURE)
@@ -159,7 +159,7 @@ def run_layout(world, ref_ranks, policy_fn, server_fn, timeout_s=20.0):
 
 
 def ask(client, ro, blocking=True):
-    from hybrid_ds.ppo import sequence_inputs
+    from hybrid_ds.algorithms.ppo import sequence_inputs
 
     ids, att, _ = sequence_inputs(ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask)
     args = (ids, att, ro.query_ids.shape[1], ro.response_ids.shape[1], W.TEMPERATURE)

@@ -1,4 +1,4 @@
-"""hybrid_ds.sampler against transformers' ``generate`` on tiny random models built here.
+"""hybrid_ds.rollout.sampler against transformers' ``generate`` on tiny random models built here.
 
 Same seed -> same tokens as ``model.generate(do_sample=True, ...)`` for every processor setting;
 log-probs equal to a recomputed full forward; the candidate-only draw (``hf_rng=False``) checked
@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from hybrid_ds import ppo_math as pm
-from hybrid_ds.sampler import SampleOutput, SamplingSettings, _Gpt2Step, _make_cache, _Processors, sample
+from hybrid_ds.algorithms import ppo_math as pm
+from hybrid_ds.rollout.sampler import SampleOutput, SamplingSettings, _Gpt2Step, _make_cache, _Processors, sample
 
 V, EOS, PAD = 96, 1, 0
 

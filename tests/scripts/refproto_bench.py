@@ -19,8 +19,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from refproto_worker import TEMPERATURE, tiny_gpt2  # noqa: E402
 
-from hybrid_ds.placement import Placement, setup_placement  # noqa: E402
-from hybrid_ds.refproto import RefClient, RefServer, model_logprob_fn  # noqa: E402
+from hybrid_ds.engine.placement import Placement, setup_placement  # noqa: E402
+from hybrid_ds.reference.protocol import RefClient, RefServer, model_logprob_fn  # noqa: E402
 
 SHAPES = [(8, 128, 128), (32, 512, 512), (64, 1024, 1024)]  # (B, P, T) per policy rank
 REPS, REWARD_S = 30, 0.05

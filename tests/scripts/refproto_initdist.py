@@ -18,14 +18,14 @@ import time
 
 import torch
 
-from hybrid_ds.placement import Placement, setup_placement
-from hybrid_ds.refproto import RefClient, RefServer, model_logprob_fn
+from hybrid_ds.engine.placement import Placement, setup_placement
+from hybrid_ds.reference.protocol import RefClient, RefServer, model_logprob_fn
 
 MODEL, TEMPERATURE = "builtin:tiny-gpt2", 0.7
 
 
 def rollout(tok, rank, step, B=2):
-    from hybrid_ds.ppo import Rollout
+    from hybrid_ds.algorithms.ppo import Rollout
 
     g = torch.Generator().manual_seed(100 * rank + step)
     P, T, V = 6 + rank, 5 + step % 2, len(tok) - 1
@@ -38,7 +38,7 @@ def rollout(tok, rank, step, B=2):
 
 
 def reference_main(bridge):
-    from hybrid_ds.model import load_lm, load_tokenizer
+    from hybrid_ds.models.policy_value import load_lm, load_tokenizer
 
     ref = load_lm(MODEL, load_tokenizer(MODEL)).eval().requires_grad_(False)
     stats = RefServer(bridge, model_logprob_fn(ref, chunk=0)).serve()
@@ -49,10 +49,10 @@ def reference_main(bridge):
 
 def policy_main(bridge):
     from hybrid_ds.config import Config
-    from hybrid_ds.dist import init_dist
-    from hybrid_ds.model import PolicyValue, build_param_groups, load_lm, load_tokenizer
+    from hybrid_ds.engine.dist import init_dist
+    from hybrid_ds.models.policy_value import PolicyValue, build_param_groups, load_lm, load_tokenizer
     from hybrid_ds.optim import build_optimizer
-    from hybrid_ds.ppo import forward_logprobs, sequence_inputs
+    from hybrid_ds.algorithms.ppo import forward_logprobs, sequence_inputs
 
     tok = load_tokenizer(MODEL)
     local_ref = load_lm(MODEL, tok).eval()  # before init_dist: under ZeRO-3 later loads are partitioned

@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from hybrid_ds.placement import Placement, setup_placement
-from hybrid_ds.refproto import RefClient, RefServer, model_logprob_fn
+from hybrid_ds.engine.placement import Placement, setup_placement
+from hybrid_ds.reference.protocol import RefClient, RefServer, model_logprob_fn
 
 V = 96
 TEMPERATURE = 0.7
@@ -42,7 +42,7 @@ def tiny_gpt2(seed=0):
 
 def rollout(rank, step):
     """A rollout-shaped batch: left-padded prompts, responses masked after an EOS; shapes vary by rank."""
-    from hybrid_ds.ppo import Rollout
+    from hybrid_ds.algorithms.ppo import Rollout
 
     g = torch.Generator().manual_seed(1000 * rank + step)
     B, P, T = 3, 5 + (rank + step) % 3, 4 + rank % 2 + step % 2
@@ -99,7 +99,7 @@ def train_step(engine, rank, step):
 def policy(args, bridge, placement, model):
     import torch.distributed as td
 
-    from hybrid_ds.ppo import forward_logprobs, sequence_inputs
+    from hybrid_ds.algorithms.ppo import forward_logprobs, sequence_inputs
 
     P = placement.policy_world
     if args.zero3:

@@ -8,8 +8,8 @@ import sys
 import torch
 
 from hybrid_ds.config import load_config
-from hybrid_ds.dist import init_dist
-from hybrid_ds.trainer import build_run, do_sft_step
+from hybrid_ds.engine.dist import init_dist
+from hybrid_ds.run.loop import build_run, do_sft_step
 
 
 def main():

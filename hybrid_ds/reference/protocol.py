@@ -54,7 +54,7 @@ from typing import Callable, Optional
 
 import torch
 
-from hybrid_ds.placement import TAG_HEADER, TAG_PAYLOAD, Bridge, BridgeError
+from hybrid_ds.engine.placement import TAG_HEADER, TAG_PAYLOAD, Bridge, BridgeError
 
 REQUEST, SHUTDOWN, ABORT, RESULT, ERROR = 1, 2, 3, 4, 5
 _OP_NAMES = {REQUEST: "REQUEST", SHUTDOWN: "SHUTDOWN", ABORT: "ABORT", RESULT: "RESULT", ERROR: "ERROR"}
@@ -429,7 +429,7 @@ def model_logprob_fn(model: torch.nn.Module, *, chunk: int = 0,
                      device: Optional[torch.device] = None) -> ComputeFn:
     """A compute_fn running a causal LM exactly as the colocated reference does (``ppo.forward_logprobs``):
     positions from the mask, logits divided by the temperature, ``chunk`` rows per forward (0 = all)."""
-    from hybrid_ds.ppo import lm_response_logprobs, sequence_inputs
+    from hybrid_ds.algorithms.ppo import lm_response_logprobs, sequence_inputs
 
     dev = device if device is not None else next(model.parameters()).device
 

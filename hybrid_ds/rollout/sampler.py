@@ -38,7 +38,7 @@ The repetition penalty ignores the left padding as ``generate`` does in transfor
 
 Log-probs. ``logprobs[:, t]`` is ``log_softmax(raw_logits / temperature)`` at the chosen token,
 float32: the *unprocessed* policy at the sampling temperature, i.e. PPO's old log-prob
-(hybrid_ds.ppo_math.logprobs_from_logits). It equals a recomputed full-sequence forward on
+(hybrid_ds.algorithms.ppo_math.logprobs_from_logits). It equals a recomputed full-sequence forward on
 prompt + response (attention mask = prompt mask + response mask, position ids from that mask,
 model in eval mode so no dropout) to float32 rounding (~1e-6; the test asserts 1e-5) when the
 model runs in float32. In bf16/fp16 the cached decode and the full forward round differently
@@ -61,7 +61,7 @@ Integration: pass the bare HF causal LM in eval mode (``engine.module.lm``), ins
 ``dist.generation_model`` so that ZeRO-3 weights are gathered once for the whole call (no
 collective runs inside, so ranks may stop at different steps; left partitioned, GPT-2 falls
 back to the module forward and its hooks). Seed ``generator`` differently per rank.
-PPO (hybrid_ds.ppo.generate) runs it with ``hf_rng=False`` under ``SAMPLER: "lean"`` (the default)
+PPO (hybrid_ds.algorithms.ppo.generate) runs it with ``hf_rng=False`` under ``SAMPLER: "lean"`` (the default)
 and ``hf_rng=True`` under ``"lean_exact"``, and passes the value head as ``value_fn`` so that in
 float32 the rollout's own log-probs and values serve as PPO's old ones (``OLD_LOGPROBS``).
 """
@@ -75,7 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hybrid_ds.model import logits_to_keep
+from hybrid_ds.models.policy_value import logits_to_keep
 
 _NEG_INF = float("-inf")
 

@@ -13,9 +13,9 @@ from typing import Optional
 
 import torch
 
-from hybrid_ds import ppo_math as pm
+from hybrid_ds.algorithms import ppo_math as pm
 from hybrid_ds.data import Example, collate_prompts, collate_sft, micro_batches
-from hybrid_ds.model import causal_lm_logits
+from hybrid_ds.models.policy_value import causal_lm_logits
 
 
 @dataclass
@@ -92,7 +92,7 @@ def generate(run, examples: list[Example]) -> Rollout:
     logprobs = values = None
     with run.dist.generation_model(run.engine) as lm:
         if g.sampler.startswith("lean"):  # generate's distribution (lean_exact: its very tokens), test_sampler.py
-            from hybrid_ds.sampler import SamplingSettings, sample
+            from hybrid_ds.rollout.sampler import SamplingSettings, sample
 
             st = SamplingSettings.from_gen_config(g, tok.eos_token_id, tok.pad_token_id)
             v_head = run.engine.module.v_head  # whole here, also under ZeRO-3 (gathered with the LM)
@@ -252,7 +252,7 @@ def ppo_epochs(run, ro: Rollout, ptx_examples: Optional[list[Example]]) -> dict:
 
 def ptx_loss(run, examples: list[Example]) -> torch.Tensor:
     """PPO-ptx: the SFT token-mean loss of this rank's labelled examples, scaled for rank averaging."""
-    from hybrid_ds.sft import labelled_ce_sum
+    from hybrid_ds.algorithms.sft import labelled_ce_sum
 
     b = collate_sft(examples, run.tokenizer.pad_token_id)
     n_tok = run.dist.all_reduce_sum(torch.tensor([float((b["labels"][:, 1:] != -100).sum())]))[0]

@@ -736,7 +736,7 @@ def make_phase_schedules(cfg, sft_steps: int, ppo_steps: int) -> dict[str, Phase
 def optim_reference_markdown() -> str:
     """docs/optim.md, generated from OPTIMIZERS and SCHEDULERS."""
     lines = ["# Optimizers and learning-rate schedules", "",
-             "Generated from `hybrid_ds/optim.py` by `python -m hybrid_ds.optim --docs`; do not edit by hand.", "",
+             "Generated from `hybrid_ds/optim/` by `python -m hybrid_ds.optim --docs`; do not edit by hand.", "",
              "One optimizer serves both phases; SFT and PPO each have a schedule of their own (peaks LR_SFT and",
              "LR_PPO) that sets the learning rate of every parameter group before each optimizer step. Biases and",
              "norm weights are in groups with weight decay 0. Names are case-insensitive.", "",
@@ -766,9 +766,3 @@ def optim_reference_markdown() -> str:
     lines += ["", "Aliases: " + ", ".join(f"`{a}` = `{b}`" for a, b in SCHEDULER_ALIASES.items()) + ".", ""]
     return "\n".join(lines)
 
-
-if __name__ == "__main__":  # python -m hybrid_ds.optim --docs
-    if sys.argv[1:] == ["--docs"]:
-        sys.stdout.write(optim_reference_markdown())
-    else:
-        print("usage: python -m hybrid_ds.optim --docs")

@@ -187,7 +187,7 @@ class GenConfig:
                                     key="NO_REPEAT_NGRAM_SIZE", lo=0)
     repetition_penalty: float = opt(1.15, "CTRL repetition penalty; 1.0 disables.", key="REPETITION_PENALTY",
                                     lo=0.0, lo_open=True)
-    sampler: str = opt("lean", "Rollout sampler: lean (hybrid_ds.sampler: generate's distribution with less "
+    sampler: str = opt("lean", "Rollout sampler: lean (hybrid_ds.rollout.sampler: generate's distribution with less "
                                "per-step work, the draw restricted to the top-k candidates), lean_exact (the "
                                "same tokens as generate from the same seed) or hf (transformers generate).",
                        key="SAMPLER", choices=("lean", "lean_exact", "hf"))
@@ -468,7 +468,7 @@ def _check_bounds(key: str, value, meta) -> Optional[str]:
 def env_world_size() -> int:
     """Processes the launcher started, known before any process group exists (placement.py keeps it
     readable after the policy ranks' WORLD_SIZE is rewritten)."""
-    from hybrid_ds.placement import launch_world_size
+    from hybrid_ds.engine.placement import launch_world_size
 
     return launch_world_size()
 
@@ -506,7 +506,7 @@ def validate(cfg: Config, *, check_files: bool = True, world_size: Optional[int]
     if cfg.gen.min_new_tokens > cfg.gen.max_new_tokens:
         problems.append(f"MIN_NEW_TOKENS ({cfg.gen.min_new_tokens}) exceeds MAX_NEW_TOKENS "
                         f"({cfg.gen.max_new_tokens}).")
-    from hybrid_ds.placement import placement_problems, policy_world_size
+    from hybrid_ds.engine.placement import placement_problems, policy_world_size
 
     launched = world_size or env_world_size()
     place = placement_problems(cfg.run.ref_placement, cfg.run.ref_ranks, launched)
@@ -526,7 +526,7 @@ def validate(cfg: Config, *, check_files: bool = True, world_size: Optional[int]
 
 def batch_problems(cfg: Config, world: int) -> list[str]:
     """Batch sizes must split exactly into processes x accumulation x micro-batch."""
-    from hybrid_ds.batching import BatchPlan
+    from hybrid_ds.config.batch_plan import BatchPlan
 
     out = []
     uses_sft = cfg.run.mode in ("sft", "hybrid") or cfg.ppo.ptx_coef > 0
@@ -586,7 +586,7 @@ def _file_problems(cfg: Config) -> list[str]:
     if out_dir and os.path.exists(out_dir) and not os.path.isdir(out_dir):
         out.append(f"OUTPUT_DIR: {out_dir!r} exists and is not a directory.")
     else:  # a run already in OUTPUT_DIR: resumed, refused or moved aside per RESUME (checkpoint.py)
-        from hybrid_ds.checkpoint import resume_problems
+        from hybrid_ds.run.checkpoint import resume_problems
 
         out += resume_problems(cfg)
     if cfg.run.ds_config and not os.path.isfile(cfg.run.ds_config):
@@ -640,7 +640,7 @@ def config_reference_markdown() -> str:
     """The generated reference of every key (docs/config.md)."""
     types = _field_types()
     lines = ["# Configuration reference", "",
-             "Generated from `hybrid_ds/config.py` by `python -m hybrid_ds.config --docs`; do not edit by hand.",
+             "Generated from `hybrid_ds/config/` by `python -m hybrid_ds.config --docs`; do not edit by hand.",
              "", "One JSON object of these keys. Override any of them on the command line with `KEY=VALUE`",
              "(VALUE is parsed as JSON when it can be: `LR_SFT=1e-4`, `REWARD='{\"type\": \"bleu\"}'`).", ""]
     current = None
@@ -658,11 +658,3 @@ def config_reference_markdown() -> str:
     lines += ["", "Aliases: " + ", ".join(f"`{a}` = `{b}`" for a, b in ALIASES.items()) + ".", ""]
     return "\n".join(lines)
 
-
-if __name__ == "__main__":  # python -m hybrid_ds.config --docs
-    import sys
-
-    if sys.argv[1:] == ["--docs"]:
-        sys.stdout.write(config_reference_markdown())
-    else:
-        print("usage: python -m hybrid_ds.config --docs")

@@ -15,8 +15,8 @@ from typing import Any, Optional
 
 import torch
 
-from hybrid_ds.checkpoint import check_finite
-from hybrid_ds import curriculum
+from hybrid_ds.run.checkpoint import check_finite
+from hybrid_ds.run import curriculum
 from hybrid_ds.config import Config, ConfigError
 from hybrid_ds.data import BatchStream, DataReport, Example, load_items, rank_slice, tokenize_items
 
@@ -98,8 +98,8 @@ def prepare_data(cfg: Config, tokenizer, seed: int, report: Optional[DataReport]
 
 
 def build_run(cfg: Config, dist, seed: int, ref_client=None) -> Run:
-    from hybrid_ds.metrics import MetricsLogger
-    from hybrid_ds.model import PolicyValue, build_param_groups, load_lm, load_tokenizer
+    from hybrid_ds.run.metrics import MetricsLogger
+    from hybrid_ds.models.policy_value import PolicyValue, build_param_groups, load_lm, load_tokenizer
     from hybrid_ds.optim import build_optimizer, make_phase_schedules
 
     torch.manual_seed(seed + 1000 * dist.rank)  # per-rank seed: sampling differs across ranks
@@ -128,7 +128,7 @@ def build_run(cfg: Config, dist, seed: int, ref_client=None) -> Run:
 
     reward = kl_ctl = None
     if rl:
-        from hybrid_ds.ppo_math import make_kl_controller
+        from hybrid_ds.algorithms.ppo_math import make_kl_controller
         from hybrid_ds.rewards import make_reward
 
         reward = make_reward(cfg.reward, device=str(dist.device), all_reduce_sum=dist.all_reduce_sum)
@@ -148,8 +148,8 @@ def build_run(cfg: Config, dist, seed: int, ref_client=None) -> Run:
 def serve_reference(cfg: Config, placement, bridge) -> int:
     """Main loop of a reference rank (REF_PLACEMENT=separate): load the frozen reference, answer
     log-prob requests from its policy ranks until they all shut down, exit."""
-    from hybrid_ds.model import load_lm, load_tokenizer
-    from hybrid_ds.refproto import RefServer, model_logprob_fn
+    from hybrid_ds.models.policy_value import load_lm, load_tokenizer
+    from hybrid_ds.reference.protocol import RefServer, model_logprob_fn
 
     dev = torch.device("cuda", placement.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if dev.type == "cuda":
@@ -162,7 +162,7 @@ def serve_reference(cfg: Config, placement, bridge) -> int:
     with open(os.path.join(cfg.run.output_dir, f"reference-rank-{placement.rank}.pid"), "w") as f:
         f.write(str(os.getpid()))
     stats = RefServer(bridge, model_logprob_fn(ref, chunk=chunk, device=dev)).serve()
-    from hybrid_ds.dist import peak_rss_mb
+    from hybrid_ds.engine.dist import peak_rss_mb
 
     print(f"[hybrid_ds] reference rank {placement.rank}: served {stats.requests} requests, "
           f"peak_rss_mb {peak_rss_mb():.1f}", flush=True)
@@ -180,7 +180,7 @@ def _batch(run: Run, stream: BatchStream) -> list[Example]:
 
 
 def do_sft_step(run: Run) -> dict:
-    from hybrid_ds.sft import sft_step
+    from hybrid_ds.algorithms.sft import sft_step
 
     sched = run.schedules["sft"]
     m = sft_step(run.engine, _batch(run, run.sft_stream), accum=run.cfg.sft.grad_accum, lr=sched.lr,
@@ -192,7 +192,7 @@ def do_sft_step(run: Run) -> dict:
 
 
 def do_ppo_update(run: Run) -> dict:
-    from hybrid_ds.ppo import ppo_update
+    from hybrid_ds.algorithms.ppo import ppo_update
 
     ptx = _batch(run, run.sft_stream) if run.cfg.ppo.ptx_coef > 0 else None
     kl_before = run.kl_ctl.state_dict()
@@ -208,7 +208,7 @@ def train(run: Run) -> None:
     Every loop runs from the counters (restored on resume) to the plan's end; after each step
     ``at_boundary`` writes SAVE_EVERY checkpoints and, after SIGTERM/SIGINT, stops all ranks together.
     """
-    from hybrid_ds.checkpoint import at_boundary
+    from hybrid_ds.run.checkpoint import at_boundary
 
     cfg, plan, log, c = run.cfg, run.plan, run.logger, run.counters
     if cfg.run.mode == "sft":
@@ -264,7 +264,7 @@ def _log(run: Run, step: int, phase: str, metrics: dict, advance: bool = True) -
 
 def save_outputs(run: Run) -> None:
     """``inference_lm/`` (plain causal LM + tokenizer) and, for RL modes, ``ppo_full/`` (+ value head)."""
-    from hybrid_ds.model import save_policy_value
+    from hybrid_ds.models.policy_value import save_policy_value
 
     state = run.dist.full_state_dict(run.engine)  # collective under ZeRO-3: every rank calls it
     if run.dist.is_main:

@@ -1,0 +1,1 @@
+"""Training phases (SFT, PPO) as step functions, with their pure math beside them."""

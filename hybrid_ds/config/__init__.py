@@ -1,0 +1,27 @@
+"""The run's typed configuration: schema, loading (JSON + KEY=VALUE), validation, batch arithmetic."""
+
+from hybrid_ds.config.schema import (  # noqa: F401
+    opt,
+    ConfigError,
+    RunConfig,
+    DataConfig,
+    SFTConfig,
+    PPOConfig,
+    HybridConfig,
+    GenConfig,
+    OptimConfig,
+    SchedConfig,
+    Config,
+    SECTIONS,
+    ALIASES,
+    REWARD_KEY,
+    key_table,
+    parse_override,
+    load_config,
+    build_config,
+    env_world_size,
+    validate,
+    batch_problems,
+    model_problem,
+    config_reference_markdown,
+)

@@ -1,0 +1,1 @@
+"""The one distributed seam: process groups, Accelerate/DeepSpeed engines, collectives, placement."""
