@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from hybrid_ds.algorithms import ppo_math as pm
+from hybrid_ds.models import logprobs as lp
 
 T = torch.tensor
 
@@ -26,8 +27,10 @@ def close(actual, expected, atol=1e-6):
 # ------------------------------------------------------------------------------------------------
 # Module hygiene
 # ------------------------------------------------------------------------------------------------
-def test_module_imports_only_torch_and_stdlib_and_never_syncs():
-    source = Path(pm.__file__).read_text()
+@pytest.mark.parametrize("module, allowed", [(pm, set()), (lp, {"hybrid_ds.models.policy_value"})],
+                         ids=["ppo_math", "logprobs"])
+def test_module_imports_only_torch_and_stdlib_and_never_syncs(module, allowed):
+    source = Path(module.__file__).read_text()
     tree = ast.parse(source)
     imported = set()
     for node in ast.walk(tree):
@@ -35,7 +38,7 @@ def test_module_imports_only_torch_and_stdlib_and_never_syncs():
             imported.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module)
-    assert imported <= {"__future__", "math", "typing", "dataclasses", "torch"}, imported
+    assert imported <= {"__future__", "math", "typing", "dataclasses", "torch"} | allowed, imported
     host_syncs = {
         node.func.attr
         for node in ast.walk(tree)
@@ -179,41 +182,41 @@ def test_whiten_across_two_gloo_ranks_equals_single_process(tmp_path):
 def test_logprobs_by_hand():
     logits = T([[[0.0, 0.0], [0.0, math.log(3.0)]]])  # (1, 2, 2): p = [.5, .5], [.25, .75]
     tokens = T([[0, 1]])
-    close(pm.logprobs_from_logits(logits, tokens), [[-0.6931471805599453, -0.2876820724517809]])
+    close(lp.logprobs_from_logits(logits, tokens), [[-0.6931471805599453, -0.2876820724517809]])
     # temperature 2: second row becomes [0, ln sqrt3] -> p1 = sqrt3 / (1 + sqrt3)
-    out = pm.logprobs_from_logits(logits, tokens, temperature=2.0)
+    out = lp.logprobs_from_logits(logits, tokens, temperature=2.0)
     close(out, [[-0.6931471805599453, -0.45574639440832626]])
     with pytest.raises(ValueError):
-        pm.logprobs_from_logits(logits, tokens, temperature=0.0)
+        lp.logprobs_from_logits(logits, tokens, temperature=0.0)
 
 
 # block sizes: 40 elements -> 3 positions of V=11 per block (time split); 200 -> 18 positions,
 # i.e. 3 whole rows of T=6 per block (row split); default -> a single block
-@pytest.mark.parametrize("chunk", [40, 200, pm._CHUNK_ELEMENTS])
+@pytest.mark.parametrize("chunk", [40, 200, lp._CHUNK_ELEMENTS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_logprobs_match_log_softmax(dtype, temperature, chunk, monkeypatch):
-    monkeypatch.setattr(pm, "_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(lp, "_CHUNK_ELEMENTS", chunk)
     g = torch.Generator().manual_seed(3)
     full = (torch.randn(4, 6, 11, generator=g) * 4).to(dtype)
     logits = full[:, :-1]  # the usual non-contiguous shifted slice, (4, 5, 11)
     tokens = torch.randint(0, 11, (4, 5), generator=g)
     ref = torch.log_softmax(logits.float() / temperature, -1)
     ref = ref.gather(-1, tokens[..., None]).squeeze(-1)
-    out = pm.logprobs_from_logits(logits, tokens, temperature)
+    out = lp.logprobs_from_logits(logits, tokens, temperature)
     assert out.dtype == torch.float32 and out.shape == (4, 5)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_logprobs_gradient_matches_autograd(dtype, monkeypatch):
-    monkeypatch.setattr(pm, "_CHUNK_ELEMENTS", 40)
+    monkeypatch.setattr(lp, "_CHUNK_ELEMENTS", 40)
     g = torch.Generator().manual_seed(4)
     base = torch.randn(2, 5, 11, generator=g) * 3
     tokens = torch.randint(0, 11, (2, 4), generator=g)
     weights = torch.randn(2, 4, generator=g)
     ours = base.clone().to(dtype).requires_grad_(True)
-    (pm.logprobs_from_logits(ours[:, :-1], tokens, 0.7) * weights).sum().backward()
+    (lp.logprobs_from_logits(ours[:, :-1], tokens, 0.7) * weights).sum().backward()
     ref = base.clone().to(dtype).float().requires_grad_(True)
     picked = torch.log_softmax(ref[:, :-1] / 0.7, -1).gather(-1, tokens[..., None]).squeeze(-1)
     (picked * weights).sum().backward()
@@ -231,7 +234,7 @@ def test_logprobs_keep_no_fp32_copy_of_bf16_logits_for_backward():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = pm.logprobs_from_logits(logits, torch.zeros(2, 3, dtype=torch.long), 0.7)
+        out = lp.logprobs_from_logits(logits, torch.zeros(2, 3, dtype=torch.long), 0.7)
     assert (torch.float32, logits.numel()) not in saved, saved
     out.sum().backward()
     assert logits.grad.dtype == torch.bfloat16
@@ -240,19 +243,19 @@ def test_logprobs_keep_no_fp32_copy_of_bf16_logits_for_backward():
 def test_entropy_by_hand():
     # uniform over 4: ln 4; [.25, 0, .75] (a -inf logit): -(.25 ln .25 + .75 ln .75)
     logits = T([[[0.0, 0.0, 0.0, 0.0], [0.0, -math.inf, math.log(3.0), -math.inf]]])
-    close(pm.entropy_from_logits(logits), [[1.3862943611198906, 0.5623351446188083]])
+    close(lp.entropy_from_logits(logits), [[1.3862943611198906, 0.5623351446188083]])
 
 
-@pytest.mark.parametrize("chunk", [40, 200, pm._CHUNK_ELEMENTS])
+@pytest.mark.parametrize("chunk", [40, 200, lp._CHUNK_ELEMENTS])
 def test_entropy_matches_reference(chunk, monkeypatch):
-    monkeypatch.setattr(pm, "_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(lp, "_CHUNK_ELEMENTS", chunk)
     g = torch.Generator().manual_seed(5)
     logits = (torch.randn(4, 6, 11, generator=g) * 3).to(torch.bfloat16)[:, 1:]
     z = logits.float() / 0.7
     ref = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
-    torch.testing.assert_close(pm.entropy_from_logits(logits, 0.7), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lp.entropy_from_logits(logits, 0.7), ref, atol=1e-5, rtol=0)
     leaf = logits.float().requires_grad_(True)
-    pm.entropy_from_logits(leaf).sum().backward()  # differentiable (entropy bonus)
+    lp.entropy_from_logits(leaf).sum().backward()  # differentiable (entropy bonus)
     assert torch.isfinite(leaf.grad).all()
 
 

@@ -103,7 +103,7 @@ def local_logprobs(model, ro):
 
 
 def as_request(rank, ro):
-    from hybrid_ds.algorithms.ppo import sequence_inputs
+    from hybrid_ds.models.logprobs import sequence_inputs
 
     ids, att, _ = sequence_inputs(ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask)
     return Request(rank, 1, ids, att, ro.query_ids.shape[1], ro.response_ids.shape[1], W.TEMPERATURE)
@@ -159,7 +159,7 @@ def run_layout(world, ref_ranks, policy_fn, server_fn, timeout_s=20.0):
 
 
 def ask(client, ro, blocking=True):
-    from hybrid_ds.algorithms.ppo import sequence_inputs
+    from hybrid_ds.models.logprobs import sequence_inputs
 
     ids, att, _ = sequence_inputs(ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask)
     args = (ids, att, ro.query_ids.shape[1], ro.response_ids.shape[1], W.TEMPERATURE)

@@ -11,7 +11,10 @@ import pytest
 import torch
 
 from hybrid_ds.algorithms import ppo_math as pm
-from hybrid_ds.rollout.sampler import SampleOutput, SamplingSettings, _Gpt2Step, _make_cache, _Processors, sample
+from hybrid_ds.models import logprobs as lp
+from hybrid_ds.rollout.decode import Gpt2Step, make_cache
+from hybrid_ds.rollout.processors import Processors
+from hybrid_ds.rollout.sampler import SampleOutput, SamplingSettings, sample
 
 V, EOS, PAD = 96, 1, 0
 
@@ -163,13 +166,13 @@ def test_gpt2_step_logits_are_bit_identical_to_the_forward(gpt2, pads):
     toks = torch.randint(2, V, (B, 6))
     full = torch.cat([mask, torch.ones(B, 6, dtype=torch.long)], 1)
     pos = full.cumsum(-1) - 1
-    caches = [_make_cache(gpt2, "prealloc", P + 6) for _ in range(2)]
+    caches = [make_cache(gpt2, "prealloc", P + 6) for _ in range(2)]
     padded = bool((mask == 0).any())
     with torch.no_grad():
         for kv in caches:
             gpt2(input_ids=ids, attention_mask=mask if padded else None, past_key_values=kv, use_cache=True,
                  position_ids=pos[:, :P].clamp(min=0))
-        step = _Gpt2Step(gpt2, caches[1], full if padded else None)
+        step = Gpt2Step(gpt2, caches[1], full if padded else None)
         for t in range(6):
             n = P + t
             m = full.bool()[:, None, None, :n + 1] if padded else None
@@ -185,7 +188,7 @@ def test_fast_candidates_equal_generates_warpers():
     in every row it does not flag as ambiguous (ties, a mass within rounding of 1 - top_p)."""
     st = settings(temperature=0.7, top_k=40, top_p=0.9)
     ids = torch.full((64, 4), 5)
-    proc = _Processors(st, ids, torch.ones_like(ids), ids, 512, 0, True, None)
+    proc = Processors(st, ids, torch.ones_like(ids), ids, 512, 0, True, None)
     g = torch.Generator().manual_seed(0)
     rows = flagged = 0
     for trial in range(20):
@@ -221,7 +224,7 @@ def test_logprobs_and_values_equal_a_recomputed_forward(model_fn):
     with torch.no_grad():
         full = model(input_ids=seq, attention_mask=att, position_ids=pos, output_hidden_states=True)
         P = ids.shape[1]
-        ref = pm.logprobs_from_logits(full.logits[:, P - 1:-1], resp, st.temperature) * rmask
+        ref = lp.logprobs_from_logits(full.logits[:, P - 1:-1], resp, st.temperature) * rmask
         ref_v = v_head(full.hidden_states[-1][:, P - 1:-1]).squeeze(-1) * rmask
     torch.testing.assert_close(out.logprobs, ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.values, ref_v, atol=1e-5, rtol=0)

@@ -15,7 +15,8 @@ import torch
 
 from hybrid_ds.algorithms import ppo_math as pm
 from hybrid_ds.data import Example, collate_prompts, collate_sft, micro_batches
-from hybrid_ds.models.policy_value import causal_lm_logits
+from hybrid_ds.models.logprobs import (entropy_from_logits, lm_response_logprobs, logprobs_from_logits,
+                                       policy_response_outputs, sequence_inputs)
 
 
 @dataclass
@@ -41,32 +42,6 @@ class Rollout:
         """The tensors of rows ``idx`` (for minibatches)."""
         return {f.name: getattr(self, f.name)[idx] for f in fields(self)
                 if isinstance(getattr(self, f.name), torch.Tensor) and f.name != "ended"}
-
-
-def sequence_inputs(query_ids, query_mask, response_ids, response_mask):
-    """Prompt + response as one batch: ids, attention mask and position ids ``(B, P+T)``.
-
-    Positions come from the attention mask, so left padding does not shift them (RLHF_NOTES 3).
-    """
-    ids = torch.cat([query_ids, response_ids], 1)
-    att = torch.cat([query_mask, response_mask.long()], 1)
-    pos = (att.cumsum(1) - 1).clamp(min=0)
-    return ids, att, pos
-
-
-def policy_response_outputs(model, ids, att, pos, T: int):
-    """The policy/value model's logits ``(B, T, V)`` and values ``(B, T)`` at the positions that predict
-    the ``T`` response tokens (the last prompt token .. the second-to-last token); the LM head runs
-    on those ``T + 1`` last positions only."""
-    logits, values = model(ids, att, position_ids=pos, with_values=True, keep_last=T + 1)
-    return logits[:, :T], values[:, :T]
-
-
-def lm_response_logprobs(lm, ids, att, pos, response_ids, temperature: float):
-    """A plain causal LM's (the reference's) log-probs ``(B, T)`` of the response tokens."""
-    T = response_ids.shape[1]
-    logits = causal_lm_logits(lm, ids, att, pos, keep_last=T + 1)[:, :T]
-    return pm.logprobs_from_logits(logits, response_ids, temperature)
 
 
 # --------------------------------------------------------------------------------------
@@ -158,7 +133,7 @@ def forward_logprobs(model, ro: Rollout, temperature: float, chunk: int, with_va
         sl, resp = slice(s, s + chunk), ro.response_ids[s:s + chunk]
         if with_values:
             logits, v = policy_response_outputs(model, ids[sl], att[sl], pos[sl], T)
-            lps.append(pm.logprobs_from_logits(logits, resp, temperature))
+            lps.append(logprobs_from_logits(logits, resp, temperature))
             vals.append(v)
         else:
             lps.append(lm_response_logprobs(model, ids[sl], att[sl], pos[sl], resp, temperature))
@@ -223,13 +198,13 @@ def ppo_epochs(run, ro: Rollout, ptx_examples: Optional[list[Example]]) -> dict:
                 ids, att, pos = sequence_inputs(b["query_ids"], b["query_mask"], b["response_ids"],
                                                 b["response_mask"])
                 logits, values = policy_response_outputs(engine, ids, att, pos, T)
-                logp = pm.logprobs_from_logits(logits, b["response_ids"], cfg.gen.temperature)
+                logp = logprobs_from_logits(logits, b["response_ids"], cfg.gen.temperature)
                 m, n = b["response_mask"], global_tokens[step_i]
                 pg, pg_stats = pm.policy_loss(logp, b["logprobs"], b["advantages"], m, c.clip_range, num_tokens=n)
                 vf, vf_stats = pm.value_loss(values, b["values"], b["returns"], m, c.clip_range_value, num_tokens=n)
                 loss = pg + c.vf_coef * vf
                 if c.entropy_coef > 0:
-                    ent = pm.masked_sum(pm.entropy_from_logits(logits, cfg.gen.temperature), m) / n
+                    ent = pm.masked_sum(entropy_from_logits(logits, cfg.gen.temperature), m) / n
                     loss = loss - c.entropy_coef * ent
                 guard = pm.ratio_guard(logp.detach(), b["logprobs"], m, c.ratio_guard)
                 loss = loss * (~guard).float()  # an exploding micro-batch contributes no gradient

@@ -54,6 +54,7 @@ from typing import Callable, Optional
 
 import torch
 
+from hybrid_ds.models.logprobs import lm_response_logprobs, sequence_inputs
 from hybrid_ds.engine.placement import TAG_HEADER, TAG_PAYLOAD, Bridge, BridgeError
 
 REQUEST, SHUTDOWN, ABORT, RESULT, ERROR = 1, 2, 3, 4, 5
@@ -122,7 +123,7 @@ class RefClient:
         """Reference log-probs ``(B, T)`` float32 of the response tokens ``input_ids[:, P:]``.
 
         ``input_ids``/``attention_mask``: ``(B, P+T)`` prompt (left-padded) + response, as built
-        by ``ppo.sequence_inputs``; ``response_start`` = P, ``response_len`` = T. Blocking.
+        by ``models.logprobs.sequence_inputs``; ``response_start`` = P, ``response_len`` = T. Blocking.
         """
         return self.request(input_ids, attention_mask, response_start, response_len, temperature).wait()
 
@@ -427,9 +428,8 @@ class RefServer:
 
 def model_logprob_fn(model: torch.nn.Module, *, chunk: int = 0,
                      device: Optional[torch.device] = None) -> ComputeFn:
-    """A compute_fn running a causal LM exactly as the colocated reference does (``ppo.forward_logprobs``):
+    """A compute_fn running a causal LM exactly as the colocated reference does (``algorithms.ppo.forward_logprobs``):
     positions from the mask, logits divided by the temperature, ``chunk`` rows per forward (0 = all)."""
-    from hybrid_ds.algorithms.ppo import lm_response_logprobs, sequence_inputs
 
     dev = device if device is not None else next(model.parameters()).device
 

@@ -52,7 +52,8 @@ def policy_main(bridge):
     from hybrid_ds.engine.dist import init_dist
     from hybrid_ds.models.policy_value import PolicyValue, build_param_groups, load_lm, load_tokenizer
     from hybrid_ds.optim import build_optimizer
-    from hybrid_ds.algorithms.ppo import forward_logprobs, sequence_inputs
+    from hybrid_ds.algorithms.ppo import forward_logprobs
+    from hybrid_ds.models.logprobs import sequence_inputs
 
     tok = load_tokenizer(MODEL)
     local_ref = load_lm(MODEL, tok).eval()  # before init_dist: under ZeRO-3 later loads are partitioned

@@ -99,7 +99,8 @@ def train_step(engine, rank, step):
 def policy(args, bridge, placement, model):
     import torch.distributed as td
 
-    from hybrid_ds.algorithms.ppo import forward_logprobs, sequence_inputs
+    from hybrid_ds.algorithms.ppo import forward_logprobs
+    from hybrid_ds.models.logprobs import sequence_inputs
 
     P = placement.policy_world
     if args.zero3:

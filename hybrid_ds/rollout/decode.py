@@ -1,0 +1,172 @@
+"""One decode step of the lean sampler, and the KV cache it writes into.
+
+:func:`make_cache` gives a cache whose buffers are allocated once for the whole response;
+:func:`hf_step` runs any transformers causal LM for one step, :class:`Gpt2Step` runs GPT-2 against its
+own weights with fewer kernels (the same arithmetic, tests/test_sampler.py). Used by
+:func:`hybrid_ds.rollout.sampler.sample`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hybrid_ds.rollout.settings import NEG_INF
+
+# --------------------------------------------------------------------------------------
+# KV cache with buffers allocated once
+
+
+_LAYER_CLASS = None
+
+
+def _preallocated_cache(capacity: int):
+    """A transformers ``Cache`` whose layers write into ``capacity``-long buffers and return views.
+
+    ``DynamicCache`` concatenates the whole cache anew at every step (O(length) copies and an
+    allocation per layer per step); this writes one position in place. The views keep the
+    attended length equal to the tokens seen, as with ``DynamicCache``, so attention runs on the
+    same shapes and masks as in ``generate``.
+    """
+    global _LAYER_CLASS
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    if _LAYER_CLASS is None:
+        class PreallocatedLayer(DynamicLayer):  # keeps its own state: the base class differs across versions
+            def __init__(self, capacity: int):
+                super().__init__()
+                self.capacity, self.length, self.is_initialized = capacity, 0, False
+
+            def lazy_initialization(self, key_states, value_states=None):
+                value_states = key_states if value_states is None else value_states
+                self.dtype, self.device = key_states.dtype, key_states.device
+                b, h, _, dk = key_states.shape
+                self._k = key_states.new_empty(b, h, self.capacity, dk)
+                self._v = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
+                self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
+                self.is_initialized = True
+
+            def update(self, key_states, value_states, *args, **kwargs):
+                if not self.is_initialized:
+                    self.lazy_initialization(key_states, value_states)
+                start, self.length = self.length, self.length + key_states.shape[-2]
+                self._k[:, :, start:self.length] = key_states
+                self._v[:, :, start:self.length] = value_states
+                self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+                return self.keys, self.values
+
+            def get_seq_length(self, *args) -> int:
+                return self.length
+
+        _LAYER_CLASS = PreallocatedLayer
+    return Cache(layer_class_to_replicate=lambda: _LAYER_CLASS(capacity))
+
+
+def make_cache(model, kind: str, capacity: int):
+    if kind == "prealloc":
+        return _preallocated_cache(capacity)
+    if kind == "static":
+        from transformers import StaticCache
+        return StaticCache(config=model.config, max_cache_len=capacity)
+    from transformers import DynamicCache
+    return DynamicCache()
+
+
+# --------------------------------------------------------------------------------------
+# one decode step: the model's forward, or GPT-2's written against its weights
+
+
+def uses_4d_bool_masks(model) -> bool:
+    """Whether a prebuilt boolean ``(B, 1, 1, kv)`` mask is what the model's attention consumes.
+
+    True for SDPA attention without sliding-window layers; otherwise the model builds its masks
+    itself from the 2D mask every step (slower, always right).
+    """
+    cfg = model.config
+    sliding = getattr(cfg, "sliding_window", None) or any(
+        "sliding" in str(t) for t in (getattr(cfg, "layer_types", None) or ()))
+    return getattr(cfg, "_attn_implementation", None) == "sdpa" and not sliding
+
+
+def hf_step(model, kv, full_mask: Optional[Tensor], static: bool = False, hidden: bool = False):
+    """``step(tok (B,), pos (B, 1), n) -> (logits (B, V), final hidden state (B, C) or None)`` through
+    the model's own forward (``hidden``: ask it for its hidden states).
+
+    ``full_mask`` ``(B, L)``: the attention mask of prompt + all new tokens, None if there is no
+    padding (``generate`` then drops the mask too). It is passed as the prebuilt 4D boolean
+    mask where the model's attention takes one, as the 2D mask otherwise; ``static``: for
+    transformers' StaticCache, which attends over all ``L`` slots, written or not.
+    """
+    if static:
+        slots = torch.arange(full_mask.shape[1], device=full_mask.device)
+        masks = full_mask.bool()[:, None, None, :]
+    elif full_mask is not None and uses_4d_bool_masks(model):
+        full_mask = full_mask.bool()[:, None, None, :]  # (B, 1, 1, L), sliced to the cache length
+
+    def step(tok, pos, n):
+        if static:
+            mask = masks & (slots <= n)
+        else:
+            mask = None if full_mask is None else full_mask[..., :n + 1]
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, past_key_values=kv,
+                    use_cache=True, output_hidden_states=hidden)
+        return out.logits[:, -1], (out.hidden_states[-1][:, -1] if hidden else None)
+    return step
+
+
+class Gpt2Step:
+    """One GPT-2 decode step computed from the model's own modules' weights, for the preallocated cache.
+
+    The ops, their order and their shapes are those of transformers' GPT-2 forward with SDPA
+    attention (``addmm`` of each Conv1D, ``layer_norm``, SDPA with the layer's scaling, the
+    model's activation module), so the logits are bit-identical to the model's forward (the
+    tests check it). What goes is the per-step cost around them: ~50 module calls, the mask and
+    cache plumbing and the output objects (about a quarter of a decode step of a 4-layer,
+    256-wide model on CPU), and SDPA's conversion of a boolean mask: the additive float mask it
+    would build is built once. It writes the cache layers' buffers directly (their ``keys`` views
+    and lengths are left as the prefill set them). Used only where :meth:`supports` holds; any
+    other model decodes through its forward.
+    """
+
+    @staticmethod
+    def supports(model) -> bool:
+        cfg = model.config
+        return (type(model).__name__ == "GPT2LMHeadModel" and not model.training
+                and getattr(cfg, "_attn_implementation", None) == "sdpa" and not cfg.add_cross_attention
+                and all(hasattr(blk.attn, "scaling") for blk in model.transformer.h)  # transformers >= 5
+                # ZeRO-3 partitions left in place (not gathered): only the module hooks can fetch them
+                and all(p.numel() > 0 for p in model.parameters()))
+
+    def __init__(self, model, kv, full_mask: Optional[Tensor]):
+        tr = model.transformer
+        self.wte, self.wpe, self.ln_f, self.head = tr.wte, tr.wpe, tr.ln_f, model.lm_head
+        self.blocks = [(blk.ln_1, blk.attn, blk.ln_2, blk.mlp, layer) for blk, layer in zip(tr.h, kv.layers)]
+        self.mask = None if full_mask is None else torch.zeros(
+            full_mask.shape, dtype=tr.wte.weight.dtype, device=full_mask.device).masked_fill_(
+            full_mask == 0, NEG_INF)[:, None, None, :]  # (B, 1, 1, L)
+
+    @staticmethod
+    def _conv1d(conv, x):  # transformers' Conv1D: x @ W + b with W stored (in, out)
+        return torch.addmm(conv.bias, x, conv.weight)
+
+    @staticmethod
+    def _norm(ln, x):
+        return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+
+    def __call__(self, tok, pos, n):
+        B = tok.shape[0]
+        mask = None if self.mask is None else self.mask[..., :n + 1]
+        h = F.embedding(tok, self.wte.weight) + F.embedding(pos[:, 0], self.wpe.weight)  # (B, C)
+        for ln_1, attn, ln_2, mlp, layer in self.blocks:
+            q, k, v = self._conv1d(attn.c_attn, self._norm(ln_1, h)).split(attn.split_size, dim=1)
+            layer._k[:, :, n] = k.view(B, -1, attn.head_dim)
+            layer._v[:, :, n] = v.view(B, -1, attn.head_dim)
+            o = F.scaled_dot_product_attention(q.view(B, -1, 1, attn.head_dim), layer._k[:, :, :n + 1],
+                                               layer._v[:, :, :n + 1], attn_mask=mask, scale=attn.scaling)
+            h = self._conv1d(attn.c_proj, o.view(B, -1)) + h
+            h = h + self._conv1d(mlp.c_proj, mlp.act.forward(self._conv1d(mlp.c_fc, self._norm(ln_2, h))))
+        h = self._norm(self.ln_f, h)  # the final hidden state (hidden_states[-1] of the forward)
+        return F.linear(h, self.head.weight, self.head.bias), h
