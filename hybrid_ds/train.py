@@ -60,7 +60,8 @@ def describe_plan(cfg) -> str:
     from hybrid_ds.config import env_world_size
     from hybrid_ds.data import DataReport
     from hybrid_ds.models.policy_value import load_tokenizer
-    from hybrid_ds.run.loop import plan_schedule, prepare_data
+    from hybrid_ds.run.schedule import plan_schedule
+    from hybrid_ds.run.setup import prepare_data
 
     world = env_world_size()
     tok = load_tokenizer(cfg.run.tokenizer or cfg.run.model)
@@ -89,14 +90,17 @@ def run(cfg, world: int) -> int:
     from hybrid_ds.engine.dist import init_dist
     from hybrid_ds.engine.placement import Placement, setup_placement
     from hybrid_ds.reference.protocol import RefClient
-    from hybrid_ds.run.loop import build_run, train, write_resolved_config
+    from hybrid_ds.run.faults import NonFiniteLossError
+    from hybrid_ds.run.loop import train
+    from hybrid_ds.run.outputs import write_resolved_config
+    from hybrid_ds.run.setup import build_run
 
     # Reference ranks (REF_PLACEMENT=separate) split off before any default process group exists,
     # so Accelerate and DeepSpeed only ever see the policy ranks.
     placement = Placement.from_env(cfg.run.ref_placement, cfg.run.ref_ranks)
     bridge = setup_placement(placement, cfg.run.ref_timeout_s)
     if placement.role == "reference":
-        from hybrid_ds.run.loop import serve_reference
+        from hybrid_ds.reference.serve import serve_reference
 
         return serve_reference(cfg, placement, bridge)
     world = placement.policy_world
@@ -120,7 +124,7 @@ def run(cfg, world: int) -> int:
         r.logger.close()
         if dist.is_main and completed:
             print(f"[hybrid_ds] done: outputs in {cfg.run.output_dir}")
-    except (ckpt.CheckpointError, ckpt.NonFiniteLossError) as e:
+    except (ckpt.CheckpointError, NonFiniteLossError) as e:
         print(f"hybrid_ds: {e}", file=sys.stderr, flush=True)
         return 1
     except ConfigError as e:  # found only once the data is known (e.g. warm-up longer than the run)

@@ -7,13 +7,14 @@ distributed goes through ``run.dist`` (dist.py).
 
 from __future__ import annotations
 
-import time
+import math
 from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
 
 from hybrid_ds.algorithms import ppo_math as pm
+from hybrid_ds.algorithms.context import NextBatch, PhaseContext, PhaseTimer
 from hybrid_ds.data import Example, collate_prompts, collate_sft, micro_batches
 from hybrid_ds.models.logprobs import (entropy_from_logits, lm_response_logprobs, logprobs_from_logits,
                                        policy_response_outputs, sequence_inputs)
@@ -49,7 +50,7 @@ class Rollout:
 
 
 @torch.no_grad()
-def generate(run, examples: list[Example]) -> Rollout:
+def generate(run: PhaseContext, examples: list[Example]) -> Rollout:
     """Sample one response per prompt with the config's sampling settings, stopping at EOS."""
     cfg, tok, dev = run.cfg, run.tokenizer, run.dist.device
     max_prompt = max(1, cfg.data.maxseq - cfg.gen.max_new_tokens)
@@ -63,7 +64,7 @@ def generate(run, examples: list[Example]) -> Rollout:
     run.engine.eval()
     # Sampling draws from a seed of (SEED, rank, update), not from whatever state model loading or
     # earlier phases left in the global RNG: placements and resumed runs sample the same tokens.
-    torch.manual_seed(run.seed_for("rollout", run.counters["ppo_update"]))
+    torch.manual_seed(run.seed_for("rollout", run.counters.ppo_update))
     logprobs = values = None
     with run.dist.generation_model(run.engine) as lm:
         if g.sampler.startswith("lean"):  # generate's distribution (lean_exact: its very tokens), test_sampler.py
@@ -89,7 +90,7 @@ def generate(run, examples: list[Example]) -> Rollout:
     return Rollout(q_ids, q_mask, resp, mask, ended, texts, logprobs=logprobs, values=values)
 
 
-def old_from_rollout(run) -> bool:
+def old_from_rollout(run: PhaseContext) -> bool:
     """Whether PPO's old log-probs and values are the sampler's own (OLD_LOGPROBS, config.py).
 
     They are the same model on the same tokens, computed through the KV cache instead of one
@@ -106,7 +107,7 @@ def old_from_rollout(run) -> bool:
 # 2. score
 
 
-def score(run, ro: Rollout, examples: list[Example]) -> None:
+def score(run: PhaseContext, ro: Rollout, examples: list[Example]) -> None:
     """Task scores ``(B,)`` from the reward on (response, target, prompt, item) for the whole batch."""
     s = run.reward.score_batch(ro.texts, [e.target for e in examples], [e.prompt for e in examples],
                                [e.item for e in examples])
@@ -140,7 +141,7 @@ def forward_logprobs(model, ro: Rollout, temperature: float, chunk: int, with_va
     return torch.cat(lps), (torch.cat(vals) if with_values else None)
 
 
-def request_reference(run, ro: Rollout):
+def request_reference(run: PhaseContext, ro: Rollout):
     """Send the rollout's ids and masks to this rank's reference rank; ``.wait()`` gives ``(B, T)`` fp32."""
     ids, att, _ = sequence_inputs(ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask)
     return run.ref_client.request(ids, att, ro.query_ids.shape[1], ro.response_ids.shape[1],
@@ -151,7 +152,7 @@ def request_reference(run, ro: Rollout):
 # 4. advantages
 
 
-def compute_advantages(run, ro: Rollout) -> None:
+def compute_advantages(run: PhaseContext, ro: Rollout) -> None:
     """KL-shaped rewards, GAE, and advantages whitened with statistics of all ranks."""
     c, m = run.cfg.ppo, ro.response_mask
     ro.rewards, ro.kl = pm.shape_rewards(ro.scores, ro.logprobs, ro.ref_logprobs, m, run.kl_ctl.value,
@@ -169,7 +170,7 @@ def compute_advantages(run, ro: Rollout) -> None:
 # 5. PPO epochs
 
 
-def ppo_epochs(run, ro: Rollout, ptx_examples: Optional[list[Example]]) -> dict:
+def ppo_epochs(run: PhaseContext, ro: Rollout, ptx_examples: Optional[list[Example]]) -> dict:
     """PPO_EPOCHS passes, each reshuffled into minibatches x accumulation; one optimizer step per minibatch.
 
     Each micro-batch's loss is a token sum divided by the minibatch's global token count (one
@@ -178,9 +179,9 @@ def ppo_epochs(run, ro: Rollout, ptx_examples: Optional[list[Example]]) -> dict:
     cfg, dist, engine = run.cfg, run.dist, run.engine
     c = cfg.ppo
     B = ro.response_ids.shape[0]
-    n_mini = c.batch // cfg.ppo_mini  # minibatches per epoch (same on every rank)
+    n_mini = run.batches.ppo.minibatches  # per epoch, the same on every rank
     per_mini = B // n_mini
-    gen = torch.Generator().manual_seed(run.seed_for("ppo_perm", run.counters["ppo_update"]))
+    gen = torch.Generator().manual_seed(run.seed_for("ppo_perm", run.counters.ppo_update))
     perms = [torch.randperm(B, generator=gen) for _ in range(c.epochs)]
     minis = [p[k * per_mini:(k + 1) * per_mini] for p in perms for k in range(n_mini)]
     local_tokens = torch.stack([ro.response_mask[idx].sum() for idx in minis]).double()
@@ -225,7 +226,7 @@ def ppo_epochs(run, ro: Rollout, ptx_examples: Optional[list[Example]]) -> dict:
     return out
 
 
-def ptx_loss(run, examples: list[Example]) -> torch.Tensor:
+def ptx_loss(run: PhaseContext, examples: list[Example]) -> torch.Tensor:
     """PPO-ptx: the SFT token-mean loss of this rank's labelled examples, scaled for rank averaging."""
     from hybrid_ds.algorithms.sft import labelled_ce_sum
 
@@ -239,57 +240,56 @@ def ptx_loss(run, examples: list[Example]) -> torch.Tensor:
 # the update
 
 
-def ppo_update(run, examples: list[Example], ptx_examples: Optional[list[Example]] = None) -> dict:
+def ppo_update(run: PhaseContext, examples: list[Example], ptx_examples: Optional[list[Example]] = None) -> dict:
     """One PPO update on this rank's prompts; returns metrics reduced across ranks.
 
     1. generate  2. score  3. reference and old log-probs/values  4. advantages  5. PPO epochs
-    6. adapt the KL coefficient
+    6. adapt the KL coefficient (only after a finite update: a skipped one teaches it nothing)
     """
-    cfg, dist = run.cfg, run.dist
-    t = {"start": time.perf_counter()}
+    cfg, dist, chunk, timer = run.cfg, run.dist, run.batches.ppo.forward_chunk, PhaseTimer()
     # 1. rollout
     ro = generate(run, examples)
-    t["rollout"] = time.perf_counter()
+    timer.mark("rollout")
     # (separate reference ranks start on the reference log-probs now, while this rank scores)
     pending = request_reference(run, ro) if run.ref_client is not None else None
     # 2. task scores
     score(run, ro, examples)
-    t["scoring"] = time.perf_counter()
+    timer.mark("scoring")
     # 3. reference log-probs, then old policy log-probs and values (no dropout, no grad)
-    chunk = max(1, cfg.ppo_mini // (dist.world * cfg.ppo.grad_accum))
     if pending is None:
         ro.ref_logprobs, _ = forward_logprobs(run.ref, ro, cfg.gen.temperature, chunk, with_values=False)
-    t["reference"] = time.perf_counter()
+    timer.mark("reference")
     if ro.logprobs is None:  # not the sampler's own (OLD_LOGPROBS)
         ro.logprobs, ro.values = forward_logprobs(run.engine, ro, cfg.gen.temperature, chunk, with_values=True)
     if pending is not None:
         ro.ref_logprobs = pending.wait().to(ro.logprobs.device)
-    t["old_logprobs"] = time.perf_counter()
+    timer.mark("old_logprobs")
     # 4. advantages
     compute_advantages(run, ro)
     # 5. PPO epochs
-    sched = run.schedules["ppo"]
     m = ppo_epochs(run, ro, ptx_examples)
-    t["update"] = time.perf_counter()
+    timer.mark("update")
     # 6. KL controller, on the global mean KL per sequence
-    metrics = rollout_metrics(run, ro)
-    metrics = {**dist.mean_metrics({**metrics, **m}), **dist.memory_metrics(run.engine)}
-    run.kl_ctl.update(metrics["objective/kl"], cfg.ppo.batch)
-    phases = ["rollout", "scoring", "reference", "old_logprobs", "update"]
-    prev = t["start"]
-    for name in phases:
-        metrics[f"time/{name}_s"] = t[name] - prev
-        prev = t[name]
+    metrics = {**dist.mean_metrics({**rollout_metrics(run, ro), **m}), **dist.memory_metrics(run.engine)}
+    if all(math.isfinite(metrics[k]) for k in ("ppo/loss/policy", "ppo/loss/value")):
+        run.kl_ctl.update(metrics["objective/kl"], cfg.ppo.batch)
+    metrics.update(timer.metrics())
     gen_tokens = metrics["ppo/response_len"] * cfg.ppo.batch
     metrics["perf/rollout_tokens_per_s"] = gen_tokens / max(metrics["time/rollout_s"], 1e-9)
-    metrics["perf/ppo_update_s"] = t["update"] - t["start"]
-    metrics["perf/ppo_samples_per_s"] = cfg.ppo.batch / metrics["perf/ppo_update_s"]
-    metrics["ppo/lr"] = sched.lr
+    metrics["perf/ppo_update_s"] = timer.total
+    metrics["perf/ppo_samples_per_s"] = cfg.ppo.batch / timer.total
+    metrics["ppo/lr"] = run.schedules["ppo"].lr
     metrics["objective/kl_coef"] = run.kl_ctl.value
     return metrics
 
 
-def rollout_metrics(run, ro: Rollout) -> dict[str, float]:
+def run_update(ctx: PhaseContext, next_batch: NextBatch) -> dict[str, float]:
+    """The PPO phase's step for the loop: the next prompts (and, for PPO-ptx, the next SFT batch)."""
+    ptx = next_batch("sft") if ctx.cfg.ppo.ptx_coef > 0 else None
+    return ppo_update(ctx, next_batch("ppo"), ptx_examples=ptx)
+
+
+def rollout_metrics(run: PhaseContext, ro: Rollout) -> dict[str, float]:
     """Per-rank means of what the rollout produced (reduced by the caller)."""
     m = ro.response_mask
     lengths = m.sum(1)

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from hybrid_ds.algorithms.context import NextBatch, PhaseContext
 from hybrid_ds.data import IGNORE_INDEX, Example, collate_sft, micro_batches
 
 
@@ -72,3 +73,12 @@ def sft_step(engine, examples: list[Example], *, accum: int, lr: float, pad_id: 
     dt = time.perf_counter() - t0
     return {"sft/loss": loss, "sft/lr": lr, "sft/grad_norm": grad_norm if grad_norm is not None else float("nan"),
             "sft/tokens": n_tokens, "perf/sft_tokens_per_s": n_tokens / dt, "time/sft_s": dt}
+
+
+def run_step(ctx: PhaseContext, next_batch: NextBatch) -> dict[str, float]:
+    """The SFT phase's step for the loop: the next batch, the scheduled rates, one optimizer step."""
+    sched = ctx.schedules["sft"]
+    m = sft_step(ctx.engine, next_batch("sft"), accum=ctx.batches.sft.accum, lr=sched.lr,
+                 pad_id=ctx.tokenizer.pad_token_id, dist=ctx.dist, momentum=sched.momentum)
+    sched.step(m.get(ctx.cfg.sched.plateau_metric or "sft/loss"))
+    return m

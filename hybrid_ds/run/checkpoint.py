@@ -42,6 +42,9 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from hybrid_ds.engine.signals import Guard
+from hybrid_ds.run.outputs import save_outputs, write_resolved_config
+
 CHECKPOINTS, LATEST, COMPLETE = "checkpoints", "latest", "COMPLETE"
 STATE_FILE, CONFIG_FILE, ENGINE_TAG = "trainer_state.json", "config.json", "engine"
 _NAME = re.compile(r"^(warmup|step)-(\d{7,})$")
@@ -52,10 +55,6 @@ SAFE_KEYS = frozenset({"EPOCHS", "MAX_STEPS", "SAVE_EVERY", "KEEP_LAST", "LOG_EV
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written, or a run cannot be resumed from one."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """MAX_NAN_STEPS non-finite losses in a row."""
 
 
 def _log(msg: str) -> None:
@@ -69,15 +68,15 @@ def _log(msg: str) -> None:
 def checkpoint_name(run) -> str:
     """``step-N`` with N = cycles (hybrid), SFT steps (sft) or PPO updates (ppo); ``warmup-N`` in the warm-up."""
     c, mode = run.counters, run.cfg.run.mode
-    if mode == "hybrid" and c["cycle"] == 0 and run.cfg.hybrid.sft_warmup_steps:
-        return f"warmup-{c['sft_step']:07d}"
+    if mode == "hybrid" and c.cycle == 0 and run.cfg.hybrid.sft_warmup_steps:
+        return f"warmup-{c.sft_step:07d}"
     return f"step-{unit(run):07d}"
 
 
 def unit(run) -> int:
     """Steps done in the unit SAVE_EVERY and MAX_STEPS count."""
     key = {"sft": "sft_step", "ppo": "ppo_update"}.get(run.cfg.run.mode, "cycle")
-    return run.counters[key]
+    return getattr(run.counters, key)
 
 
 def _order(name: str) -> Optional[tuple]:
@@ -320,37 +319,6 @@ def _set_aside_newer(root: str, name: str) -> None:
 # faults: signals and non-finite losses
 
 
-class Guard:
-    """Per-process fault state: the stop request from SIGTERM/SIGINT and the last checkpoint written."""
-
-    def __init__(self):
-        self.requested = 0  # signal number received on this rank (0 = none)
-        self.stopped_by = ""  # set when all ranks agreed to stop
-        self.last_saved: Optional[str] = None
-        self._previous: dict = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._on_signal)
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _on_signal(self, signum, frame) -> None:
-        # Only set a flag here (printing from a handler can re-enter stdout); a second signal of the
-        # same kind gets the previous behaviour, i.e. stops at once.
-        self.requested = signum
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL) or signal.SIG_DFL)
-
-    def agreed_stop(self, dist) -> int:
-        """The signal any rank received (0 = none); the same answer on every rank."""
-        import torch
-
-        return int(dist.all_reduce_max(torch.tensor([float(self.requested)]))[0])
-
-
 def at_boundary(run) -> bool:
     """Between steps: periodic checkpoint (SAVE_EVERY), and stop all ranks together after a signal.
     Returns True when the run must stop (a checkpoint was written)."""
@@ -366,37 +334,6 @@ def at_boundary(run) -> bool:
     if sig:
         g.stopped_by = signal.Signals(sig).name
         return True
-    return False
-
-
-def check_finite(run, phase: str, metrics: dict, kl_state: Optional[dict] = None) -> bool:
-    """Count a non-finite loss (its update was skipped by the engine); raise after MAX_NAN_STEPS in a row.
-    ``kl_state``: the KL controller before a PPO update, restored when the update was non-finite."""
-    keys = ("sft/loss",) if phase == "sft" else ("ppo/loss/policy", "ppo/loss/value")
-    bad = [k for k in keys if k in metrics and not math.isfinite(float(metrics[k]))]
-    c = run.counters
-    if not bad:
-        c["nan_streak"] = 0
-        return True
-    c["nan_streak"] = c.get("nan_streak", 0) + 1
-    c["nonfinite_total"] = c.get("nonfinite_total", 0) + 1
-    metrics["faults/nonfinite_total"] = float(c["nonfinite_total"])
-    if kl_state is not None and run.kl_ctl is not None:
-        run.kl_ctl.load_state_dict(kl_state)
-    step = c["sft_step"] if phase == "sft" else c["ppo_update"]
-    what = f"{'SFT step' if phase == 'sft' else 'PPO update'} {step}"
-    limit = run.cfg.run.max_nan_steps
-    if run.dist.is_main:
-        _log(f"non-finite {', '.join(bad)} at {what}: update skipped ({c['nan_streak']} in a row, "
-             f"MAX_NAN_STEPS={limit})")
-    if c["nan_streak"] >= limit:
-        run.logger.log(step, phase, metrics)  # the step that stops the run is logged too
-        last = run.guard.last_saved if run.guard else None
-        raise NonFiniteLossError(
-            f"stopped: {c['nan_streak']} non-finite losses in a row (MAX_NAN_STEPS={limit}), the last at {what} "
-            f"({', '.join(bad)}). The weights are unchanged since the last finite step; lower the learning rate "
-            f"or check the data, then resume from the last checkpoint "
-            f"({last or 'none written yet'}).")
     return False
 
 
@@ -440,7 +377,7 @@ def save_checkpoint(run) -> str:
     if dist.is_main:
         try:
             _fsync_tree(tmp)
-            _write_json(os.path.join(tmp, COMPLETE), {"name": name, "counters": run.counters,
+            _write_json(os.path.join(tmp, COMPLETE), {"name": name, "counters": run.counters.state_dict(),
                                                       "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
             if os.path.exists(final):  # only after resuming an older checkpoint in odd ways
                 os.rename(final, final + ".replaced")
@@ -455,8 +392,6 @@ def save_checkpoint(run) -> str:
     if dist.is_main:
         _prune(root, cfg.run.keep_last, name)
     # 3. merged weights, from the same state
-    from hybrid_ds.run.loop import save_outputs
-
     save_outputs(run)
     restore_rng(rng)
     if run.guard is not None:
@@ -476,14 +411,12 @@ def _all_ok(dist, ok: bool) -> bool:
 def _save_main(run, path: str, ref_state: Optional[dict]) -> None:
     import torch
 
-    from hybrid_ds.run.loop import write_resolved_config
-
     _test_fail_write(run, path)
     cfg, dist = run.cfg, run.dist
-    state = {"version": 1, "mode": cfg.run.mode, "counters": dict(run.counters), "seed": run.seed,
+    state = {"version": 1, "mode": cfg.run.mode, "counters": run.counters.state_dict(), "seed": run.seed,
              "plan": {"cycles": run.plan.cycles, "sft_steps": run.plan.sft_steps,
                       "ppo_updates": run.plan.ppo_updates},
-             "streams": {k: s.state_dict() for k, s in (("sft", run.sft_stream), ("ppo", run.ppo_stream)) if s},
+             "streams": {k: s.state_dict() for k, s in run.streams.items()},
              "kl_ctl": run.kl_ctl.state_dict() if run.kl_ctl is not None else None,
              "reward": run.reward.state_dict() if run.reward is not None else None,
              "world": dist.world, "zero_stage": dist.zero_stage, "precision": dist.plan.mixed_precision,
@@ -504,7 +437,7 @@ def _save_main(run, path: str, ref_state: Optional[dict]) -> None:
 
 def _reference_state(run) -> Optional[dict]:
     """The reference model's weights on rank 0 when it is a snapshot (REF_INIT=after_warmup), else None."""
-    if not run.counters.get("ref_snapshot") or run.ref is None:
+    if not run.counters.ref_snapshot or run.ref is None:
         return None
     return run.dist.frozen_state_dict(run.ref)
 
@@ -602,7 +535,7 @@ def _save_rng(path: str, rank: int, state: dict) -> None:
 
 def attach(run, point: Optional[ResumePoint]) -> None:
     """Give ``run`` its fault guard (signal handlers) and, when resuming, the checkpoint's whole state."""
-    run.guard = Guard()
+    run.guard = Guard()  # hybrid_ds.engine.signals
     if point is not None:
         if run.dist.is_main:
             _log(f"resuming from {point.describe()}")
@@ -644,9 +577,9 @@ def load_checkpoint(run, point: ResumePoint) -> None:
     for phase, sched in run.schedules.items():
         if phase in schedules:
             _load_schedule(run, phase, sched, schedules[phase])
-    run.counters.update(st["counters"])
-    for key, stream in (("sft", run.sft_stream), ("ppo", run.ppo_stream)):
-        if stream is not None and key in st["streams"]:
+    run.counters.load_state_dict(st["counters"])
+    for key, stream in run.streams.items():
+        if key in st["streams"]:
             stream.load_state_dict(st["streams"][key])
     if run.kl_ctl is not None and st.get("kl_ctl"):
         run.kl_ctl.load_state_dict(st["kl_ctl"])
@@ -741,7 +674,7 @@ def _install_test_hooks(run) -> None:
         return
 
     def poison(module, inputs, output):
-        if module.training and run.counters["sft_step"] + 1 in steps:
+        if module.training and run.counters.sft_step + 1 in steps:
             output.logits = output.logits * float("nan")
         return output
 

@@ -4,7 +4,7 @@
         tests/scripts/refproto_initdist.py --out DIR
 
 Every process calls ``setup_placement`` first. Policy ranks then call ``dist.init_dist`` (Accelerate
-+ DeepSpeed ZeRO-3 over the 2 policy ranks), build the policy exactly as trainer.build_run does,
++ DeepSpeed ZeRO-3 over the 2 policy ranks), build the policy exactly as run.setup.build_run does,
 and each step send a rollout-shaped batch to the reference, compare its answer with the colocated
 computation (``ppo.forward_logprobs`` of a plain ``load_lm`` copy), and take an optimizer step.
 The reference rank loads MODEL with ``load_lm`` and serves until the policy ranks shut down.

@@ -8,7 +8,9 @@ import torch
 
 from hybrid_ds.config import load_config
 from hybrid_ds.engine.dist import init_dist
-from hybrid_ds.run.loop import build_run, do_ppo_update, do_sft_step
+from hybrid_ds.algorithms.registry import PHASES
+from hybrid_ds.run.loop import phase_step
+from hybrid_ds.run.setup import build_run
 
 
 def snapshot(run):
@@ -27,9 +29,9 @@ def main():
     run = build_run(cfg, dist, cfg.run.seed)
     s0 = snapshot(run)
     for _ in range(2):
-        do_sft_step(run)
+        phase_step(run, PHASES["sft"])
     s1 = snapshot(run)
-    do_ppo_update(run)
+    phase_step(run, PHASES["ppo"])
     s2 = snapshot(run)
     if dist.is_main:
         print("PROBE " + json.dumps({

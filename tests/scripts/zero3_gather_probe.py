@@ -9,7 +9,9 @@ import torch
 
 from hybrid_ds.config import load_config
 from hybrid_ds.engine.dist import init_dist
-from hybrid_ds.run.loop import build_run, do_sft_step
+from hybrid_ds.algorithms.registry import PHASES
+from hybrid_ds.run.loop import phase_step
+from hybrid_ds.run.setup import build_run
 
 
 def main():
@@ -17,7 +19,7 @@ def main():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dist = init_dist(cfg, sft_micro=cfg.sft.batch // world, sft_accum=1)
     run = build_run(cfg, dist, cfg.run.seed)
-    do_sft_step(run)  # the weights have moved off their initial values
+    phase_step(run, PHASES["sft"])  # the weights have moved off their initial values
     module = run.engine.module
     with dist.generation_model(run.engine) as lm:
         ours = {k: v.detach().clone() for k, v in module.named_parameters()}
@@ -27,7 +29,7 @@ def main():
     with deepspeed.zero.GatheredParameters(list(module.parameters())):
         theirs = {k: v.detach().clone() for k, v in module.named_parameters()}
     partitioned = all(p.data.numel() == 0 for p in module.parameters())
-    loss = do_sft_step(run)["sft/loss"]  # hooks are back: the partitioned forward/backward runs
+    loss = phase_step(run, PHASES["sft"])["sft/loss"]  # hooks are back: the partitioned forward/backward runs
     if dist.is_main:
         print("PROBE " + json.dumps({
             "whole_lm": whole_lm, "equal": sorted(ours) == sorted(theirs) and all(

@@ -1,0 +1,39 @@
+"""The algorithm seam: every phase the loop can run, and which phases each MODE runs.
+
+A phase is one module under ``algorithms/`` with a step function ``(ctx, next_batch) -> metrics``
+(:class:`~hybrid_ds.algorithms.context.PhaseContext`); the loop (:mod:`hybrid_ds.run.loop`)
+knows phases only through this table. A new estimator or mode is its module plus one line here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from hybrid_ds.algorithms import ppo, sft
+from hybrid_ds.algorithms.context import NextBatch, PhaseContext
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str  # metrics namespace and learning-rate schedule name ("sft/loss", schedules["sft"])
+    counter: str  # the Counters field one step advances
+    step: Callable[[PhaseContext, NextBatch], dict[str, float]]
+    loss_keys: tuple[str, ...]  # a non-finite value among these: the step's update was skipped
+    needs_reference: bool  # a frozen reference model (KL penalty)
+    needs_reward: bool  # a task reward (REWARD)
+
+
+PHASES: dict[str, Phase] = {
+    "sft": Phase("sft", "sft_step", sft.run_step, ("sft/loss",), needs_reference=False, needs_reward=False),
+    "ppo": Phase("ppo", "ppo_update", ppo.run_update, ("ppo/loss/policy", "ppo/loss/value"),
+                 needs_reference=True, needs_reward=True),
+}
+
+#: MODE -> the phases it interleaves, in cycle order (hybrid: SFT steps, then RL updates).
+MODES: dict[str, tuple[str, ...]] = {"sft": ("sft",), "ppo": ("ppo",), "hybrid": ("sft", "ppo")}
+
+
+def rl_phase(mode: str) -> Phase | None:
+    """The phase of ``mode`` that needs a reference and a reward, if any."""
+    return next((PHASES[n] for n in MODES[mode] if PHASES[n].needs_reward), None)

@@ -1,0 +1,33 @@
+"""A reference rank's life (REF_PLACEMENT=separate): load the frozen reference, answer log-prob
+requests from its policy ranks until they all shut down, exit."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from hybrid_ds.config import Config
+from hybrid_ds.config.batch_plan import BatchPlans
+from hybrid_ds.engine.dist import peak_rss_mb
+from hybrid_ds.models.policy_value import load_lm, load_tokenizer
+from hybrid_ds.reference.protocol import RefServer, model_logprob_fn
+
+
+def serve_reference(cfg: Config, placement, bridge) -> int:
+    """The main loop of a reference rank; returns its exit code."""
+    dev = torch.device("cuda", placement.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dtype = torch.bfloat16 if cfg.run.bf16 else torch.float16 if cfg.run.fp16 else torch.float32
+    ref = load_lm(cfg.run.model, load_tokenizer(cfg.run.tokenizer or cfg.run.model), dtype=dtype)
+    ref = ref.to(dev).eval().requires_grad_(False)
+    # One request per client, each a training micro-batch at most: the same activation bound as colocated.
+    chunk = len(bridge.clients) * BatchPlans.from_config(cfg, placement.policy_world).ppo.forward_chunk
+    os.makedirs(cfg.run.output_dir, exist_ok=True)  # operators (and tests) find the process here
+    with open(os.path.join(cfg.run.output_dir, f"reference-rank-{placement.rank}.pid"), "w") as f:
+        f.write(str(os.getpid()))
+    stats = RefServer(bridge, model_logprob_fn(ref, chunk=chunk, device=dev)).serve()
+    print(f"[hybrid_ds] reference rank {placement.rank}: served {stats.requests} requests, "
+          f"peak_rss_mb {peak_rss_mb():.1f}", flush=True)
+    return 0
