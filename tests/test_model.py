@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hybrid_ds.engine.dist import TrainEngine, model_state_bytes
+from hybrid_ds.engine.train_engine import TrainEngine, model_state_bytes
 from hybrid_ds.models.policy_value import PolicyValue, causal_lm_logits, fuse_activations
 from hybrid_ds.algorithms.sft import labelled_tail, token_ce_sum
 

@@ -18,7 +18,8 @@ from hybrid_ds.algorithms.ppo_math import AdaptiveKLController, FixedKLControlle
 from hybrid_ds.config import Config
 from hybrid_ds.config.batch_plan import BatchPlans
 from hybrid_ds.data import Example
-from hybrid_ds.engine.dist import Dist, TrainEngine
+from hybrid_ds.engine.dist import Dist
+from hybrid_ds.engine.train_engine import TrainEngine
 from hybrid_ds.optim import PhaseSchedule
 from hybrid_ds.reference.protocol import RefClient
 from hybrid_ds.rewards.base import Reward

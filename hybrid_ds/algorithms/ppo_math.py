@@ -41,7 +41,6 @@ Number = Union[float, int]
 
 #: Added to the variance before taking the inverse square root in :func:`whiten`.
 WHITEN_EPS = 1e-8
-
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 
 
@@ -113,7 +112,7 @@ def moment_sums(x: Tensor, mask: Tensor) -> Tensor:
     Shapes: ``x``, ``mask`` ``(B, T)`` -> ``(3,)`` float64 on ``x``'s device. Moments of several
     batches (e.g. one per data-parallel rank) combine by plain addition, so the trainer can
     ``all_reduce(SUM)`` this tensor and pass :func:`moments_from_sums` of the result to
-    :func:`whiten`; trlx and [N-IMPL] (detail 10) whiten with statistics over all ranks.
+    :func:`whiten`; trlx and [N-IMPL] (docs/ppo.md §10) whiten with statistics over all ranks.
     """
     x64 = x.detach().to(torch.float64)
     m = mask.detach().to(device=x.device, dtype=torch.float64)
@@ -147,8 +146,8 @@ def whiten(
     float64). Positions outside the mask are set to 0.
 
     ``shift_mean=True`` (advantages) centres the result at 0; ``shift_mean=False`` (rewards) only
-    rescales, adding the mean back so that the result keeps the mean of ``x`` ([N-IMPL],
-    detail 10). ``stats`` is a precomputed ``(mean, var)`` pair, e.g. from
+    rescales, adding the mean back so that the result keeps the mean of ``x`` (docs/ppo.md §10).
+    ``stats`` is a precomputed ``(mean, var)`` pair, e.g. from
     :func:`moments_from_sums` of all-reduced :func:`moment_sums`; without it the statistics of
     this ``x`` alone (unbiased variance) are used.
     """
@@ -214,13 +213,13 @@ def shape_rewards(
     """Per-token rewards: KL penalty on every token, task score on the last real token.
 
     ``r_t = -beta * kl_t`` for each real token, plus ``score`` at the last real token of the row
-    ([Z19] eq. 2; [N-IMPL] details 1 and 7). Shapes: ``scores`` ``(B,)``; ``logp``, ``ref_logp``,
+    ([Z19] eq. 2; docs/ppo.md §1 and §7). Shapes: ``scores`` ``(B,)``; ``logp``, ``ref_logp``,
     ``mask`` ``(B, T)`` -> ``(rewards (B, T), kl (B, T))`` in ``logp``'s dtype, both 0 outside the
     mask (so everything after the last real token is 0). ``kl`` is the per-token estimate from
     :func:`kl_penalty`, not multiplied by ``beta``; ``kl.sum(1).mean()`` is the per-sequence KL
     that :class:`AdaptiveKLController` expects.
 
-    Missing EOS ([N-IMPL], detail 12): when ``missing_eos_penalty`` is given, rows whose
+    Missing EOS (docs/ppo.md §12): when ``missing_eos_penalty`` is given, rows whose
     ``ended_with_eos`` ``(B,)`` is False get ``score - missing_eos_penalty``. We *subtract* rather
     than replace the score (Huang et al. replace it with a fixed value): ranking among truncated
     responses is preserved, and with a large penalty the effect is the same. A caller that wants
@@ -266,7 +265,7 @@ def gae(
     Values and rewards outside the mask count as 0, so bootstrapping stops after the last real
     token (the response is a finished episode; a masked position inside a row would end the
     episode there too). Inputs are detached: advantages and returns are targets, not graph nodes.
-    Defaults gamma=1, lam=0.95 follow [N-IMPL] detail 13.
+    Defaults gamma=1, lam=0.95 follow docs/ppo.md §13.
     """
     m = _float_mask(mask, rewards).detach()
     r = torch.where(m != 0, rewards.detach(), torch.zeros_like(rewards))
@@ -347,7 +346,7 @@ def value_loss(
     clip_range: Optional[float] = 0.2,
     num_tokens: Optional[Union[Tensor, Number]] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """Clipped value loss ([N-IMPL] detail 11; PPO2 baselines), averaged over real tokens.
+    """Clipped value loss (docs/ppo.md §11; PPO2 baselines), averaged over real tokens.
 
     ``v_clip = old + clip(v - old, -c, c)``; per token ``0.5 * max((v - R)**2, (v_clip - R)**2)``.
     ``clip_range=None`` gives the plain ``0.5 * (v - R)**2``. Shapes: ``values`` (with grad),
@@ -386,7 +385,7 @@ def ratio_guard(
     """True (0-d bool tensor) when the batch's mean probability ratio exceeds ``max_ratio``.
 
     ``mean_t exp(logp - old_logp)`` over real tokens; a NaN or inf mean also counts as exceeded.
-    The caller skips the update for such a batch ([N-IMPL] detail 11; Huang et al. skip a
+    The caller skips the update for such a batch (docs/ppo.md §11; Huang et al. skip a
     minibatch whose ratio explodes). Shapes: ``(B, T)`` inputs -> 0-d bool. No host sync: the
     caller decides when to read it.
     """
@@ -419,7 +418,7 @@ class FixedKLController:
 
 
 class AdaptiveKLController:
-    """Adaptive KL coefficient of [Z19] section 2.2 (also [N-IMPL] detail 8).
+    """Adaptive KL coefficient of [Z19] section 2.2 (also docs/ppo.md §8).
 
     ``beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon)``, where ``KL`` is
     the measured KL of the last batch (per sequence: per-token KL summed over the response, then
@@ -477,13 +476,13 @@ def make_kl_controller(
 def mask_after_eos(
     tokens: Tensor, eos_id: Union[int, Sequence[int]], pad_id: Optional[int] = None
 ) -> Tuple[Tensor, Tensor]:
-    """Response mask that keeps tokens up to and including the first EOS ([N-IMPL] detail 12).
+    """Response mask that keeps tokens up to and including the first EOS (docs/ppo.md §12).
 
     Shapes: ``tokens`` ``(B, T)`` generated response ids -> ``(mask (B, T) float32, ended (B,)
     bool)``. ``mask`` is 1 up to and including the first token in ``eos_id`` (an int, or several
     stop ids) and 0 after it; a row without EOS keeps all ``T`` tokens and has ``ended=False``
     (truncated: see ``missing_eos_penalty`` in :func:`shape_rewards`). The EOS itself stays in the
-    mask, so the model learns to stop even when the pad id equals the EOS id ([N-IMPL] detail 2).
+    mask, so the model learns to stop even when the pad id equals the EOS id (docs/ppo.md §2).
 
     ``pad_id``: if given and not an EOS id, tokens equal to it are also masked wherever they
     appear (a generator that pads rows of different lengths without an EOS). If it equals an EOS

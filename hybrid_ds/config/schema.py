@@ -251,10 +251,10 @@ class SchedConfig:
     cycle_momentum: bool = opt(False, "OneCycle/cyclic: also cycle momentum (beta1).", key="CYCLE_MOMENTUM")
     step_size_up: int = opt(2000, "Cyclic steps going up.", key="STEP_SIZE_UP", lo=1)
     step_size_down: int = opt(0, "Cyclic steps going down; 0 = STEP_SIZE_UP.", key="STEP_SIZE_DOWN", lo=0)
-    cyclic_mode: str = opt("triangular", "Cyclic policy (the spec's cyclic MODE; renamed because MODE is the "
+    cyclic_mode: str = opt("triangular", "Cyclic policy (the seed configs' cyclic MODE; renamed because MODE is the "
                                          "run mode).", key="CYCLIC_MODE",
                            choices=("triangular", "triangular2", "exp_range"))
-    plateau_mode: str = opt("min", "reduce_on_plateau: min or max of PLATEAU_METRIC (the spec's MODE).",
+    plateau_mode: str = opt("min", "reduce_on_plateau: min or max of PLATEAU_METRIC (the seed configs' MODE).",
                             key="PLATEAU_MODE", choices=("min", "max"))
     plateau_metric: str = opt("", "SFT metric that steps reduce_on_plateau (any sft/* key); empty = sft/loss. "
                                   "The PPO schedule steps on each minibatch's policy loss.", key="PLATEAU_METRIC")
@@ -264,7 +264,7 @@ class SchedConfig:
     threshold_mode: str = opt("rel", "reduce_on_plateau threshold mode.", key="THRESHOLD_MODE",
                               choices=("rel", "abs"))
     cooldown: int = opt(0, "reduce_on_plateau cooldown.", key="COOLDOWN", lo=0)
-    plateau_eps: float = opt(1e-8, "reduce_on_plateau eps (the spec's EPS; renamed: EPS is the optimizer's).",
+    plateau_eps: float = opt(1e-8, "reduce_on_plateau eps (the seed configs' EPS; renamed: EPS is the optimizer's).",
                              key="PLATEAU_EPS", lo=0.0)
 
 
@@ -295,7 +295,7 @@ class Config:
 
 
 SECTIONS = ("run", "data", "sft", "ppo", "hybrid", "gen", "optim", "sched")
-ALIASES = {"ETA_MIN": "MIN_LR"}  # the spec's synonyms
+ALIASES = {"ETA_MIN": "MIN_LR"}  # the seed configs' spellings (examples/seed/)
 REWARD_KEY = "REWARD"
 
 

@@ -1,4 +1,4 @@
-"""Training data: load items, render the spec's prompt template, tokenise with response-only labels.
+"""Training data: load items, render the prompt template, tokenise with response-only labels.
 
 An *item* is a JSON object; its output field (SELECT_OUTPUT) is the target, every other field
 becomes one ``key: value`` line of the prompt::
@@ -35,7 +35,7 @@ def _render_value(v: Any) -> str:
 
 
 def render_prompt(item: dict, output_field: str) -> str:
-    """The spec's prompt for ``item``: one ``key: value`` line per field except the output field.
+    """The prompt for ``item``: one ``key: value`` line per field except the output field.
 
     An item with no other field (a plain text corpus such as wikitext) uses its text as the prompt.
     """

@@ -8,7 +8,7 @@
     policy rank p is served by reference index p % R, i.e. world rank P + p % R
 
 DeepSpeed ZeRO-3 issues barriers and broadcasts on the *world* group during init and its first
-forward, so the reference ranks must not be in that world (RLHF_NOTES). :func:`setup_placement`
+forward, so the reference ranks must not be in that world (docs/ppo.md §17). :func:`setup_placement`
 runs before Accelerate/DeepSpeed create their default process group and does two things:
 
 1. it connects every reference rank with its clients through a small gloo group of its own (the

@@ -93,7 +93,7 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.
     ``logits[:, :-1]``), ``tokens`` ``(B, T)`` integer ids -> ``(B, T)`` float32.
     ``logits[:, t]`` must be the logits that *predict* ``tokens[:, t]`` (the caller shifts by
     one). Dividing by the sampling temperature makes the log-probs match the distribution the
-    rollout sampled from ([N-IMPL], detail 4).
+    rollout sampled from (docs/ppo.md §4).
 
     Computed as ``gathered_logit / T - logsumexp(logits / T)`` with the logsumexp done in float32
     over blocks of at most 2**24 elements; a custom autograd function recomputes the softmax in

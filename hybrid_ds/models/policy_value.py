@@ -78,7 +78,7 @@ def load_tokenizer(name: str):
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer {name!r} has no EOS token; hybrid_ds needs one to end responses.")
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        # A pad distinct from EOS keeps EOS inside the loss masks (RLHF_NOTES, PPO detail 2).
+        # A pad distinct from EOS keeps EOS inside the loss masks (docs/ppo.md §2).
         tok.add_special_tokens({"pad_token": "<|pad|>"})
     return tok
 
@@ -120,7 +120,7 @@ def fuse_activations(module: nn.Module) -> int:
 
 
 def disable_dropout(module: nn.Module) -> None:
-    """Dropout off everywhere (RLHF_NOTES detail 5): log-probs must be deterministic for PPO ratios."""
+    """Dropout off everywhere (docs/ppo.md §5): log-probs must be deterministic for PPO ratios."""
     for m in module.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0

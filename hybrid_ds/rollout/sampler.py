@@ -47,7 +47,7 @@ actually sampled from (after all processors); they equal ``logprobs`` only when 
 changes it (penalty 1, no n-gram ban, no EOS suppression, top_k 0 or >= V, top_p 1). Both are
 0 after a row's EOS.
 
-Speed (bench/bench_sampler.py; the peers' unit: GPT-2 4x256, V=4096, 8 prompts x 32 tokens,
+Speed (bench/bench_sampler.py; the benchmark work unit of bench/README.md: GPT-2 4x256, V=4096, 8 prompts x 32 tokens,
 top_p 0.9 / T 0.7 / top_k 50 / no-repeat 3 / penalty 1.15). Decoding this model is bound by
 its matmuls (17 MB of weights streamed per step), so what can go is everything else: the full
 sort of top-p (about 12% of ``generate``'s time), the per-module overhead of the forward

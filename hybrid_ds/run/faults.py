@@ -1,5 +1,5 @@
 """Non-finite losses: a step whose loss is NaN/inf had its update skipped by the engine
-(:meth:`hybrid_ds.engine.dist.TrainEngine.step`, DeepSpeed's own overflow check); count them and
+(:meth:`hybrid_ds.engine.train_engine.TrainEngine.step`, DeepSpeed's own overflow check); count them and
 stop after MAX_NAN_STEPS in a row, pointing at the last checkpoint."""
 
 from __future__ import annotations

@@ -1,0 +1,112 @@
+"""The trainable policy/value model as the phases see it: forward, backward at a stated
+accumulation boundary, step with per-role learning rates; and what its state costs in memory.
+
+Built by :meth:`hybrid_ds.engine.dist.Dist.prepare_trainable` around a DeepSpeed engine, a DDP
+module or the bare model; ``dist`` is that :class:`~hybrid_ds.engine.dist.Dist`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Optional
+
+import torch
+
+from hybrid_ds.optim import set_optimizer_hparams
+
+
+class TrainEngine:
+    """The policy/value model as the phases see it: forward, backward at a stated boundary, step.
+
+    ``module`` is the plain (unwrapped) model; ``wrapped`` is what runs the forward (a DeepSpeed
+    engine, a DDP module, or the model itself).
+    """
+
+    def __init__(self, dist, module: torch.nn.Module, wrapped: Any, optimizer: Any):
+        self.dist, self.module, self.wrapped, self.optimizer = dist, module, wrapped, optimizer
+        self._ddp_sync_ctx = None
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def __call__(self, *args, **kwargs):
+        with self.dist.autocast():
+            return self.wrapped(*args, **kwargs)
+
+    def train(self) -> None:
+        self.wrapped.train()
+
+    def eval(self) -> None:
+        self.wrapped.eval()
+
+    def no_sync(self, boundary: bool):
+        """Context for the forward+backward of one micro-batch (DDP skips the all-reduce off-boundary)."""
+        if not self.dist.uses_deepspeed and self.dist.world > 1 and not boundary:
+            return self.wrapped.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, boundary: bool) -> None:
+        """Backward of an already-normalised micro-batch loss; ``boundary`` closes the accumulation."""
+        if self.dist.uses_deepspeed:
+            self.wrapped.set_gradient_accumulation_boundary(boundary)
+            self.wrapped.backward(loss, scale_wrt_gas=False)
+        else:
+            loss.backward()
+
+    def step(self, lrs: dict[str, float], momentum: Optional[float] = None) -> Optional[float]:
+        """Apply the accumulated gradients with per-role learning rates (and a scheduled momentum,
+        for onecycle/cyclic); returns the global gradient norm."""
+        for role, lr in lrs.items():
+            set_optimizer_hparams([g for g in self.optimizer.param_groups if g["role"] == role], lr, momentum)
+        if self.dist.uses_deepspeed:
+            self.wrapped.step()
+            norm = self.wrapped.get_global_grad_norm()
+            return float(norm) if norm is not None else None
+        clip = self.dist.max_grad_norm
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        if not torch.isfinite(norm):  # checkpoint.py/faults: a non-finite gradient never reaches the
+            self.optimizer.zero_grad(set_to_none=True)  # weights (DeepSpeed skips such steps itself)
+            return float(norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+
+def model_state_bytes(engine: TrainEngine) -> dict[str, int]:
+    """Bytes of model state this rank holds, each storage counted once (views share one).
+
+    ``params``: the policy/value parameters as stored here (under ZeRO-3 this rank's partitions,
+    not the gathered whole). ``optim``: the optimizer's state (Adam's moments) and the tensors it
+    steps (DeepSpeed's fp32 master partitions). ``buffers``: whatever else DeepSpeed's optimizer
+    holds (gradient partitions, the reduce bucket).
+    """
+    seen: set = set()
+
+    def size(t) -> int:
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return 0
+        st = t.untyped_storage()
+        if st.data_ptr() in seen or st.nbytes() == 0:
+            return 0
+        seen.add(st.data_ptr())
+        return st.nbytes()
+
+    def walk(obj, depth: int) -> int:
+        if isinstance(obj, torch.Tensor):
+            return size(obj)
+        if depth == 0 or isinstance(obj, (str, bytes, int, float, torch.nn.Module)):
+            return 0
+        if isinstance(obj, dict):
+            return sum(walk(v, depth - 1) for v in obj.values())
+        if isinstance(obj, (list, tuple, set)):
+            return sum(walk(v, depth - 1) for v in obj)
+        if isinstance(obj, torch.optim.Optimizer) or type(obj).__module__.startswith("deepspeed"):
+            return sum(walk(v, depth - 1) for v in vars(obj).values())
+        return 0
+
+    params = sum(size(getattr(p, "ds_tensor", p.data)) for p in engine.module.parameters())
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # DeepSpeed wraps the torch optimizer
+    optim = walk(inner.state, 3) + walk([g["params"] for g in inner.param_groups], 3)
+    return {"params": params, "optim": optim, "buffers": walk(engine.optimizer, 5)}
