@@ -212,7 +212,7 @@ def ppo_epochs(run, ro: Rollout, ptx_examples: Optional[list[Example]]) -> dict:
     global_tokens = dist.all_reduce_sum(local_tokens).clamp(min=1.0) / dist.world
     T = ro.response_ids.shape[1]
     stats: dict[str, list] = {}
-    grad_norms, skipped, kept = [], torch.zeros((), device=dist.device), []
+    grad_norms, skipped, kept, ptx_losses = [], torch.zeros((), device=dist.device), [], []
     engine.train()
     for step_i, idx in enumerate(minis):
         micros = micro_batches(idx.tolist(), c.grad_accum)
@@ -240,10 +240,16 @@ def ppo_epochs(run, ro: Rollout, ptx_examples: Optional[list[Example]]) -> dict:
                 loss = torch.where(guard, torch.zeros_like(loss), loss)
                 skipped += guard.float()
                 if ptx_examples and boundary:
-                    loss = loss + c.ptx_coef * ptx_loss(run, ptx_examples)
+                    ptx = ptx_loss(run, ptx_examples)
+                    ptx_losses.append(ptx.detach().float())
+                    loss = loss + c.ptx_coef * ptx
                 engine.backward(loss, boundary)
             kept.append((~guard).float())  # a skipped micro-batch's (non-finite) losses are not averaged in
-            for k, val in {**pg_stats, **vf_stats, "loss/policy": pg.detach(), "loss/value": vf.detach()}.items():
+            # pg and vf are this micro-batch's share of the minibatch loss (token sums over the
+            # minibatch's count): times the micro-batches per step, their mean is the step's loss,
+            # whatever PPO_GRAD_ACCUM (tests/test_ppo_update.py).
+            shares = {"loss/policy": pg.detach() * len(micros), "loss/value": vf.detach() * len(micros)}
+            for k, val in {**pg_stats, **vf_stats, **shares}.items():
                 val = val.detach().float()
                 stats.setdefault(k, []).append(torch.where(guard, torch.zeros_like(val), val))
         sched = run.schedules["ppo"]
@@ -252,6 +258,8 @@ def ppo_epochs(run, ro: Rollout, ptx_examples: Optional[list[Example]]) -> dict:
     n_kept = torch.stack(kept).sum()  # 0 when every micro-batch was skipped: NaN means, a non-finite update
     out = {f"ppo/{k}": torch.stack(v).sum() / n_kept for k, v in stats.items()}
     out["ppo/skipped_microbatches"] = skipped
+    if ptx_losses:  # PPO-ptx: the SFT loss term, before its PTX_COEF weight
+        out["ppo/loss/ptx"] = torch.stack(ptx_losses).mean()
     out = {k: float(v) for k, v in out.items()}  # one host sync, after all epochs
     norms = [g for g in grad_norms if g is not None]
     out["ppo/grad_norm"] = sum(norms) / len(norms) if norms else float("nan")
