@@ -48,19 +48,18 @@ def sft_cfg(out, **extra):
 
 
 def start(cfg, tmp_path, name, *, nproc=1, zero=0, hooks=None):
-    """Launch a run in its own session (so the test can kill all of it); output goes to NAME.log."""
+    """Launch a run in its own session (so the test can kill all of it); output goes to NAME.log.
+    ``hooks``: faults of tests/fault_injection.py, through its wrapper entry script."""
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(cfg))
+    entry = [os.path.join(REPO, "tests", "scripts", "train_with_faults.py")] if hooks else ["-m", "hybrid_ds.train"]
     if nproc == 1 and zero == 0:
-        cmd = [sys.executable, "-m", "hybrid_ds.train", str(path)]
+        cmd = [sys.executable, *entry, str(path)]
     else:
         cmd = [os.path.join(BIN, "accelerate"), "launch", "--config_file", os.path.join(REPO, "launch", f"zero{zero}.yaml"),
-               "--num_processes", str(nproc), "--main_process_port", str(free_port()), "-m", "hybrid_ds.train",
-               str(path)]
+               "--num_processes", str(nproc), "--main_process_port", str(free_port()), *entry, str(path)]
     e = env()
-    if hooks:
-        e["HYBRID_DS_TEST_HOOKS"] = "1"
-        e.update({f"HYBRID_DS_TEST_{k}": str(v) for k, v in hooks.items()})
+    e.update({f"HYBRID_DS_FAULT_{k}": str(v) for k, v in (hooks or {}).items()})
     log = open(tmp_path / f"{name}.log", "w")
     p = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     p.log_path = tmp_path / f"{name}.log"
@@ -343,7 +342,7 @@ def workers(p):
     import psutil
 
     return {int(c.environ().get("RANK", -1)): c for c in psutil.Process(p.pid).children(recursive=True)
-            if "hybrid_ds.train" in " ".join(c.cmdline())}
+            if any(e in " ".join(c.cmdline()) for e in ("hybrid_ds.train", "train_with_faults.py"))}
 
 
 @pytest.mark.slow
