@@ -1,7 +1,7 @@
 """Faults for the checkpoint and non-finite tests, injected from test code: the package has no hooks.
 
-``install(faults)`` wraps functions of ``hybrid_ds.checkpoint`` (which ``hybrid_ds.train`` and the
-trainer look up at call time), so a run started through ``tests/scripts/train_with_faults.py``
+``install(faults)`` wraps functions of ``hybrid_ds.checkpoint`` and ``hybrid_ds.trainer`` (which
+``hybrid_ds.train`` and the trainer look up at call time), so a run started through ``tests/scripts/train_with_faults.py``
 behaves like ``python -m hybrid_ds.train`` plus the faults named in the environment
 (``HYBRID_DS_FAULT_<NAME>=value``); each fault announces itself on stderr when it fires.
 
@@ -37,11 +37,13 @@ def _steps(value: str) -> set:
 
 def install(faults: dict) -> None:
     from hybrid_ds import checkpoint as ck
+    from hybrid_ds import trainer
 
     if not faults:
         return
     _say(f"active: {faults}")
-    state = {"run": None, "ok_calls": 0}
+    state = {"run": None, "ok_calls": 0, "phase": None}
+    orig_sft, orig_ppo = trainer.do_sft_step, trainer.do_ppo_update
     orig_save, orig_all_ok, orig_main = ck.save_checkpoint, ck._all_ok, ck._save_main
     orig_boundary, orig_attach = ck.at_boundary, ck.attach
 
@@ -75,18 +77,33 @@ def install(faults: dict) -> None:
                 time.sleep(1)
         return orig_boundary(run)
 
+    def do_sft_step(run):  # the phase the NaN faults fire in (the counters alone cannot tell it)
+        state["phase"] = "sft"
+        try:
+            return orig_sft(run)
+        finally:
+            state["phase"] = None
+
+    def do_ppo_update(run):
+        state["phase"] = "ppo"
+        try:
+            return orig_ppo(run)
+        finally:
+            state["phase"] = None
+
     def attach(run, point):
         orig_attach(run, point)
         sft_steps, ppo_updates = _steps(faults.get("NAN_AT", "")), _steps(faults.get("NAN_VALUES_AT", ""))
 
         def poison_logits(module, inputs, output):
-            if module.training and run.counters["sft_step"] + 1 in sft_steps:
+            if module.training and state["phase"] == "sft" and run.counters["sft_step"] + 1 in sft_steps:
                 _say(f"NaN logits in SFT step {run.counters['sft_step'] + 1}")
                 output.logits = output.logits * float("nan")
             return output
 
         def poison_values(module, inputs, output):
-            if module.training and run.counters["ppo_update"] + 1 in ppo_updates:
+            if module.training and state["phase"] == "ppo" and run.counters["ppo_update"] + 1 in ppo_updates:
+                _say(f"NaN values in PPO update {run.counters['ppo_update'] + 1}")
                 return output * float("nan")
             return output
 
@@ -97,3 +114,4 @@ def install(faults: dict) -> None:
 
     ck.save_checkpoint, ck._all_ok, ck._save_main = save_checkpoint, _all_ok, _save_main
     ck.at_boundary, ck.attach = at_boundary, attach
+    trainer.do_sft_step, trainer.do_ppo_update = do_sft_step, do_ppo_update

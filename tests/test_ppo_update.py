@@ -146,3 +146,32 @@ def test_ref_init_after_warmup_snapshots_the_warmed_up_policy(tmp_path):
         assert any(not torch.equal(warmed[k], initial[k]) for k in initial)
         assert any(not torch.equal(lm.state_dict()[k], ref[k]) for k in ref)  # the cycle moved the policy on
         assert run.counters.get("ref_snapshot") == (1 if ref_init == "after_warmup" else None)
+
+
+def test_nonfinite_ppo_update_is_skipped_counted_and_stops_the_run(tmp_path):
+    """NaN value-head outputs in the training forwards (not caught by the ratio guard): the update is
+    skipped (weights and KL controller unchanged) and counted; a finite update resets the streak;
+    MAX_NAN_STEPS in a row stop the run."""
+    from hybrid_ds.checkpoint import NonFiniteLossError
+    from hybrid_ds.trainer import do_ppo_update
+
+    run = make_run(base(tmp_path, "ppo", MAX_NAN_STEPS=2, MAX_STEPS=5))
+    poison = {"on": True}
+    run.engine.module.v_head.register_forward_hook(
+        lambda mod, inp, out: out * float("nan") if mod.training and poison["on"] else out)
+    w0, kl0 = weights(run), run.kl_ctl.state_dict()
+    m = do_ppo_update(run)
+    assert not math.isfinite(m["ppo/loss/value"]) and m["faults/nonfinite_total"] == 1.0
+    w1 = weights(run)
+    assert all(torch.equal(w0[k], w1[k]) for k in w0), "a non-finite update reached the weights"
+    assert run.kl_ctl.state_dict() == kl0 and run.counters["nan_streak"] == 1
+    poison["on"] = False
+    m = do_ppo_update(run)
+    assert all(math.isfinite(v) for v in m.values()) and run.counters["nan_streak"] == 0
+    assert changed(w1, weights(run), "lm.") and changed(w1, weights(run), "v_head.")
+    poison["on"] = True
+    do_ppo_update(run)
+    with pytest.raises(NonFiniteLossError, match=r"2 non-finite losses in a row \(MAX_NAN_STEPS=2\), "
+                                                 r"the last at PPO update 4 \(ppo/loss/value\)"):
+        do_ppo_update(run)
+    run.logger.close()
