@@ -48,19 +48,18 @@ def sft_cfg(out, **extra):
 
 
 def start(cfg, tmp_path, name, *, nproc=1, zero=0, hooks=None):
-    """Launch a run in its own session (so the test can kill all of it); output goes to NAME.log."""
+    """Launch a run in its own session (so the test can kill all of it); output goes to NAME.log.
+    ``hooks``: faults of tests/fault_injection.py, through its wrapper entry script."""
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(cfg))
+    entry = [os.path.join(REPO, "tests", "scripts", "train_with_faults.py")] if hooks else ["-m", "hybrid_ds.train"]
     if nproc == 1 and zero == 0:
-        cmd = [sys.executable, "-m", "hybrid_ds.train", str(path)]
+        cmd = [sys.executable, *entry, str(path)]
     else:
         cmd = [os.path.join(BIN, "accelerate"), "launch", "--config_file", os.path.join(REPO, "launch", f"zero{zero}.yaml"),
-               "--num_processes", str(nproc), "--main_process_port", str(free_port()), "-m", "hybrid_ds.train",
-               str(path)]
+               "--num_processes", str(nproc), "--main_process_port", str(free_port()), *entry, str(path)]
     e = env()
-    if hooks:
-        e["HYBRID_DS_TEST_HOOKS"] = "1"
-        e.update({f"HYBRID_DS_TEST_{k}": str(v) for k, v in hooks.items()})
+    e.update({f"HYBRID_DS_FAULT_{k}": str(v) for k, v in (hooks or {}).items()})
     log = open(tmp_path / f"{name}.log", "w")
     p = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     p.log_path = tmp_path / f"{name}.log"
@@ -343,7 +342,7 @@ def workers(p):
     import psutil
 
     return {int(c.environ().get("RANK", -1)): c for c in psutil.Process(p.pid).children(recursive=True)
-            if "hybrid_ds.train" in " ".join(c.cmdline())}
+            if any(e in " ".join(c.cmdline()) for e in ("hybrid_ds.train", "train_with_faults.py"))}
 
 
 @pytest.mark.slow
@@ -390,3 +389,43 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path):
     assert math.isfinite(rows[3]["sft/loss"]) and rows[3]["sft/loss"] < 20  # the weights survived step 2
     assert rows[6]["sft/loss"] == "nan" and 7 not in rows
     assert time.time() - t0 < 120
+
+
+@pytest.mark.slow
+def test_sigint_on_one_rank_stops_both_with_a_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    cfg = sft_cfg(out, MAX_STEPS=40, DIST_TIMEOUT_S=60)
+    p = start(cfg, tmp_path, "int", nproc=2, zero=2, hooks={"STEP_SLEEP": 0.3})
+    wait_for(lambda: (out / "metrics.jsonl").is_file() and len(metrics(out)) >= 2, p, "two logged steps")
+    workers(p)[1].send_signal(signal.SIGINT)
+    rc, log = finish(p, timeout=120)
+    assert rc == 0, log[-4000:]
+    assert "stopped by SIGINT after step-" in log and "Run the same command again to resume" in log, log[-3000:]
+    name = latest(out)
+    stop = json.loads((out / "checkpoints" / name / ck.STATE_FILE).read_text())["counters"]["sft_step"]
+    assert 2 <= stop < 40 and name == f"step-{stop:07d}" and metrics(out)[-1]["step"] == stop
+    assert [r["step"] for r in metrics(out)] == list(range(1, stop + 1))
+
+
+@pytest.mark.slow
+def test_nonfinite_sft_and_ppo_steps_under_zero2_are_skipped_and_counted(tmp_path):
+    """Hybrid, ZeRO-2, 2 processes: NaN logits in SFT step 2 and NaN values in PPO update 2 (both
+    ranks). Both updates are skipped and counted (2 in a row, MAX_NAN_STEPS=3), cycle 3 is finite
+    again, and the weights written at the end are finite."""
+    out = tmp_path / "out"
+    cfg = rl_cfg(out, MAX_STEPS=3, MAX_NAN_STEPS=3)
+    rc, log = finish(start(cfg, tmp_path, "nan2", nproc=2, zero=2, hooks={"NAN_AT": "2", "NAN_VALUES_AT": "2"}),
+                     timeout=300)
+    assert rc == 0, log[-4000:]
+    assert "non-finite sft/loss at SFT step 2: update skipped (1 in a row" in log, log[-3000:]
+    assert "non-finite ppo/loss/value at PPO update 2: update skipped (2 in a row" in log, log[-3000:]
+    sft, ppo = {r["step"]: r for r in metrics(out, "sft")}, {r["step"]: r for r in metrics(out, "ppo")}
+    assert sorted(sft) == sorted(ppo) == [1, 2, 3]
+    assert sft[2]["sft/loss"] == "nan" and sft[2]["faults/nonfinite_total"] == 1.0
+    assert ppo[2]["ppo/loss/value"] == "nan" and ppo[2]["faults/nonfinite_total"] == 2.0
+    for r in (sft[1], sft[3], ppo[1], ppo[3]):
+        assert all(not isinstance(v, str) or k == "phase" for k, v in r.items()), r
+    assert ppo[3]["objective/kl_coef"] == ppo[2]["objective/kl_coef"]  # skipped update: controller kept
+    w = load_weights(out / "inference_lm")
+    assert all(torch.isfinite(v).all() for v in w.values())
+    assert all(torch.isfinite(v).all() for v in torch.load(out / "ppo_full" / "value_head.pt").values())

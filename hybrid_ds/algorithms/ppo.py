@@ -188,7 +188,7 @@ def ppo_epochs(run: PhaseContext, ro: Rollout, ptx_examples: Optional[list[Examp
     global_tokens = dist.all_reduce_sum(local_tokens).clamp(min=1.0) / dist.world
     T = ro.response_ids.shape[1]
     stats: dict[str, list] = {}
-    grad_norms, skipped = [], torch.zeros((), device=dist.device)
+    grad_norms, skipped, kept, ptx_losses = [], torch.zeros((), device=dist.device), [], []
     engine.train()
     for step_i, idx in enumerate(minis):
         micros = micro_batches(idx.tolist(), c.grad_accum)
@@ -201,29 +201,50 @@ def ppo_epochs(run: PhaseContext, ro: Rollout, ptx_examples: Optional[list[Examp
                 logits, values = policy_response_outputs(engine, ids, att, pos, T)
                 logp = logprobs_from_logits(logits, b["response_ids"], cfg.gen.temperature)
                 m, n = b["response_mask"], global_tokens[step_i]
+                guard = pm.ratio_guard(logp.detach(), b["logprobs"], m, c.ratio_guard)
+                # An exploding micro-batch contributes exactly zero gradient: its losses read detached
+                # model outputs (torch.where hands the branch it did not select a zero gradient; a
+                # loss times 0 would not, as inf * 0 is NaN and one such micro-batch would make the
+                # whole step non-finite). The other micro-batches of the step still count.
+                logp, values = _cut_if(guard, logp), _cut_if(guard, values)
                 pg, pg_stats = pm.policy_loss(logp, b["logprobs"], b["advantages"], m, c.clip_range, num_tokens=n)
                 vf, vf_stats = pm.value_loss(values, b["values"], b["returns"], m, c.clip_range_value, num_tokens=n)
                 loss = pg + c.vf_coef * vf
                 if c.entropy_coef > 0:
-                    ent = pm.masked_sum(entropy_from_logits(logits, cfg.gen.temperature), m) / n
+                    ent = pm.masked_sum(entropy_from_logits(_cut_if(guard, logits), cfg.gen.temperature), m) / n
                     loss = loss - c.entropy_coef * ent
-                guard = pm.ratio_guard(logp.detach(), b["logprobs"], m, c.ratio_guard)
-                loss = loss * (~guard).float()  # an exploding micro-batch contributes no gradient
+                loss = torch.where(guard, torch.zeros_like(loss), loss)
                 skipped += guard.float()
                 if ptx_examples and boundary:
-                    loss = loss + c.ptx_coef * ptx_loss(run, ptx_examples)
+                    ptx = ptx_loss(run, ptx_examples)
+                    ptx_losses.append(ptx.detach().float())
+                    loss = loss + c.ptx_coef * ptx
                 engine.backward(loss, boundary)
-            for k, val in {**pg_stats, **vf_stats, "loss/policy": pg.detach(), "loss/value": vf.detach()}.items():
-                stats.setdefault(k, []).append(val.detach().float())
+            kept.append((~guard).float())  # a skipped micro-batch's (non-finite) losses are not averaged in
+            # pg and vf are this micro-batch's share of the minibatch loss (token sums over the
+            # minibatch's count): times the micro-batches per step, their mean is the step's loss,
+            # whatever PPO_GRAD_ACCUM (tests/test_ppo_update.py).
+            shares = {"loss/policy": pg.detach() * len(micros), "loss/value": vf.detach() * len(micros)}
+            for k, val in {**pg_stats, **vf_stats, **shares}.items():
+                val = val.detach().float()
+                stats.setdefault(k, []).append(torch.where(guard, torch.zeros_like(val), val))
         sched = run.schedules["ppo"]
         grad_norms.append(engine.step({"policy": sched.lr, "value": sched.lr}, sched.momentum))
         sched.step(float(pg.detach()) if sched.name == "reduce_on_plateau" else None)
-    out = {f"ppo/{k}": torch.stack(v).mean() for k, v in stats.items()}
+    n_kept = torch.stack(kept).sum()  # 0 when every micro-batch was skipped: NaN means, a non-finite update
+    out = {f"ppo/{k}": torch.stack(v).sum() / n_kept for k, v in stats.items()}
     out["ppo/skipped_microbatches"] = skipped
+    if ptx_losses:  # PPO-ptx: the SFT loss term, before its PTX_COEF weight
+        out["ppo/loss/ptx"] = torch.stack(ptx_losses).mean()
     out = {k: float(v) for k, v in out.items()}  # one host sync, after all epochs
     norms = [g for g in grad_norms if g is not None]
     out["ppo/grad_norm"] = sum(norms) / len(norms) if norms else float("nan")
     return out
+
+
+def _cut_if(guard: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x`` unchanged in value; with ``guard`` (0-d bool) no gradient reaches the model through it."""
+    return torch.where(guard, x.detach(), x)
 
 
 def ptx_loss(run: PhaseContext, examples: list[Example]) -> torch.Tensor:

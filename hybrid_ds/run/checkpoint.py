@@ -325,7 +325,6 @@ def at_boundary(run) -> bool:
     g = run.guard
     if g is None:
         return False
-    _test_hang(run)
     sig = g.agreed_stop(run.dist)
     n, u = run.cfg.run.save_every, unit(run)
     periodic = n > 0 and u > 0 and u % n == 0 and not checkpoint_name(run).startswith("warmup")
@@ -371,7 +370,6 @@ def save_checkpoint(run) -> str:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not write checkpoint {tmp}: {error or 'another rank failed writing'}; "
                               f"{keep}.")
-    _test_crash(run)
     # 2. rank 0 makes it visible: COMPLETE, rename, then the latest pointer; then prune
     error = ""
     if dist.is_main:
@@ -411,7 +409,6 @@ def _all_ok(dist, ok: bool) -> bool:
 def _save_main(run, path: str, ref_state: Optional[dict]) -> None:
     import torch
 
-    _test_fail_write(run, path)
     cfg, dist = run.cfg, run.dist
     state = {"version": 1, "mode": cfg.run.mode, "counters": run.counters.state_dict(), "seed": run.seed,
              "plan": {"cycles": run.plan.cycles, "sft_steps": run.plan.sft_steps,
@@ -543,7 +540,6 @@ def attach(run, point: Optional[ResumePoint]) -> None:
         if _inside(point.path, os.path.join(run.cfg.run.output_dir, CHECKPOINTS)):
             run.guard.last_saved = os.path.basename(point.path)
     run.guard.install()
-    _install_test_hooks(run)
 
 
 def load_checkpoint(run, point: ResumePoint) -> None:
@@ -630,55 +626,6 @@ def finish(run) -> bool:
     if g is not None:
         g.uninstall()
     return True
-
-
-# --------------------------------------------------------------------------------------
-# test hooks: honoured only with HYBRID_DS_TEST_HOOKS=1 (tests/test_checkpoint.py)
-
-
-def _hook(name: str) -> str:
-    return os.environ.get(f"HYBRID_DS_TEST_{name}", "") if os.environ.get("HYBRID_DS_TEST_HOOKS") == "1" else ""
-
-
-def _test_crash(run) -> None:
-    """CRASH_IN_CHECKPOINT=N: die (every rank) after writing checkpoint N's files, before it is complete."""
-    if _hook("CRASH_IN_CHECKPOINT") == str(unit(run)):
-        print(f"[hybrid_ds] test hook: exiting while checkpoint {checkpoint_name(run)} is being written",
-              flush=True)
-        os._exit(17)
-
-
-def _test_fail_write(run, path: str) -> None:
-    """FAIL_WRITE=N: writing checkpoint N fails as on a full disk."""
-    if _hook("FAIL_WRITE") == str(unit(run)):
-        import errno
-
-        raise OSError(errno.ENOSPC, "No space left on device (test hook)", os.path.join(path, STATE_FILE))
-
-
-def _test_hang(run) -> None:
-    """HANG_AT=N: block (every rank) at the boundary after step N, until killed. STEP_SLEEP=S: sleep
-    S seconds at every boundary (time for a test to send a signal)."""
-    if _hook("STEP_SLEEP"):
-        time.sleep(float(_hook("STEP_SLEEP")))
-    if _hook("HANG_AT") == str(unit(run)):
-        print(f"[hybrid_ds] test hook: hanging after step {unit(run)}", flush=True)
-        while True:
-            time.sleep(1)
-
-
-def _install_test_hooks(run) -> None:
-    """NAN_AT=2,3: the policy's logits are NaN in the training forwards of those SFT steps."""
-    steps = {int(s) for s in _hook("NAN_AT").split(",") if s.strip()}
-    if not steps:
-        return
-
-    def poison(module, inputs, output):
-        if module.training and run.counters.sft_step + 1 in steps:
-            output.logits = output.logits * float("nan")
-        return output
-
-    run.engine.module.lm.register_forward_hook(poison)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,50 @@
+"""Build a hybrid_ds run inside the test process: one process, plain torch (no DeepSpeed), the
+builtin tiny GPT-2. The run is the one ``python -m hybrid_ds.train`` builds (trainer.build_run);
+only the launcher is skipped. A build takes a few seconds."""
+
+import json
+
+import torch
+
+from hybrid_ds import ppo
+from hybrid_ds.config import load_config
+
+
+def base(tmp_path, mode="hybrid", **keys) -> dict:
+    cfg = {"MODE": mode, "MODEL": "builtin:tiny-gpt2", "TRAIN_FILE": "builtin:demo-tasks",
+           "OUTPUT_DIR": str(tmp_path / "out"), "SEED": 0, "SFT_BATCH": 8, "LR_SFT": 1e-3, "PPO_BATCH": 4,
+           "PPO_MINI": 4, "PPO_EPOCHS": 1, "LR_PPO": 1e-3, "MAX_NEW_TOKENS": 6, "MIN_NEW_TOKENS": 2,
+           "MAXSEQ": 96, "MAX_STEPS": 2, "SCHEDULER": "constant", "REWARD": {"type": "word_f1"}}
+    cfg.update(keys)
+    return cfg
+
+
+def make_run(cfg: dict):
+    """A ``trainer.Run`` for the config dict ``cfg``, as ``train.run`` builds it on one process."""
+    from hybrid_ds.dist import init_dist
+    from hybrid_ds.trainer import build_run
+
+    c = load_config(None, [f"{k}={json.dumps(v)}" for k, v in cfg.items()])
+    dist = init_dist(c, sft_micro=c.sft.batch // c.sft.grad_accum, sft_accum=c.sft.grad_accum)
+    return build_run(c, dist, c.run.seed)
+
+
+def weights(run) -> dict:
+    """A copy of the policy/value model's parameters."""
+    return {k: v.detach().clone() for k, v in run.engine.module.state_dict().items()}
+
+
+def changed(a: dict, b: dict, prefix: str) -> bool:
+    return any(not torch.equal(a[k], b[k]) for k in a if k.startswith(prefix))
+
+
+def prepared_rollout(run, examples):
+    """Steps 1-4 of ``ppo.ppo_update`` (rollout, scores, reference and old log-probs, advantages)."""
+    cfg = run.cfg
+    ro = ppo.generate(run, examples)
+    ppo.score(run, ro, examples)
+    ro.ref_logprobs, _ = ppo.forward_logprobs(run.ref, ro, cfg.gen.temperature, 64, with_values=False)
+    if ro.logprobs is None:
+        ro.logprobs, ro.values = ppo.forward_logprobs(run.engine, ro, cfg.gen.temperature, 64, with_values=True)
+    ppo.compute_advantages(run, ro)
+    return ro
