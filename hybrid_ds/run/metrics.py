@@ -1,7 +1,7 @@
 """Metrics: reduced across ranks by the caller, written by the main process only.
 
 One JSON object per logged step in ``OUTPUT_DIR/metrics.jsonl`` (keys namespaced: ``sft/loss``,
-``ppo/policy/clipfrac``, ``objective/kl`` ...), the same scalars as TensorBoard events under
+``ppo/clipfrac``, ``objective/kl`` ...), the same scalars as TensorBoard events under
 ``OUTPUT_DIR/tensorboard/``, and a progress bar.
 """
 
