@@ -11,7 +11,6 @@ import pytest
 from launch_utils import REPO, assert_finite_rows, env, free_port, launch, metrics
 
 pytestmark = pytest.mark.slow
-SHARED = os.path.join(os.path.dirname(REPO), "shared")
 
 
 def rl_cfg(tmp_path, mode="hybrid", **extra):
@@ -86,7 +85,7 @@ def test_ppo_and_hybrid_run_on_two_processes(tmp_path, mode, zero, bf16):
 def test_seed_configs_run_with_local_models(tmp_path, name):
     from hybrid_ds.assets import resolve_model
 
-    with open(os.path.join(SHARED, "seed-configs", f"{name}.json")) as f:
+    with open(os.path.join(REPO, "examples", "seed", f"{name}.json")) as f:
         cfg = json.load(f)
     model = resolve_model("builtin:tiny-gpt2")
     reward = json.loads(json.dumps(cfg["REWARD"]).replace('"gpt2"', json.dumps(model)))
