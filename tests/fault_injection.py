@@ -1,7 +1,7 @@
 """Faults for the checkpoint and non-finite tests, injected from test code: the package has no hooks.
 
-``install(faults)`` wraps functions of ``hybrid_ds.checkpoint`` and ``hybrid_ds.trainer`` (which
-``hybrid_ds.train`` and the trainer look up at call time), so a run started through ``tests/scripts/train_with_faults.py``
+``install(faults)`` wraps functions of ``hybrid_ds.run.checkpoint`` and ``hybrid_ds.run.loop`` (where
+``hybrid_ds.train`` and the loop look them up at call time), so a run started through ``tests/scripts/train_with_faults.py``
 behaves like ``python -m hybrid_ds.train`` plus the faults named in the environment
 (``HYBRID_DS_FAULT_<NAME>=value``); each fault announces itself on stderr when it fires.
 
@@ -36,16 +36,16 @@ def _steps(value: str) -> set:
 
 
 def install(faults: dict) -> None:
-    from hybrid_ds import checkpoint as ck
-    from hybrid_ds import trainer
+    from hybrid_ds.run import checkpoint as ck
+    from hybrid_ds.run import loop
 
     if not faults:
         return
     _say(f"active: {faults}")
     state = {"run": None, "ok_calls": 0, "phase": None}
-    orig_sft, orig_ppo = trainer.do_sft_step, trainer.do_ppo_update
+    orig_phase_step = loop.phase_step
     orig_save, orig_all_ok, orig_main = ck.save_checkpoint, ck._all_ok, ck._save_main
-    orig_boundary, orig_attach = ck.at_boundary, ck.attach
+    orig_boundary, orig_attach = loop.at_boundary, ck.attach
 
     def save_checkpoint(run):
         state["run"], state["ok_calls"] = run, 0
@@ -77,17 +77,10 @@ def install(faults: dict) -> None:
                 time.sleep(1)
         return orig_boundary(run)
 
-    def do_sft_step(run):  # the phase the NaN faults fire in (the counters alone cannot tell it)
-        state["phase"] = "sft"
+    def phase_step(run, phase):  # the phase the NaN faults fire in (the counters alone cannot tell it)
+        state["phase"] = phase.name
         try:
-            return orig_sft(run)
-        finally:
-            state["phase"] = None
-
-    def do_ppo_update(run):
-        state["phase"] = "ppo"
-        try:
-            return orig_ppo(run)
+            return orig_phase_step(run, phase)
         finally:
             state["phase"] = None
 
@@ -96,14 +89,14 @@ def install(faults: dict) -> None:
         sft_steps, ppo_updates = _steps(faults.get("NAN_AT", "")), _steps(faults.get("NAN_VALUES_AT", ""))
 
         def poison_logits(module, inputs, output):
-            if module.training and state["phase"] == "sft" and run.counters["sft_step"] + 1 in sft_steps:
-                _say(f"NaN logits in SFT step {run.counters['sft_step'] + 1}")
+            if module.training and state["phase"] == "sft" and run.counters.sft_step + 1 in sft_steps:
+                _say(f"NaN logits in SFT step {run.counters.sft_step + 1}")
                 output.logits = output.logits * float("nan")
             return output
 
         def poison_values(module, inputs, output):
-            if module.training and state["phase"] == "ppo" and run.counters["ppo_update"] + 1 in ppo_updates:
-                _say(f"NaN values in PPO update {run.counters['ppo_update'] + 1}")
+            if module.training and state["phase"] == "ppo" and run.counters.ppo_update + 1 in ppo_updates:
+                _say(f"NaN values in PPO update {run.counters.ppo_update + 1}")
                 return output * float("nan")
             return output
 
@@ -113,5 +106,5 @@ def install(faults: dict) -> None:
             run.engine.module.v_head.register_forward_hook(poison_values)
 
     ck.save_checkpoint, ck._all_ok, ck._save_main = save_checkpoint, _all_ok, _save_main
-    ck.at_boundary, ck.attach = at_boundary, attach
-    trainer.do_sft_step, trainer.do_ppo_update = do_sft_step, do_ppo_update
+    loop.at_boundary, ck.attach = at_boundary, attach
+    loop.phase_step = phase_step

@@ -1,12 +1,12 @@
 """Build a hybrid_ds run inside the test process: one process, plain torch (no DeepSpeed), the
-builtin tiny GPT-2. The run is the one ``python -m hybrid_ds.train`` builds (trainer.build_run);
+builtin tiny GPT-2. The run is the one ``python -m hybrid_ds.train`` builds (run.setup.build_run);
 only the launcher is skipped. A build takes a few seconds."""
 
 import json
 
 import torch
 
-from hybrid_ds import ppo
+from hybrid_ds.algorithms import ppo
 from hybrid_ds.config import load_config
 
 
@@ -20,9 +20,9 @@ def base(tmp_path, mode="hybrid", **keys) -> dict:
 
 
 def make_run(cfg: dict):
-    """A ``trainer.Run`` for the config dict ``cfg``, as ``train.run`` builds it on one process."""
-    from hybrid_ds.dist import init_dist
-    from hybrid_ds.trainer import build_run
+    """A ``run.state.Run`` for the config dict ``cfg``, as ``train.run`` builds it on one process."""
+    from hybrid_ds.engine.dist import init_dist
+    from hybrid_ds.run.setup import build_run
 
     c = load_config(None, [f"{k}={json.dumps(v)}" for k, v in cfg.items()])
     dist = init_dist(c, sft_micro=c.sft.batch // c.sft.grad_accum, sft_accum=c.sft.grad_accum)

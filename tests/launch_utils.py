@@ -1,6 +1,7 @@
 """Run hybrid_ds through its real entry points in subprocesses (accelerate launch, python -m)."""
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -78,3 +79,13 @@ def max_rel_diff(a: dict, b: dict) -> float:
         x, y = a[k].double(), b[k].double()
         worst = max(worst, float((x - y).abs().max() / x.abs().max().clamp(min=1e-12)))
     return worst
+
+
+def assert_finite_rows(rows, expected: int, phase: str):
+    """``rows`` are ``expected`` logged steps of ``phase``, numbered 1.., with every metric finite
+    (metrics.jsonl writes a non-finite value as the string "nan"/"inf")."""
+    assert [r["step"] for r in rows] == list(range(1, expected + 1)), (phase, [r["step"] for r in rows])
+    for r in rows:
+        assert r["phase"] == phase
+        bad = {k: v for k, v in r.items() if k != "phase" and not (isinstance(v, (int, float)) and math.isfinite(v))}
+        assert not bad, (phase, r["step"], bad)

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import PYTHON, REPO, SHARED, write_json
+from conftest import PYTHON, REPO, write_json
 from hybrid_ds.config import ConfigError, config_reference_markdown, load_config
 from hybrid_ds.train import main
 
@@ -18,7 +18,22 @@ def _local_overrides(tmp_path):
     return LOCAL + [f"OUTPUT_DIR={tmp_path}/out"]
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(SHARED, "seed-configs", "*.json"))))
+SEED_CONFIGS = sorted(glob.glob(os.path.join(REPO, "examples", "seed", "*.json")))
+EXAMPLES = sorted(glob.glob(os.path.join(REPO, "examples", "*.json")))
+DS_CONFIGS = sorted(glob.glob(os.path.join(REPO, "ds_configs", "*.json")))
+LAUNCH_CONFIGS = sorted(glob.glob(os.path.join(REPO, "launch", "*.yaml")))
+
+
+def test_every_shipped_config_file_is_tested():
+    """Each file under examples/, launch/ and ds_configs/ is in one of the lists the tests below run."""
+    tested = set(SEED_CONFIGS + EXAMPLES + DS_CONFIGS + LAUNCH_CONFIGS)
+    shipped = {os.path.join(d, n) for top in ("examples", "launch", "ds_configs")
+               for d, _, names in os.walk(os.path.join(REPO, top)) for n in names}
+    assert shipped and shipped <= tested, sorted(shipped - tested)
+    assert len(SEED_CONFIGS) == 3 and EXAMPLES and DS_CONFIGS and LAUNCH_CONFIGS
+
+
+@pytest.mark.parametrize("path", SEED_CONFIGS, ids=os.path.basename)
 def test_seed_configs_validate_with_local_model_and_data(path, tmp_path):
     cfg = load_config(path, _local_overrides(tmp_path))
     with open(path) as f:
@@ -28,7 +43,7 @@ def test_seed_configs_validate_with_local_model_and_data(path, tmp_path):
         assert cfg.reward == raw["REWARD"]
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "examples", "*.json"))))
+@pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
 def test_examples_validate(path, tmp_path):
     overrides = [f"OUTPUT_DIR={tmp_path}/out"]
     with open(path) as f:
@@ -37,7 +52,7 @@ def test_examples_validate(path, tmp_path):
     load_config(path, overrides)
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "ds_configs", "*.json"))))
+@pytest.mark.parametrize("path", DS_CONFIGS, ids=os.path.basename)
 def test_ds_configs_load_and_fill(path, tmp_path, base_cfg):
     from hybrid_ds.engine.dist import fill_ds_config
 
@@ -52,7 +67,7 @@ def test_ds_configs_load_and_fill(path, tmp_path, base_cfg):
     assert cfg.run.ds_config == path
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "launch", "*.yaml"))))
+@pytest.mark.parametrize("path", LAUNCH_CONFIGS, ids=os.path.basename)
 def test_launch_configs_parse_and_point_at_ds_configs(path):
     import yaml
 

@@ -7,8 +7,8 @@ import torch
 
 from inproc import base, changed, make_run, weights
 
-from hybrid_ds import checkpoint as ck
-from hybrid_ds.sft import sft_step
+from hybrid_ds.run import checkpoint as ck
+from hybrid_ds.algorithms.sft import sft_step
 
 
 def test_sft_steps_lower_the_loss_on_a_repeated_batch(tmp_path):
@@ -24,26 +24,28 @@ def test_sft_steps_lower_the_loss_on_a_repeated_batch(tmp_path):
 
 
 def test_ppo_update_changes_policy_and_value_with_finite_metrics(tmp_path):
-    from hybrid_ds.trainer import do_ppo_update
+    from hybrid_ds.algorithms.registry import PHASES
+    from hybrid_ds.run.loop import phase_step
 
     run = make_run(base(tmp_path, "ppo", PPO_MINI=2, PPO_EPOCHS=2))
     w0 = weights(run)
-    m = do_ppo_update(run)
+    m = phase_step(run, PHASES["ppo"])
     assert all(math.isfinite(v) for v in m.values()), {k: v for k, v in m.items() if not math.isfinite(v)}
     for k in ("ppo/loss/policy", "ppo/loss/value", "objective/kl", "ppo/reward_mean", "ppo/clipfrac"):
         assert k in m, k
-    assert m["ppo/skipped_microbatches"] == 0.0 and run.counters["ppo_update"] == 1
+    assert m["ppo/skipped_microbatches"] == 0.0 and run.counters.ppo_update == 1
     w1 = weights(run)
     assert changed(w0, w1, "lm.") and changed(w0, w1, "v_head."), "PPO moves policy and value head"
 
 
 def test_checkpoint_save_and_load_restore_weights_and_state_exactly(tmp_path):
-    from hybrid_ds.trainer import do_sft_step
+    from hybrid_ds.algorithms.registry import PHASES
+    from hybrid_ds.run.loop import phase_step
 
     cfg = base(tmp_path, "sft", MAX_STEPS=4)
     run = make_run(cfg)
     for _ in range(2):
-        do_sft_step(run)
+        phase_step(run, PHASES["sft"])
     path = ck.save_checkpoint(run)
     saved_w, saved_opt = weights(run), run.engine.optimizer.state_dict()
     run.logger.close()
@@ -58,9 +60,9 @@ def test_checkpoint_save_and_load_restore_weights_and_state_exactly(tmp_path):
     assert opt.keys() == saved_opt["state"].keys() and opt
     for i, s in saved_opt["state"].items():
         assert all(torch.equal(torch.as_tensor(s[k]), torch.as_tensor(opt[i][k])) for k in s), i
-    assert fresh.counters["sft_step"] == 2
-    assert fresh.sft_stream.state_dict() == run.sft_stream.state_dict()
+    assert fresh.counters.sft_step == 2
+    assert fresh.streams["sft"].state_dict() == run.streams["sft"].state_dict()
     # and the two continue identically
-    a, b = do_sft_step(run), do_sft_step(fresh)
+    a, b = phase_step(run, PHASES["sft"]), phase_step(fresh, PHASES["sft"])
     assert a["sft/loss"] == b["sft/loss"]
     fresh.logger.close()

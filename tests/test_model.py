@@ -112,3 +112,48 @@ def test_model_state_bytes_counts_params_and_adam_state_once():
     assert out["params"] == 4 * n
     assert out["optim"] >= 2 * 4 * n and out["optim"] <= 2 * 4 * n + 64 * len(opt.state)  # moments + step counters
     assert out["buffers"] == 0  # a torch optimizer holds nothing else
+
+
+def test_ppo_loss_on_the_response_positions_equals_the_full_forward_with_its_gradient():
+    """ppo.policy_response_outputs runs the LM head on the T + 1 last positions only: the clipped
+    PPO loss and its gradient with respect to every parameter (value head included) equal those
+    of a full-logit forward sliced here, with a plain log_softmax."""
+    from hybrid_ds.algorithms import ppo_math as pm
+    from hybrid_ds.models.logprobs import logprobs_from_logits, policy_response_outputs, sequence_inputs
+
+    model = PolicyValue(tiny_gpt2(), seed=3)
+    with torch.no_grad():
+        model.v_head.weight.normal_()
+    g = torch.Generator().manual_seed(2)
+    q_ids, q_mask, _ = batch(B=4, L=7)
+    T = 5
+    resp = torch.randint(0, V, (4, T), generator=g)
+    r_mask = torch.ones(4, T)
+    r_mask[2, 3:] = 0  # a response that ended early
+    ids, att, pos = sequence_inputs(q_ids, q_mask, resp, r_mask)
+    old_logp = -4.6 + 0.3 * torch.randn(4, T, generator=g)
+    adv, old_v, ret = (torch.randn(4, T, generator=g) for _ in range(3))
+
+    def loss_of(logits, values):
+        logp = logprobs_from_logits(logits, resp, 0.7)
+        pg, _ = pm.policy_loss(logp, old_logp, adv, r_mask, 0.2)
+        vf, _ = pm.value_loss(values, old_v, ret, r_mask, 0.2)
+        return pg + 0.1 * vf
+
+    def naive_loss():
+        full, values = model(ids, att, position_ids=pos, with_values=True)
+        P = q_ids.shape[1]
+        lp = torch.log_softmax(full[:, P - 1:P + T - 1] / 0.7, -1).gather(2, resp.unsqueeze(-1)).squeeze(-1)
+        pg, _ = pm.policy_loss(lp, old_logp, adv, r_mask, 0.2)
+        vf, _ = pm.value_loss(values[:, P - 1:P + T - 1], old_v, ret, r_mask, 0.2)
+        return pg + 0.1 * vf
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    trimmed = loss_of(*policy_response_outputs(model, ids, att, pos, T))
+    g_trim = torch.autograd.grad(trimmed, params, allow_unused=True)
+    full = naive_loss()
+    g_full = torch.autograd.grad(full, params, allow_unused=True)
+    torch.testing.assert_close(trimmed, full, atol=1e-6, rtol=1e-5)
+    assert sum(a is not None for a in g_full) == len(params)
+    for (name, _), a, b in zip(model.named_parameters(), g_trim, g_full):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)

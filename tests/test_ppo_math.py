@@ -476,3 +476,13 @@ def test_mask_after_eos():
     # several stop ids
     mask, ended = pm.mask_after_eos(T([[5, 9, 2]]), eos_id=(2, 9))
     assert mask.tolist() == [[1, 1, 0]] and ended.tolist() == [True]
+
+
+def test_vf_clipfrac_counts_no_token_when_the_clip_is_inactive():
+    """``old + (v - old)`` need not round back to ``v`` (values near 0 of either sign, as a fresh
+    value head gives): such float round-off must not count as clipping."""
+    g = torch.Generator().manual_seed(0)
+    old, v = 0.01 * torch.randn(4, 256, generator=g), 0.01 * torch.randn(4, 256, generator=g)
+    returns = torch.randn(4, 256, generator=g)
+    _, stats = pm.value_loss(v, old, returns, torch.ones(4, 256), clip_range=0.2)
+    assert float(stats["vf_clipfrac"]) == 0.0

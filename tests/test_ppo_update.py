@@ -9,7 +9,7 @@ import torch
 
 from inproc import base, changed, make_run, prepared_rollout, weights
 
-from hybrid_ds import ppo
+from hybrid_ds.algorithms import ppo
 
 pytestmark = pytest.mark.slow
 
@@ -51,15 +51,16 @@ def test_ptx_logs_the_sft_loss_and_pulls_the_update_toward_the_sft_data(tmp_path
     """PTX_COEF > 0: ``ppo/loss/ptx`` is the SFT loss of the labelled batch (as transformers computes
     it, before the step), the PPO losses are those of the PTX_COEF=0 run on the same rollout, and the
     update differs from it in the direction that lowers the SFT loss."""
-    from hybrid_ds.trainer import do_ppo_update
+    from hybrid_ds.algorithms.registry import PHASES
+    from hybrid_ds.run.loop import phase_step
 
     a = make_run(base(tmp_path / "a", "ppo", PTX_COEF=1.0, SFT_BATCH=8))
     b = make_run(base(tmp_path / "b", "ppo", PTX_COEF=0.0))
     pad = a.tokenizer.pad_token_id
-    ptx_idx = copy.deepcopy(a.sft_stream).next()  # the batch do_ppo_update draws for ptx
+    ptx_idx = copy.deepcopy(a.streams["sft"]).next()  # the batch the PPO step draws for ptx
     ptx_examples = [a.examples[i] for i in ptx_idx]
     expected = _ce_mean(a.engine.module.lm, ptx_examples, pad)
-    ma, mb = do_ppo_update(a), do_ppo_update(b)
+    ma, mb = phase_step(a, PHASES["ppo"]), phase_step(b, PHASES["ppo"])
     assert "ppo/loss/ptx" in ma and "ppo/loss/ptx" not in mb
     assert math.isfinite(ma["ppo/loss/ptx"]) and ma["ppo/loss/ptx"] == pytest.approx(expected, rel=1e-5)
     for k in ("ppo/reward_mean", "ppo/loss/policy", "ppo/loss/value", "objective/kl"):
@@ -85,9 +86,10 @@ def test_whiten_rewards_rescales_the_shaped_rewards_keeping_their_mean(tmp_path)
     torch.testing.assert_close(white.rewards.double(), expected, rtol=1e-5, atol=1e-6)
     assert float(vals.std()) != pytest.approx(1.0, abs=1e-2)  # else the test could not tell
     assert not torch.allclose(white.returns, ro.returns)
-    from hybrid_ds.trainer import do_ppo_update
+    from hybrid_ds.algorithms.registry import PHASES
+    from hybrid_ds.run.loop import phase_step
 
-    m = do_ppo_update(run)
+    m = phase_step(run, PHASES["ppo"])
     assert all(math.isfinite(v) for v in m.values())
 
 
@@ -121,7 +123,8 @@ def test_ref_init_after_warmup_snapshots_the_warmed_up_policy(tmp_path):
     import json
     import os
 
-    from hybrid_ds.trainer import do_sft_step, train
+    from hybrid_ds.algorithms.registry import PHASES
+    from hybrid_ds.run.loop import phase_step, train
 
     from launch_utils import REPO
 
@@ -135,43 +138,44 @@ def test_ref_init_after_warmup_snapshots_the_warmed_up_policy(tmp_path):
         lm = run.engine.module.lm
         initial = {k: v.detach().clone() for k, v in lm.state_dict().items()}
         for _ in range(2):  # the warm-up, step by step, to see the policy at its end
-            do_sft_step(run)
+            phase_step(run, PHASES["sft"])
         warmed = {k: v.detach().clone() for k, v in lm.state_dict().items()}
         train(run)  # the warm-up is done: takes the snapshot, then runs the cycle
         run.logger.close()
-        assert run.counters["cycle"] == 1 and run.counters["ppo_update"] == 1
+        assert run.counters.cycle == 1 and run.counters.ppo_update == 1
         ref = run.ref.state_dict()
         want = warmed if ref_init == "after_warmup" else initial
         assert all(torch.equal(ref[k], want[k]) for k in want), ref_init
         assert any(not torch.equal(warmed[k], initial[k]) for k in initial)
         assert any(not torch.equal(lm.state_dict()[k], ref[k]) for k in ref)  # the cycle moved the policy on
-        assert run.counters.get("ref_snapshot") == (1 if ref_init == "after_warmup" else None)
+        assert run.counters.ref_snapshot == (1 if ref_init == "after_warmup" else 0)
 
 
 def test_nonfinite_ppo_update_is_skipped_counted_and_stops_the_run(tmp_path):
     """NaN value-head outputs in the training forwards (not caught by the ratio guard): the update is
     skipped (weights and KL controller unchanged) and counted; a finite update resets the streak;
     MAX_NAN_STEPS in a row stop the run."""
-    from hybrid_ds.checkpoint import NonFiniteLossError
-    from hybrid_ds.trainer import do_ppo_update
+    from hybrid_ds.run.faults import NonFiniteLossError
+    from hybrid_ds.algorithms.registry import PHASES
+    from hybrid_ds.run.loop import phase_step
 
     run = make_run(base(tmp_path, "ppo", MAX_NAN_STEPS=2, MAX_STEPS=5))
     poison = {"on": True}
     run.engine.module.v_head.register_forward_hook(
         lambda mod, inp, out: out * float("nan") if mod.training and poison["on"] else out)
     w0, kl0 = weights(run), run.kl_ctl.state_dict()
-    m = do_ppo_update(run)
+    m = phase_step(run, PHASES["ppo"])
     assert not math.isfinite(m["ppo/loss/value"]) and m["faults/nonfinite_total"] == 1.0
     w1 = weights(run)
     assert all(torch.equal(w0[k], w1[k]) for k in w0), "a non-finite update reached the weights"
-    assert run.kl_ctl.state_dict() == kl0 and run.counters["nan_streak"] == 1
+    assert run.kl_ctl.state_dict() == kl0 and run.counters.nan_streak == 1
     poison["on"] = False
-    m = do_ppo_update(run)
-    assert all(math.isfinite(v) for v in m.values()) and run.counters["nan_streak"] == 0
+    m = phase_step(run, PHASES["ppo"])
+    assert all(math.isfinite(v) for v in m.values()) and run.counters.nan_streak == 0
     assert changed(w1, weights(run), "lm.") and changed(w1, weights(run), "v_head.")
     poison["on"] = True
-    do_ppo_update(run)
+    phase_step(run, PHASES["ppo"])
     with pytest.raises(NonFiniteLossError, match=r"2 non-finite losses in a row \(MAX_NAN_STEPS=2\), "
                                                  r"the last at PPO update 4 \(ppo/loss/value\)"):
-        do_ppo_update(run)
+        phase_step(run, PHASES["ppo"])
     run.logger.close()

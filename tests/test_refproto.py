@@ -122,10 +122,27 @@ def test_merged_batch_gives_each_request_its_own_logprobs(model):
         b = r.input_ids.shape[0]
         torch.testing.assert_close(out[row:row + b, :r.T], local_logprobs(model, ro), atol=1e-6, rtol=0)
         row += b
-    # unmerged and chunked: bit-identical to the colocated computation
+    # unmerged and chunked: bit-identical to the colocated computation (ppo.forward_logprobs, which
+    # shares lm_response_logprobs with it), and both equal a plain full forward computed here
     one = model_logprob_fn(model, chunk=2)(reqs[0].input_ids, reqs[0].attention_mask, reqs[0].P, reqs[0].T,
                                            W.TEMPERATURE)
     assert torch.equal(one, local_logprobs(model, ros[0]))
+    for ro, r in zip(ros, reqs):
+        got = model_logprob_fn(model)(r.input_ids, r.attention_mask, r.P, r.T, W.TEMPERATURE)
+        torch.testing.assert_close(got, naive_logprobs(model, ro), atol=1e-5, rtol=0)
+
+
+def naive_logprobs(model, ro):
+    """Response log-probs ``(B, T)`` from one full forward of prompt + response (positions counted
+    over real tokens), log_softmax of all logits / temperature, gathered at the response ids."""
+    ids = torch.cat([ro.query_ids, ro.response_ids], 1)
+    att = torch.cat([ro.query_mask, ro.response_mask.long()], 1)
+    pos = (torch.cumsum(att, 1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=att, position_ids=pos).logits.double()
+    P, T = ro.query_ids.shape[1], ro.response_ids.shape[1]
+    lp = torch.log_softmax(logits[:, P - 1:P + T - 1] / W.TEMPERATURE, -1)
+    return lp.gather(2, ro.response_ids.unsqueeze(-1)).squeeze(-1).float()
 
 
 # --------------------------------------------------------------------------------------

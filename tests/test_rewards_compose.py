@@ -142,7 +142,10 @@ def test_fault_policy_from_spec_and_kwargs_through_a_composite():
     assert reward.pop_stats()["reward/faults/keyword_coverage"] == 1.0
     by_kwarg = make_reward(spec, on_error="fallback", fallback=1.0)
     assert by_kwarg.score_batch(R, T, items=items)[1] == 0.5
-    assert make_reward({**spec, "on_error": "fallback"}, on_error="raise") is not None
+    overridden = make_reward({**spec, "on_error": "fallback"}, on_error="raise")  # the kwarg wins over the spec
+    with pytest.raises(RewardError, match=r"^reward 'keyword_coverage' failed on sample 1 \(response 'a dog ran'\): "
+                                          r"KeyError: 'kw'$"):
+        overridden.score_batch(R, T, items=items)
 
 
 def test_composite_overflow_is_caught_too():

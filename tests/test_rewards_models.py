@@ -13,8 +13,8 @@ import rewards_helpers as helpers  # noqa: E402
 
 from hybrid_ds.rewards import RewardError, make_reward  # noqa: E402
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402  (hard dependencies: missing, the module fails rather than skips)
+import transformers  # noqa: E402,F401
 
 RESPONSES = ["I love this movie, it is wonderful", "the cat sat on the mat", "terrible and sad",
              "a quick brown fox jumps over the lazy dog and the cat", "ok"]
@@ -198,7 +198,8 @@ def test_perplexity_empty_response_is_a_fault(tiny):
 # --- toxicity ----------------------------------------------------------------------------------
 
 def test_toxicity_with_a_local_detoxify_checkpoint(tiny):
-    Detoxify = pytest.importorskip("detoxify").Detoxify  # optional extra: hybrid_ds[toxicity]
+    # The toxicity extra is part of the test install (scripts/setup.sh): a missing detoxify fails here.
+    from detoxify import Detoxify
 
     spec = {"type": "toxicity", "checkpoint": str(tiny["detox_ckpt"]),
             "huggingface_config_path": str(tiny["detox_hf"]), "batch_size": 2}
@@ -218,7 +219,7 @@ def test_toxicity_with_a_local_detoxify_checkpoint(tiny):
 
 
 def test_toxicity_offline_with_a_checkpoint_naming_a_hub_model(tiny):
-    pytest.importorskip("detoxify")
+    import detoxify  # noqa: F401  (installed with the test extras: missing, the test fails)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     reward = make_reward({"type": "toxicity", "checkpoint": str(tiny["detox_hub_ckpt"]),
@@ -231,7 +232,7 @@ def test_toxicity_offline_with_a_checkpoint_naming_a_hub_model(tiny):
 
 
 def test_toxicity_load_failure_explains_what_to_pass(tmp_path):
-    pytest.importorskip("detoxify")
+    import detoxify  # noqa: F401  (installed with the test extras: missing, the test fails)
     # (a missing local file, not model "original" alone: that would download where there is network)
     with pytest.raises(RuntimeError, match="could not load Detoxify model 'original' .*offline, pass 'checkpoint'"):
         make_reward({"type": "toxicity", "checkpoint": str(tmp_path / "missing.ckpt")})

@@ -25,7 +25,7 @@ SPEC_EXAMPLE = {"type": "weighted_sum",
                 "components": [{"type": "cosine_sts", "weight": 0.6},
                                {"type": "perplexity", "model": "gpt2", "weight": 0.4}],
                 "postprocess": [{"type": "clip", "min": 0, "max": 1}]}
-# REWARD default of the SPEC, REWARD of seed-configs/ppo.json, REWARD of seed-configs/hybrid.json
+# REWARD default of the SPEC, REWARD of examples/seed/ppo.json, REWARD of examples/seed/hybrid.json
 SEED_SPECS = [{"type": "cosine_sts"}, {"type": "cosine_sts"}, SPEC_EXAMPLE]
 
 

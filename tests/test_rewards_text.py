@@ -187,3 +187,40 @@ def test_batched_equals_per_sample(spec):
     batched = reward.score_batch(RESPONSES, TARGETS)
     assert batched == [reward(r, t) for r, t in zip(RESPONSES, TARGETS)]
     assert all(isinstance(s, float) and math.isfinite(s) for s in batched)
+
+
+def _levenshtein(a, b):
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
+
+
+def _independent():
+    """Per-sample values computed here, from the libraries or by hand, never through hybrid_ds."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    rouge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    vader = SentimentIntensityAnalyzer()
+    return {
+        "bleu": lambda h, r: sacrebleu.sentence_bleu(h, [r]).score / 100,
+        "chrf": lambda h, r: sacrebleu.sentence_chrf(h, [r]).score / 100,
+        "ter": lambda h, r: 1 - min(sacrebleu.sentence_ter(h, [r]).score / 100, 1.0),
+        "rouge_l": lambda h, r: rouge.score(r.lower(), h.lower())["rougeL"].fmeasure,
+        "exact_match": lambda h, r: float(" ".join(h.split()) == " ".join(r.split())),
+        "levenshtein": lambda h, r: 1 - _levenshtein(h, r) / max(len(h), len(r), 1),
+        "sentiment": lambda h, r: (vader.polarity_scores(h)["compound"] + 1) / 2,
+    }
+
+
+@pytest.mark.parametrize("spec", [{"type": "bleu"}, {"type": "chrf"}, {"type": "ter"},
+                                  {"type": "rouge_l", "use_stemmer": True}, {"type": "exact_match"},
+                                  {"type": "levenshtein"}, {"type": "sentiment", "backend": "vader"}],
+                         ids=lambda s: s["type"])
+def test_batched_scores_equal_independent_values(spec):
+    expected = [_independent()[spec["type"]](h, r) for h, r in zip(RESPONSES, TARGETS)]
+    assert make_reward(spec).score_batch(RESPONSES, TARGETS) == pytest.approx(expected, abs=1e-9)

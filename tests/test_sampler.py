@@ -184,11 +184,16 @@ def test_gpt2_step_logits_are_bit_identical_to_the_forward(gpt2, pads):
 
 
 def test_fast_candidates_equal_generates_warpers():
-    """The top-k/top-p fast path rebuilds exactly the processed scores of the full-vocabulary ops,
-    in every row it does not flag as ambiguous (ties, a mass within rounding of 1 - top_p)."""
+    """The top-k/top-p fast path rebuilds exactly the scores of transformers' own warpers (the
+    LogitsProcessorList generate builds: temperature, top-k, top-p), in every row it does not flag
+    as ambiguous (ties, a mass within rounding of 1 - top_p); the full-vocabulary path
+    (``exact_scores``) equals them in every row."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
     st = settings(temperature=0.7, top_k=40, top_p=0.9)
     ids = torch.full((64, 4), 5)
     proc = Processors(st, ids, torch.ones_like(ids), ids, 512, 0, True, None)
+    hf = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(40), TopPLogitsWarper(0.9)])
     g = torch.Generator().manual_seed(0)
     rows = flagged = 0
     for trial in range(20):
@@ -198,7 +203,10 @@ def test_fast_candidates_equal_generates_warpers():
         vals, idx, ambiguous = proc.candidates(logits)
         rebuilt = torch.full_like(logits, -math.inf).scatter_(1, idx, vals)
         ok = ~ambiguous
-        assert torch.equal(rebuilt[ok], proc.exact_scores(logits)[ok])
+        expected = hf(ids, logits.clone())
+        assert torch.isinf(expected).sum(-1).min() > 0  # the warpers did drop tokens
+        assert torch.equal(rebuilt[ok], expected[ok])
+        assert torch.equal(proc.exact_scores(logits), expected)
         rows, flagged = rows + len(ok), flagged + int(ambiguous.sum())
     assert 0 < flagged < rows / 4
 

@@ -353,7 +353,8 @@ def value_loss(
     ``old_values``, ``returns``, ``mask`` ``(B, T)`` -> ``(loss 0-d, stats)``. ``num_tokens`` as in
     :func:`policy_loss`.
 
-    ``stats`` (detached 0-d): ``vf_clipfrac`` fraction of tokens where the clipped term is larger;
+    ``stats`` (detached 0-d): ``vf_clipfrac`` fraction of tokens where the clip acts
+    (``|v - old| > c``) and the clipped term is the larger;
     ``value_mean``; ``explained_variance`` ``1 - Var(R - v) / Var(R)`` over real tokens (0 when
     ``Var(R) == 0``).
     """
@@ -362,17 +363,20 @@ def value_loss(
     returns = returns.detach()
     unclipped = (values - returns) ** 2
     if clip_range is None:
-        clipped = unclipped
+        clipped, active = unclipped, torch.zeros_like(m, dtype=torch.bool)
     else:
         v_clip = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
         clipped = (v_clip - returns) ** 2
+        # Inside the range v_clip is v only up to rounding (old + (v - old) is inexact when v and old
+        # differ in sign or scale), so a token counts as clipped only where the clip acts.
+        active = (values - old_values).abs() > clip_range
     loss = 0.5 * _token_mean(torch.maximum(unclipped, clipped), m, num_tokens)
     with torch.no_grad():
         v = values.detach()
         var_r = masked_var(returns, m)
         var_res = masked_var(returns - v, m)
         stats = {
-            "vf_clipfrac": masked_mean((clipped > unclipped).to(m.dtype), m),
+            "vf_clipfrac": masked_mean((active & (clipped > unclipped)).to(m.dtype), m),
             "value_mean": masked_mean(v, m),
             "explained_variance": _safe_div(var_r - var_res, var_r),
         }

@@ -147,7 +147,8 @@ class PPOConfig:
     missing_eos_penalty: Optional[float] = opt(None, "Subtract this from the score of a response that hit "
                                                      "MAX_NEW_TOKENS without EOS.", key="MISSING_EOS_PENALTY",
                                                lo=0.0)
-    ratio_guard: float = opt(10.0, "Skip a minibatch whose mean ratio exceeds this.", key="RATIO_GUARD", lo=1.0)
+    ratio_guard: float = opt(10.0, "A micro-batch whose mean probability ratio exceeds this contributes no "
+                                   "gradient (counted in ppo/skipped_microbatches).", key="RATIO_GUARD", lo=1.0)
     ptx_coef: float = opt(0.0, "PPO-ptx: add this times the SFT loss on a labelled batch to every PPO "
                                "optimizer step (DeepSpeed-Chat's mixture training); 0 = off.", key="PTX_COEF",
                           lo=0.0)
