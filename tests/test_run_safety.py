@@ -32,7 +32,7 @@ def snapshot(root):
     for d, _, files in os.walk(root):
         for n in files:
             p = os.path.join(d, n)
-            if n == ck.LOCK_FILE:
+            if n == ".lock":
                 continue
             with open(p, "rb") as f:
                 out[os.path.relpath(p, root)] = hashlib.sha256(f.read()).hexdigest()
@@ -93,17 +93,17 @@ def test_output_dir_held_by_a_live_process_is_refused_naming_it(tmp_path):
 def test_stale_lock_of_a_killed_run_is_taken_over(tmp_path, capsys):
     out = tmp_path / "out"
     dead = hold_lock_in_child(out, then="die")
-    assert json.loads((out / ck.LOCK_FILE).read_text())["pid"] == dead  # it died holding it
+    assert json.loads((out / ".lock").read_text())["pid"] == dead  # it died holding it
     cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in sft_cfg(out).items()])  # not refused
     try:
         assert ck.prepare_output_dir(cfg, OneProcess()) is None
-        holder = json.loads((out / ck.LOCK_FILE).read_text())
+        holder = json.loads((out / ".lock").read_text())
         assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
     finally:
         ck.release_output_dir()
     said = capsys.readouterr().out
     assert f"took over the lock of pid {dead} on host {socket.gethostname()}" in said, said
-    assert (out / ck.LOCK_FILE).read_text() == ""  # released: nothing left to take over
+    assert (out / ".lock").read_text() == ""  # released: nothing left to take over
 
 
 @pytest.mark.slow
@@ -184,7 +184,7 @@ def test_damaged_latest_is_refused_naming_the_previous_one_then_resuming_that_ke
     assert (out / "checkpoints" / names[3] / "step-0000004" / "optimizer.pt").read_bytes() == damaged
     aside = [n for n in os.listdir(out) if n.startswith("metrics.superseded-")]
     assert len(aside) == 1 and [json.loads(ln) for ln in (out / aside[0]).read_text().splitlines()] == old_rows[2:]
-    assert latest(out) == "step-0000004" and not (out / ck.RESUME_JOURNAL).exists()
+    assert latest(out) == "step-0000004" and not (out / "resume-pending.json").exists()
 
 
 class Evil:
@@ -204,8 +204,8 @@ def test_a_checkpoint_file_that_would_run_code_is_refused_and_never_runs(finishe
     torch.save({"torch": Evil(str(marker))}, out / "checkpoints" / "step-0000004" / name)
     before = snapshot(out)
     rc, log = finish(start({**cfg, "MAX_STEPS": 6}, tmp_path, "evil"), timeout=240)
-    assert rc == 2, log[-3000:]
     assert not marker.exists(), "the pickled code ran"
+    assert rc == 2, log[-3000:]
     assert f"step-0000004/{name} holds pickled objects" in log and "weights_only=True" in log, log[-3000:]
     assert "Traceback" not in log and snapshot(out) == before
 
@@ -218,7 +218,7 @@ def test_abandoned_resume_rows_are_moved_aside_at_the_next_start(finished_run, t
     rc, log = finish(start({**cfg, "RESUME": str(out / "checkpoints" / "step-0000002")}, tmp_path, "crash",
                            hooks={"CRASH_IN_CHECKPOINT": 4}), timeout=240)
     assert rc == 17, log[-3000:]
-    assert (out / ck.RESUME_JOURNAL).is_file() and (out / "metrics.jsonl").read_bytes().startswith(old)
+    assert (out / "resume-pending.json").is_file() and (out / "metrics.jsonl").read_bytes().startswith(old)
     assert latest(out) == "step-0000004" and len(metrics(out)) == 6  # rows 3, 4 twice until the next start
     cfg_obj = load_config(None, [f"{k}={json.dumps(v)}" for k, v in {**cfg, "MAX_STEPS": 4}.items()])
     try:
