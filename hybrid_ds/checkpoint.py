@@ -9,7 +9,7 @@ On disk, under ``OUTPUT_DIR/checkpoints/``::
       model.pt, optimizer.pt    without DeepSpeed: the model and optimizer state dicts (rank 0)
       schedules.pt              the phases' learning-rate schedules
       trainer_state.json        counters, data positions, KL controller, reward statistics, launch layout
-      rng/rank-00000.pt         python, numpy, torch (and CUDA) generators, one file per rank
+      rng/rank-00000.pt         python, numpy, torch (and CUDA) generators as tensors, one file per rank
       reference.pt              the reference model, when REF_INIT=after_warmup took its snapshot
       config.json               the resolved config the run was started with (compared on resume)
       hf/                       model config and tokenizer, for ``export``
@@ -20,7 +20,10 @@ renames the directory and only then moves ``latest``, so a crash while writing l
 checkpoint in use. ``KEEP_LAST`` prunes older complete checkpoints after that. ``inference_lm/``
 and ``ppo_full/`` are refreshed at each checkpoint. The file system must be shared by the ranks.
 
-Resume (``RESUME``): see :func:`resolve_resume`. Faults: SIGTERM/SIGINT set a flag that the ranks
+Every file is loaded with ``weights_only=True`` (a checkpoint cannot run code); DeepSpeed's own
+files, which DeepSpeed unpickles itself, are first checked to name only its plain data classes.
+Resume (``RESUME``): see :func:`resolve_resume`; OUTPUT_DIR is locked for one run, and resuming
+verifies the checkpoint and deletes nothing (see "the output directory" below). Faults: SIGTERM/SIGINT set a flag that the ranks
 agree on (all-reduce) between steps; then all checkpoint and exit 0. A non-finite loss has its
 update skipped by the engine (DeepSpeed skips non-finite gradients; ``TrainEngine.step`` does the
 same without it); ``MAX_NAN_STEPS`` of them in a row stop the run with an error.
@@ -963,8 +966,6 @@ def attach(run, point: Optional[ResumePoint]) -> None:
 
 def load_checkpoint(run, point: ResumePoint) -> None:
     """Restore engine, optimizer, schedules, counters, data positions, KL, reward and RNG states."""
-    import torch
-
     st, dist, path = point.state, run.dist, point.path
     layout = (st["world"], st["zero_stage"], st["precision"])
     if layout != (dist.world, dist.zero_stage, dist.plan.mixed_precision):

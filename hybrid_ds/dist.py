@@ -337,6 +337,7 @@ class Dist:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def shutdown(self) -> None:
+        """Destroy every process group and remove this run's shared-memory segments (idempotent)."""
         if self.initialized:
             try:
                 torch.distributed.destroy_process_group()
@@ -502,6 +503,12 @@ def init_dist(cfg: Config, *, sft_micro: int, sft_accum: int) -> Dist:
              max_grad_norm=cfg.run.max_grad_norm)
     if d.world != world:
         raise RuntimeError(f"launcher announced WORLD_SIZE={world} but the process group has {d.world} ranks")
+    # Whatever way this process ends (an exception escaping a script, sys.exit), its process groups are
+    # destroyed while the interpreter is still whole: a gloo group left to interpreter teardown can have
+    # its C++ worker threads destroyed unjoined ("terminate called without an active exception", SIGABRT).
+    import atexit
+
+    atexit.register(d.shutdown)
     return d
 
 

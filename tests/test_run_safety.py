@@ -18,7 +18,6 @@ import sys
 
 import pytest
 import torch
-
 from launch_utils import BIN, REPO, env, free_port, metrics
 from test_checkpoint import finish, kill_all, latest, run_ok, sft_cfg, start, wait_for
 
