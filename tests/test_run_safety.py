@@ -271,3 +271,22 @@ def test_shared_memory_of_a_killed_run_is_removed_by_the_next_start(tmp_path):
     assert rc == 0, log[-3000:]
     assert shm_segments(port) == [], "the killed run's segments are still there"
     assert shm_segments(port2) == [], "the clean run left its own segments"
+
+
+@pytest.mark.slow
+def test_damaged_deepspeed_shard_of_rank_1_stops_every_rank_with_exit_2(tmp_path):
+    """Two ranks, ZeRO-2: rank 0 verifies every rank's files before anything changes; its decision
+    reaches rank 1, so both exit 2 with the message and nothing is touched."""
+    out = tmp_path / "out"
+    cfg = sft_cfg(out, MAX_STEPS=2)
+    run_ok(cfg, tmp_path, "base", nproc=2, zero=2)
+    engine = out / "checkpoints" / "step-0000002" / "engine"
+    shard = next(p for p in engine.iterdir() if "zero_pp_rank_1_" in p.name and p.name.endswith("optim_states.pt"))
+    truncate(shard)
+    before = snapshot(out)
+    rc, log = finish(start({**cfg, "MAX_STEPS": 4}, tmp_path, "bad", nproc=2, zero=2), timeout=300)
+    assert rc != 0 and log.count("exitcode  : 2") == 2, log[-4000:]  # the launcher's report: both ranks exit 2
+    assert log.count(f"hybrid_ds: checkpoint {out}/checkpoints/step-0000002 cannot be resumed: {shard} is damaged") \
+        == 2, log[-4000:]  # one message per rank
+    assert "hybrid_ds/" not in "".join(ln for ln in log.splitlines(True) if ln.lstrip().startswith("File "))
+    assert snapshot(out) == before
