@@ -461,7 +461,7 @@ def _file_problem(path: str, kind: str) -> str:
     import torch
 
     if kind == "deepspeed":  # DeepSpeed unpickles these itself, with weights_only=False
-        unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - DEEPSPEED_SAFE_GLOBALS
+        unsafe = set(_unsafe_globals(path)) - DEEPSPEED_SAFE_GLOBALS
         return (f"{path} names {', '.join(sorted(unsafe))}: loading it would run code from the file, and "
                 f"DeepSpeed's checkpoints never need that") if unsafe else ""
     try:
@@ -469,6 +469,34 @@ def _file_problem(path: str, kind: str) -> str:
     except Exception as e:  # noqa: BLE001 - any failure to load means the file cannot be resumed from
         return _load_problem(path, e)
     return ""
+
+
+# torch's own plain-data globals, for torch without get_unsafe_globals_in_checkpoint (before 2.5)
+_TORCH_DATA_GLOBAL = re.compile(r"^(torch\._utils\._rebuild_\w+|torch\._tensor\._rebuild_\w+|torch\.\w*Storage|"
+                                r"torch\.Size|torch\.device|torch\.(b?float|half|u?int|bool|complex)\d*|"
+                                r"torch\.Tensor|collections\.OrderedDict|_codecs\.encode)$")
+
+
+def _unsafe_globals(path: str) -> list[str]:
+    """The globals the pickle in torch archive ``path`` names beyond torch's plain data (nothing runs)."""
+    import torch
+
+    if hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    import pickletools
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        data = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+    names, strings = [], []
+    for op, arg, _ in pickletools.genops(data):
+        if op.name == "GLOBAL":
+            names.append(arg.replace(" ", "."))
+        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+            names.append(f"{strings[-2]}.{strings[-1]}")
+        elif isinstance(arg, str):
+            strings.append(arg)
+    return [n for n in names if not _TORCH_DATA_GLOBAL.match(n)]
 
 
 def _load_problem(path: str, e: Exception) -> str:
