@@ -197,7 +197,10 @@ def _read_or_problem(path: str) -> tuple[Optional[ResumePoint], list[str]]:
     try:
         return read_point(path), []
     except (OSError, ValueError, KeyError) as e:
-        return None, [f"RESUME: cannot read checkpoint {path}: {e}"]
+        root, name = os.path.dirname(path), os.path.basename(path)
+        older = [p for p in list_complete(root) if _order(os.path.basename(p)) < _order(name)] if _order(name) else []
+        hint = f" To continue from the previous complete checkpoint, set RESUME={older[-1]}." if older else ""
+        return None, [f"RESUME: cannot read checkpoint {path}: {e}.{hint}"]
 
 
 def _inside(path: str, root: str) -> bool:
