@@ -23,8 +23,9 @@ and ``ppo_full/`` are refreshed at each checkpoint. The file system must be shar
 Every file is loaded with ``weights_only=True`` (a checkpoint cannot run code); DeepSpeed's own
 files, which DeepSpeed unpickles itself, are first checked to name only its plain data classes.
 Resume (``RESUME``): see :func:`resolve_resume`; OUTPUT_DIR is locked for one run, and resuming
-verifies the checkpoint and deletes nothing (see "the output directory" below). Faults: SIGTERM/SIGINT set a flag that the ranks
-agree on (all-reduce) between steps; then all checkpoint and exit 0. A non-finite loss has its
+verifies the checkpoint and deletes nothing (see "the output directory" below). Faults:
+SIGTERM/SIGINT set a flag that the ranks agree on (all-reduce) between steps; then all checkpoint
+and exit 0. A non-finite loss has its
 update skipped by the engine (DeepSpeed skips non-finite gradients; ``TrainEngine.step`` does the
 same without it); ``MAX_NAN_STEPS`` of them in a row stop the run with an error.
 
@@ -798,7 +799,7 @@ def save_checkpoint(run) -> str:
                                                       "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
             if run.guard is not None and run.guard.resuming is not None:
                 _finish_resume(run, root, run.guard.resuming)  # newer checkpoints aside, metrics rewound
-            if os.path.exists(final):  # an incomplete leftover of that name  # only after resuming an older checkpoint in odd ways
+            if os.path.exists(final):  # an incomplete leftover of that name (complete ones were set aside)
                 os.rename(final, final + ".replaced")
             os.rename(tmp, final)
             _fsync_dir(root)
