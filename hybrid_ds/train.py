@@ -124,6 +124,9 @@ def run(cfg, world: int) -> int:
         r.logger.close()
         if dist.is_main and completed:
             print(f"[hybrid_ds] done: outputs in {cfg.run.output_dir}")
+    except ckpt.ResumeError as e:  # a damaged checkpoint, OUTPUT_DIR in use: nothing was changed
+        print(f"hybrid_ds: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
     except (ckpt.CheckpointError, NonFiniteLossError) as e:
         print(f"hybrid_ds: {e}", file=sys.stderr, flush=True)
         return 1
@@ -132,6 +135,7 @@ def run(cfg, world: int) -> int:
         return EXIT_CONFIG
     finally:
         dist.shutdown()
+        ckpt.release_output_dir()
     return 0
 
 

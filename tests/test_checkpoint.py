@@ -225,10 +225,17 @@ def test_resume_modes(tmp_path):
         def barrier(self):
             pass
 
+        def broadcast_object(self, obj):
+            return obj
+
     cfg = load_config(None, cfg_args({**base, "RESUME": "fresh"}))
-    assert ck.prepare_output_dir(cfg, OneProcess()) is None
+    try:
+        assert ck.prepare_output_dir(cfg, OneProcess()) is None
+    finally:
+        ck.release_output_dir()
     moved = [p for p in os.listdir(tmp_path) if p.startswith("out.prev-")]
-    assert len(moved) == 1 and (tmp_path / moved[0] / "metrics.jsonl").is_file() and not out.exists()
+    assert len(moved) == 1 and (tmp_path / moved[0] / "metrics.jsonl").is_file()
+    assert not (out / "metrics.jsonl").exists()  # the new run's OUTPUT_DIR holds only its lock
 
 
 def test_rewind_truncates_metrics_and_purges_tensorboard(tmp_path):

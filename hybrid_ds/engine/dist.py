@@ -338,11 +338,79 @@ class Dist:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def shutdown(self) -> None:
+        """Destroy every process group and remove this run's shared-memory segments (idempotent)."""
         if self.initialized:
             try:
                 torch.distributed.destroy_process_group()
             except Exception:  # pragma: no cover - best effort at exit
                 pass
+        remove_shm_segments(own=True)
+
+
+# DeepSpeed's CPU shared-memory all-reduce (deepspeed/ops/csrc/cpu/comm/shm.cpp, switched on when the
+# launcher sets LOCAL_SIZE to the world size, as the deepspeed launcher does) creates one segment per
+# rank, /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> (about 68 MiB),
+# and never unlinks it. hybrid_ds never calls that all-reduce; it removes its own segments at
+# shutdown and, at start, the segments of runs that died (no live process maps them or holds them
+# open: DeepSpeed keeps the descriptor of every segment it opens, from creation on).
+SHM_DIR, SHM_PREFIX = "/dev/shm", "deepspeed_allreduce_buffer_"
+
+
+def remove_shm_segments(own: bool, min_age_s: float = 5.0) -> list[str]:
+    """Unlink DeepSpeed all-reduce segments of this user: this run's own (``own``: named by this
+    process's MASTER_ADDR/MASTER_PORT), else those no live process maps or holds open, older than
+    ``min_age_s``. Returns the names removed."""
+    try:
+        names = [n for n in os.listdir(SHM_DIR) if n.startswith(f"{SHM_PREFIX}{os.getuid()}_")]
+    except OSError:
+        return []
+    if own:
+        mine = f"{SHM_PREFIX}{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_"
+        doomed = [n for n in names if n.startswith(mine) and n[len(mine):].isdigit()]
+    else:
+        import time
+
+        mapped = _used_shm_names() if names else set()
+        now, doomed = time.time(), []
+        for n in names:
+            try:
+                old = now - os.stat(os.path.join(SHM_DIR, n)).st_mtime > min_age_s
+            except OSError:
+                continue
+            if old and n not in mapped:
+                doomed.append(n)
+    removed = []
+    for n in doomed:
+        try:
+            os.unlink(os.path.join(SHM_DIR, n))
+            removed.append(n)
+        except OSError:  # another rank or run was first, or it is not ours to remove
+            pass
+    return removed
+
+
+def _used_shm_names() -> set[str]:
+    """DeepSpeed segment names that a live process of this machine maps or holds open (/proc/<pid>/)."""
+    out, tag = set(), f"{SHM_DIR}/{SHM_PREFIX}"
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    at = line.find(tag)
+                    if at >= 0:
+                        out.add(line[at + len(SHM_DIR) + 1:].split()[0])
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:  # closed meanwhile
+                    continue
+                if target.startswith(tag):
+                    out.add(target[len(SHM_DIR) + 1:].split()[0])
+        except OSError:  # gone, or another user's (which cannot open our 0600 segments)
+            continue
+    return out
 
 
 @contextlib.contextmanager
@@ -401,6 +469,11 @@ def init_dist(cfg: Config, *, sft_micro: int, sft_accum: int) -> Dist:
 
     plan = plan_launch(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        stale = remove_shm_segments(own=False)
+        if stale:
+            print(f"[hybrid_ds] removed {len(stale)} shared-memory segment(s) of runs that died: "
+                  f"{', '.join(os.path.join(SHM_DIR, n) for n in stale)}", flush=True)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if world > 1 and "MASTER_ADDR" not in os.environ:
         raise RuntimeError("WORLD_SIZE > 1 but MASTER_ADDR is not set: launch with accelerate, torchrun or deepspeed.")
@@ -431,6 +504,12 @@ def init_dist(cfg: Config, *, sft_micro: int, sft_accum: int) -> Dist:
              max_grad_norm=cfg.run.max_grad_norm)
     if d.world != world:
         raise RuntimeError(f"launcher announced WORLD_SIZE={world} but the process group has {d.world} ranks")
+    # Whatever way this process ends (an exception escaping a script, sys.exit), its process groups are
+    # destroyed while the interpreter is still whole: a gloo group left to interpreter teardown can have
+    # its C++ worker threads destroyed unjoined ("terminate called without an active exception", SIGABRT).
+    import atexit
+
+    atexit.register(d.shutdown)
     return d
 
 

@@ -15,6 +15,7 @@ class Guard:
         self.requested = 0  # signal number received on this rank (0 = none)
         self.stopped_by = ""  # set when all ranks agreed to stop
         self.last_saved: Optional[str] = None
+        self.resuming = None  # the ResumePoint resumed in OUTPUT_DIR, until this run's first checkpoint
         self._previous: dict = {}
 
     def install(self) -> None:

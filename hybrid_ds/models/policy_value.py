@@ -181,6 +181,6 @@ def load_value_head(model: PolicyValue, path: str) -> bool:
     """Load ``value_head.pt`` from a ``ppo_full`` dir if there is one (to continue RL)."""
     f = os.path.join(path, VALUE_HEAD_FILE)
     if os.path.isfile(f):
-        model.v_head.load_state_dict(torch.load(f, map_location="cpu"))
+        model.v_head.load_state_dict(torch.load(f, map_location="cpu", weights_only=True))
         return True
     return False

@@ -9,7 +9,7 @@ On disk, under ``OUTPUT_DIR/checkpoints/``::
       model.pt, optimizer.pt    without DeepSpeed: the model and optimizer state dicts (rank 0)
       schedules.pt              the phases' learning-rate schedules
       trainer_state.json        counters, data positions, KL controller, reward statistics, launch layout
-      rng/rank-00000.pt         python, numpy, torch (and CUDA) generators, one file per rank
+      rng/rank-00000.pt         python, numpy, torch (and CUDA) generators as tensors, one file per rank
       reference.pt              the reference model, when REF_INIT=after_warmup took its snapshot
       config.json               the resolved config the run was started with (compared on resume)
       hf/                       model config and tokenizer, for ``export``
@@ -20,8 +20,12 @@ renames the directory and only then moves ``latest``, so a crash while writing l
 checkpoint in use. ``KEEP_LAST`` prunes older complete checkpoints after that. ``inference_lm/``
 and ``ppo_full/`` are refreshed at each checkpoint. The file system must be shared by the ranks.
 
-Resume (``RESUME``): see :func:`resolve_resume`. Faults: SIGTERM/SIGINT set a flag that the ranks
-agree on (all-reduce) between steps; then all checkpoint and exit 0. A non-finite loss has its
+Every file is loaded with ``weights_only=True`` (a checkpoint cannot run code); DeepSpeed's own
+files, which DeepSpeed unpickles itself, are first checked to name only its plain data classes.
+Resume (``RESUME``): see :func:`resolve_resume`; OUTPUT_DIR is locked for one run, and resuming
+verifies the checkpoint and deletes nothing (see "the output directory" below). Faults:
+SIGTERM/SIGINT set a flag that the ranks agree on (all-reduce) between steps; then all checkpoint
+and exit 0. A non-finite loss has its
 update skipped by the engine (DeepSpeed skips non-finite gradients; ``TrainEngine.step`` does the
 same without it); ``MAX_NAN_STEPS`` of them in a row stop the run with an error.
 
@@ -55,6 +59,11 @@ SAFE_KEYS = frozenset({"EPOCHS", "MAX_STEPS", "SAVE_EVERY", "KEEP_LAST", "LOG_EV
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written, or a run cannot be resumed from one."""
+
+
+class ResumeError(CheckpointError):
+    """A checkpoint or OUTPUT_DIR this run must not use as it is: a damaged or unsafe checkpoint, another
+    launch layout, OUTPUT_DIR held by another run. Found before anything is changed; the run exits 2."""
 
 
 def _log(msg: str) -> None:
@@ -125,6 +134,7 @@ class ResumePoint:
     path: str  # the complete checkpoint directory
     state: dict  # its trainer_state.json
     config: dict  # its config.json (resolved, with SEED)
+    metrics_bytes: Optional[int] = None  # size of metrics.jsonl when this run started from it (main rank)
 
     @property
     def seed(self) -> int:
@@ -187,7 +197,10 @@ def _read_or_problem(path: str) -> tuple[Optional[ResumePoint], list[str]]:
     try:
         return read_point(path), []
     except (OSError, ValueError, KeyError) as e:
-        return None, [f"RESUME: cannot read checkpoint {path}: {e}"]
+        root, name = os.path.dirname(path), os.path.basename(path)
+        older = [p for p in list_complete(root) if _order(os.path.basename(p)) < _order(name)] if _order(name) else []
+        hint = f" To continue from the previous complete checkpoint, set RESUME={older[-1]}." if older else ""
+        return None, [f"RESUME: cannot read checkpoint {path}: {e}.{hint}"]
 
 
 def _inside(path: str, root: str) -> bool:
@@ -219,6 +232,9 @@ def resume_problems(cfg) -> list[str]:
     table = key_table()
     problems = [f"ALLOW_CONFIG_CHANGE: {k!r} is not a config key." for k in cfg.run.allow_config_change
                 if str(k).upper() not in table]
+    busy = output_dir_busy(cfg.run.output_dir) if cfg.run.output_dir else ""
+    if busy:
+        return problems + [busy]
     point, more = resolve_resume(cfg)
     problems += more
     if point is not None:
@@ -239,55 +255,406 @@ def describe_resume(cfg) -> str:
 
 # --------------------------------------------------------------------------------------
 # the output directory, before the run is built (rank 0 changes it, the others wait)
+#
+# One run at a time: the main rank holds an flock on OUTPUT_DIR/.lock for the whole run (the file
+# names the holder: pid, host, start time); the kernel drops it when the process dies, so a lock
+# left by a killed run is simply taken over.
+#
+# Resuming is a transaction that never deletes anything. Before anything changes, the checkpoint
+# is verified completely (every file present, intact, loadable with weights_only=True). Until the
+# resumed run publishes its own first complete checkpoint, the newer checkpoints, ``latest`` and
+# metrics.jsonl stay as they were; the new rows are appended and RESUME_JOURNAL records where they
+# start. Publishing that checkpoint (``_finish_resume``) first moves the newer checkpoints to
+# ``checkpoints/superseded-<time>/`` and the old rows logged after the resume point to
+# ``metrics.superseded-<time>.jsonl``, then makes the new checkpoint ``latest``. A resumed run that
+# dies before that leaves the journal: the next start moves the rows it appended to
+# ``metrics.abandoned-<time>.jsonl`` and finds OUTPUT_DIR as it was before that run.
+
+LOCK_FILE, RESUME_JOURNAL = ".lock", "resume-pending.json"
+_held_lock: Optional[int] = None  # descriptor of the OUTPUT_DIR lock this process holds
+# Globals that DeepSpeed's own checkpoint files may name (besides torch's weights_only allowlist);
+# DeepSpeed unpickles them with weights_only=False, so verify_checkpoint refuses any other.
+DEEPSPEED_SAFE_GLOBALS = frozenset({
+    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler", "deepspeed.utils.tensor_fragment.fragment_address"})
 
 
 def prepare_output_dir(cfg, dist) -> Optional[ResumePoint]:
-    """Apply RESUME to OUTPUT_DIR: move an old run aside (fresh), or cut metrics.jsonl and TensorBoard
-    back to the checkpoint being resumed. Returns that checkpoint (None for a new run)."""
+    """Lock OUTPUT_DIR and apply RESUME: move an old run aside (fresh), or verify the checkpoint to
+    resume and open the resume transaction. Returns that checkpoint (None for a new run). Raises
+    ResumeError on every rank, with nothing changed, when OUTPUT_DIR is in use or the checkpoint is
+    damaged."""
     out = cfg.run.output_dir
     point, problems = resolve_resume(cfg)
     if problems:  # validated before, so only a directory changed since then gets here
-        raise CheckpointError("\n".join(problems))
+        raise ResumeError("\n".join(problems))
+    problem = ""
     if dist.is_main:
-        if cfg.run.resume == "fresh" and _holds_run(out):
-            aside = f"{out.rstrip(os.sep)}.prev-{time.strftime('%Y%m%d-%H%M%S')}"
-            os.rename(out, aside)
-            _log(f"RESUME=fresh: the previous run in {out} was moved to {aside}; starting over")
-        root = os.path.join(out, CHECKPOINTS)
-        if os.path.isdir(root):
-            for n in os.listdir(root):  # leftovers of checkpoints whose writing was interrupted
-                if n.endswith(".tmp") or n.endswith(".replaced"):
-                    shutil.rmtree(os.path.join(root, n), ignore_errors=True)
-        if point is not None:
-            _rewind_logs(cfg, point)
-            if _inside(point.path, root):
-                _set_aside_newer(root, os.path.basename(point.path))
-    dist.barrier()
+        try:
+            lock_output_dir(out)
+            _recover_abandoned_resume(out)
+            if point is not None:
+                verify_checkpoint(point, cfg.run.resume)
+            if cfg.run.resume == "fresh" and _holds_run(out):
+                aside = f"{out.rstrip(os.sep)}.prev-{time.strftime('%Y%m%d-%H%M%S')}"
+                os.rename(out, aside)  # the lock moves with it; take the new directory's
+                lock_output_dir(out)
+                _log(f"RESUME=fresh: the previous run in {out} was moved to {aside}; starting over")
+            root = os.path.join(out, CHECKPOINTS)
+            if os.path.isdir(root):
+                for n in os.listdir(root):  # leftovers of checkpoints whose writing was interrupted
+                    if n.endswith(".tmp") or n.endswith(".replaced"):
+                        shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+            if point is not None:
+                _begin_resume(cfg, point)
+        except (ResumeError, OSError) as e:
+            problem = str(e) if isinstance(e, ResumeError) else f"OUTPUT_DIR {out}: {e}"
+    problem = dist.broadcast_object(problem)  # every rank learns the main rank's decision
+    if problem:
+        raise ResumeError(problem)
     return point
 
 
-def _rewind_logs(cfg, point: ResumePoint) -> None:
-    """metrics.jsonl keeps exactly the rows up to the checkpoint; TensorBoard purges the rest."""
+def lock_output_dir(out: str) -> None:
+    """Hold OUTPUT_DIR for this process (flock on OUTPUT_DIR/.lock until release or exit). Raises
+    ResumeError naming the holder when another process holds it; a lock whose holder died is
+    taken over, and said so."""
+    import fcntl
+    import socket
+
+    global _held_lock
+    os.makedirs(out, exist_ok=True)
+    fd = os.open(os.path.join(out, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(fd)
+        os.close(fd)
+        raise ResumeError(_busy_message(out, holder)) from None
+    stale = _lock_holder(fd)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+    os.fsync(fd)
+    if _held_lock is not None:  # RESUME=fresh moved the old directory (and its lock) aside
+        release_output_dir()
+    _held_lock = fd
+    if stale and (stale.get("pid"), stale.get("host")) != (me["pid"], me["host"]):
+        _log(f"OUTPUT_DIR {out}: took over the lock of pid {stale.get('pid')} on host {stale.get('host')} "
+             f"(started {stale.get('started')}), which ended without releasing it (killed or crashed)")
+
+
+def release_output_dir() -> None:
+    """Drop the OUTPUT_DIR lock (a clean end leaves no holder in the file)."""
+    global _held_lock
+    if _held_lock is None:
+        return
+    fd, _held_lock = _held_lock, None
+    try:
+        os.ftruncate(fd, 0)
+    except OSError:
+        pass
+    os.close(fd)  # closing drops the flock
+
+
+def output_dir_busy(out: str) -> str:
+    """The refusal when another process holds OUTPUT_DIR's lock, else "" (a probe: takes no lock)."""
+    import fcntl
+
+    try:
+        fd = os.open(os.path.join(out, LOCK_FILE), os.O_RDONLY)
+    except OSError:
+        return ""
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: probing ranks never block each other
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            return "" if holder and holder.get("pid") == os.getpid() else _busy_message(out, holder)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return ""
+    finally:
+        os.close(fd)
+
+
+def _lock_holder(fd: int) -> Optional[dict]:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0).decode() or "null")
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _busy_message(out: str, holder: Optional[dict]) -> str:
+    who = (f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}" if holder
+           else "its pid is not recorded yet")
+    return (f"OUTPUT_DIR {out} is in use by another hybrid_ds run ({who}; it holds {os.path.join(out, LOCK_FILE)}). "
+            f"Two runs in one OUTPUT_DIR would overwrite each other's checkpoints and metrics: wait for that run to "
+            f"end or stop it, or choose another OUTPUT_DIR.")
+
+
+# -- verifying a checkpoint before it is used
+
+
+def verify_checkpoint(point: ResumePoint, how: str = "") -> None:
+    """Every file of checkpoint ``point`` present, intact and loadable without running code from it
+    (torch files with weights_only=True; DeepSpeed's own files naming only DEEPSPEED_SAFE_GLOBALS).
+    Raises ResumeError naming the file and the way on. Reads every file once; changes nothing."""
+    problem = checkpoint_problem(point)
+    if not problem:
+        return
+    root = os.path.dirname(point.path)
+    older = [p for p in list_complete(root) if _order(os.path.basename(p)) < _order(os.path.basename(point.path))]
+    msg = f"checkpoint {point.path} cannot be resumed: {problem}. Nothing was changed."
+    if older:
+        msg += (f" To continue from the previous complete checkpoint, run again with RESUME={older[-1]}: this one "
+                f"and any newer stay on disk until that run has written its own first checkpoint, then move to "
+                f"{os.path.join(root, 'superseded-<time>')}/.")
+    else:
+        msg += " No earlier complete checkpoint exists here."
+    raise ResumeError(msg + " RESUME=fresh starts over (moving this run aside).")
+
+
+def checkpoint_problem(point: ResumePoint) -> str:
+    """What is wrong with checkpoint ``point``'s files ("" when nothing is)."""
+    st, path = point.state, point.path
+    try:
+        world, deepspeed = int(st["world"]), st["engine"] == "deepspeed"
+        counters = st["counters"]
+    except (KeyError, TypeError, ValueError) as e:
+        return f"{os.path.join(path, STATE_FILE)} lacks {e}"
+    files = [("schedules.pt", "torch"), (os.path.join("hf", "config.json"), "json")]
+    files += [(os.path.join("rng", f"rank-{r:05d}.pt"), "torch") for r in range(world)]
+    if counters.get("ref_snapshot"):
+        files.append(("reference.pt", "torch"))
+    if deepspeed:
+        engine = os.path.join(path, ENGINE_TAG)
+        names = sorted(os.listdir(engine)) if os.path.isdir(engine) else []
+        for r in range(world):
+            if not any(re.search(rf"zero_pp_rank_{r}_mp_rank_\d+_optim_states\.pt$", n) for n in names):
+                return f"{engine} has no optimizer shard of rank {r} (zero_pp_rank_{r}_..._optim_states.pt)"
+        if not any(n.endswith("model_states.pt") for n in names):
+            return f"{engine} has no model states (*model_states.pt)"
+        files += [(os.path.join(ENGINE_TAG, n), "deepspeed") for n in names if n.endswith(".pt")]
+    else:
+        files += [("model.pt", "torch"), ("optimizer.pt", "torch")]
+    for name, kind in files:
+        problem = _file_problem(os.path.join(path, name), kind)
+        if problem:
+            return problem
+    return ""
+
+
+def _file_problem(path: str, kind: str) -> str:
+    import zipfile
+
+    if not os.path.isfile(path):
+        return f"{path} is missing"
+    try:
+        if kind == "json":
+            with open(path) as f:
+                json.load(f)
+            return ""
+        with zipfile.ZipFile(path) as z:  # torch.save writes a zip with a CRC per entry
+            bad = z.testzip()
+        if bad:
+            return f"{path} is damaged (entry {bad} fails its checksum)"
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        return f"{path} is damaged or truncated ({e})"
+    import torch
+
+    if kind == "deepspeed":  # DeepSpeed unpickles these itself, with weights_only=False
+        unsafe = set(_unsafe_globals(path)) - DEEPSPEED_SAFE_GLOBALS
+        return (f"{path} names {', '.join(sorted(unsafe))}: loading it would run code from the file, and "
+                f"DeepSpeed's checkpoints never need that") if unsafe else ""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any failure to load means the file cannot be resumed from
+        return _load_problem(path, e)
+    return ""
+
+
+# torch's own plain-data globals, for torch without get_unsafe_globals_in_checkpoint (before 2.5)
+_TORCH_DATA_GLOBAL = re.compile(r"^(torch\._utils\._rebuild_\w+|torch\._tensor\._rebuild_\w+|torch\.\w*Storage|"
+                                r"torch\.Size|torch\.device|torch\.(b?float|half|u?int|bool|complex)\d*|"
+                                r"torch\.Tensor|collections\.OrderedDict|_codecs\.encode)$")
+
+
+def _unsafe_globals(path: str) -> list[str]:
+    """The globals the pickle in torch archive ``path`` names beyond torch's plain data (nothing runs)."""
+    import torch
+
+    if hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    import pickletools
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        data = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+    names, strings = [], []
+    for op, arg, _ in pickletools.genops(data):
+        if op.name == "GLOBAL":
+            names.append(arg.replace(" ", "."))
+        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+            names.append(f"{strings[-2]}.{strings[-1]}")
+        elif isinstance(arg, str):
+            strings.append(arg)
+    return [n for n in names if not _TORCH_DATA_GLOBAL.match(n)]
+
+
+def _load_problem(path: str, e: Exception) -> str:
+    import pickle
+
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, pickle.UnpicklingError):
+        return (f"{path} holds pickled objects that loading would run as code ({first}); hybrid_ds loads "
+                f"checkpoint files with weights_only=True only (a checkpoint written by an older hybrid_ds "
+                f"stored its RNG states this way and cannot be resumed)")
+    return f"{path} cannot be loaded ({first})"
+
+
+# -- the resume transaction
+
+
+def _begin_resume(cfg, point: ResumePoint) -> None:
+    """Open the resume transaction (main rank): record where the new run's metrics rows will start,
+    and purge TensorBoard's view past the checkpoint. Nothing is deleted or moved."""
     out = cfg.run.output_dir
+    if not _inside(point.path, os.path.join(out, CHECKPOINTS)):  # another run's: copy its rows up to the point
+        _rewind_logs(cfg, point)
+        return
+    path = os.path.join(out, "metrics.jsonl")
+    st = os.stat(path) if os.path.isfile(path) else None
+    point.metrics_bytes = st.st_size if st else 0
+    tmp = os.path.join(out, RESUME_JOURNAL + ".tmp")
+    _write_json(tmp, {"from": os.path.basename(point.path), "metrics_inode": st.st_ino if st else None,
+                      "metrics_bytes": point.metrics_bytes, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    os.replace(tmp, os.path.join(out, RESUME_JOURNAL))
+    _purge_tensorboard(out, point, [r for r in _read_rows(path) if _logged_by(point, r)])
+
+
+def _finish_resume(run, root: str, point: ResumePoint) -> None:
+    """Close the resume transaction (main rank), when the resumed run's first checkpoint is complete but
+    not yet renamed: newer checkpoints go to superseded-<time>/, then old rows logged after the
+    resume point go to a side file. The caller then renames the checkpoint and moves ``latest``."""
+    out = run.cfg.run.output_dir
+    newer = [p for p in list_complete(root) if _order(os.path.basename(p)) > _order(os.path.basename(point.path))]
+    if newer:
+        dest = _aside_path(root, "superseded", "")
+        os.makedirs(dest)
+        for p in newer:
+            os.rename(p, os.path.join(dest, os.path.basename(p)))
+        _fsync_dir(root)
+        _log(f"resumed {os.path.basename(point.path)}: {len(newer)} newer checkpoint(s) moved to {dest}")
+    _rewind_metrics(out, point, new_from=point.metrics_bytes)
+    run.logger.reopen()  # metrics.jsonl is a new file now
+    try:
+        os.remove(os.path.join(out, RESUME_JOURNAL))
+    except FileNotFoundError:
+        pass
+
+
+def _recover_abandoned_resume(out: str) -> None:
+    """A resumed run that ended before its first checkpoint left RESUME_JOURNAL; the rows it appended
+    to metrics.jsonl belong to no checkpoint: move them to metrics.abandoned-<time>.jsonl."""
+    journal = os.path.join(out, RESUME_JOURNAL)
+    try:
+        with open(journal) as f:
+            j = json.load(f)
+    except FileNotFoundError:
+        return
+    except ValueError:
+        j = {}
+    path = os.path.join(out, "metrics.jsonl")
+    st = os.stat(path) if os.path.isfile(path) else None
+    start = j.get("metrics_bytes")
+    if st is not None and st.st_ino == j.get("metrics_inode") and isinstance(start, int) and st.st_size > start:
+        with open(path, "rb") as f:
+            f.seek(start)
+            tail = f.read()
+        aside = _aside_path(out, "metrics.abandoned", ".jsonl")
+        with open(aside, "wb") as f:
+            f.write(tail)
+            f.flush()
+            os.fsync(f.fileno())
+        os.truncate(path, start)
+        _log(f"metrics.jsonl: {len([ln for ln in tail.splitlines() if ln.strip()])} row(s) of a run resumed from "
+             f"{j.get('from')} that ended before its first checkpoint moved to {aside}")
+    os.remove(journal)
+
+
+def _aside_path(parent: str, stem: str, ext: str) -> str:
+    base = os.path.join(parent, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    path, n = base + ext, 1
+    while os.path.exists(path):
+        path, n = f"{base}.{n}{ext}", n + 1
+    return path
+
+
+def _logged_by(point: ResumePoint, row: dict) -> bool:
+    """Whether metrics row ``row`` was logged at or before checkpoint ``point``."""
     c = point.state["counters"]
     limit = {"sft": c["sft_step"], "ppo": c["ppo_update"]}
     other = c[{"sft": "sft_step", "ppo": "ppo_update"}.get(point.state["mode"], "cycle")]
+    return row.get("step", 0) <= limit.get(row.get("phase"), other)
+
+
+def _read_rows(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _rewind_logs(cfg, point: ResumePoint) -> None:
+    """metrics.jsonl keeps exactly the rows up to the checkpoint (:func:`_rewind_metrics`); TensorBoard
+    purges the rest."""
+    _purge_tensorboard(cfg.run.output_dir, point, _rewind_metrics(cfg.run.output_dir, point))
+
+
+def _rewind_metrics(out: str, point: ResumePoint, new_from: Optional[int] = None) -> list[dict]:
+    """metrics.jsonl keeps the rows logged up to checkpoint ``point`` and, from byte ``new_from`` on, the
+    rows of the run resumed from it; the other rows move to metrics.superseded-<time>.jsonl (a
+    checkpoint of another run: its rows are copied, its file left alone). Returns the old rows kept."""
     path = os.path.join(out, "metrics.jsonl")
     src = path if os.path.isfile(path) else os.path.join(os.path.dirname(os.path.dirname(point.path)),
                                                          "metrics.jsonl")  # resuming another run
-    rows = []
+    data = b""
     if os.path.isfile(src):
-        with open(src, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    kept = [r for r in rows if r.get("step", 0) <= limit.get(r.get("phase"), other)]
+        with open(src, "rb") as f:
+            data = f.read()
+    cut = len(data) if new_from is None else new_from
+    old = [ln for ln in data[:cut].splitlines(keepends=True) if ln.strip()]
+    new = [ln for ln in data[cut:].splitlines(keepends=True) if ln.strip()]
+    rows = [json.loads(ln) for ln in old]
+    kept = [ln for ln, r in zip(old, rows) if _logged_by(point, r)]
+    later = [ln for ln, r in zip(old, rows) if not _logged_by(point, r)]
     os.makedirs(out, exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
+    note = ""
+    if later and src == path:
+        aside = _aside_path(out, "metrics.superseded", ".jsonl")
+        with open(aside, "wb") as f:
+            f.writelines(later)
+            f.flush()
+            os.fsync(f.fileno())
+        note = f" (kept in {aside})"
+    with open(path + ".tmp", "wb") as f:
+        f.writelines(ln if ln.endswith(b"\n") else ln + b"\n" for ln in kept + new)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
-    if len(kept) < len(rows):
-        _log(f"metrics.jsonl: dropped {len(rows) - len(kept)} row(s) logged after the checkpoint")
-    # TensorBoard: a session-start event at the purge step hides every later event of the old run;
-    # kept rows at or after it are written again so nothing goes missing.
+    _fsync_dir(out)
+    if later:
+        _log(f"metrics.jsonl: dropped {len(later)} row(s) logged after the checkpoint{note}")
+    return [r for r in rows if _logged_by(point, r)]
+
+
+def _purge_tensorboard(out: str, point: ResumePoint, kept: list[dict]) -> None:
+    # TensorBoard: a session-start event at the purge step hides every later event of the old run
+    # (its event files stay on disk); kept rows at or after it are written again so nothing goes missing.
+    c = point.state["counters"]
+    limit = {"sft": c["sft_step"], "ppo": c["ppo_update"]}
+    other = c[{"sft": "sft_step", "ppo": "ppo_update"}.get(point.state["mode"], "cycle")]
     purge = min(limit.values()) + 1 if point.state["mode"] == "hybrid" else other + 1
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -300,19 +667,6 @@ def _rewind_logs(cfg, point: ResumePoint) -> None:
                 if k not in ("step", "phase", "time") and isinstance(v, (int, float)) and math.isfinite(v):
                     w.add_scalar(k, float(v), r["step"])
     w.close()
-
-
-def _set_aside_newer(root: str, name: str) -> None:
-    """Resuming an older checkpoint abandons the newer ones: move them to ``superseded-<time>/``."""
-    newer = [p for p in list_complete(root) if _order(os.path.basename(p)) > _order(name)]
-    if not newer:
-        return
-    dest = os.path.join(root, f"superseded-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(dest, exist_ok=True)
-    for p in newer:
-        os.rename(p, os.path.join(dest, os.path.basename(p)))
-    _write_latest(root, name)
-    _log(f"resuming {name}: {len(newer)} newer checkpoint(s) moved to {dest}")
 
 
 # --------------------------------------------------------------------------------------
@@ -377,7 +731,9 @@ def save_checkpoint(run) -> str:
             _fsync_tree(tmp)
             _write_json(os.path.join(tmp, COMPLETE), {"name": name, "counters": run.counters.state_dict(),
                                                       "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-            if os.path.exists(final):  # only after resuming an older checkpoint in odd ways
+            if run.guard is not None and run.guard.resuming is not None:
+                _finish_resume(run, root, run.guard.resuming)  # newer checkpoints aside, metrics rewound
+            if os.path.exists(final):  # an incomplete leftover of that name (complete ones were set aside)
                 os.rename(final, final + ".replaced")
             os.rename(tmp, final)
             _fsync_dir(root)
@@ -387,6 +743,8 @@ def save_checkpoint(run) -> str:
             error = str(e)
     if not _all_ok(dist, not error):
         raise CheckpointError(f"could not publish checkpoint {final}: {error or 'rank 0 failed'}; {keep}.")
+    if run.guard is not None:
+        run.guard.resuming = None
     if dist.is_main:
         _prune(root, cfg.run.keep_last, name)
     # 3. merged weights, from the same state
@@ -523,7 +881,30 @@ def _save_rng(path: str, rank: int, state: dict) -> None:
     import torch
 
     os.makedirs(os.path.join(path, "rng"), exist_ok=True)
-    torch.save(state, os.path.join(path, "rng", f"rank-{rank:05d}.pt"))
+    torch.save(_rng_to_file(state), os.path.join(path, "rng", f"rank-{rank:05d}.pt"))
+
+
+def _rng_to_file(state: dict) -> dict:
+    """``capture_rng``'s states as tensors, ints and floats only (loadable with weights_only=True)."""
+    import torch
+
+    version, words, gauss = state["python"]
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    return {"python": {"version": version, "state": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "torch": state["torch"], "cuda": state["cuda"]}
+
+
+def _rng_from_file(saved: dict) -> dict:
+    """The inverse of :func:`_rng_to_file`: states ``restore_rng`` takes, bit for bit."""
+    import numpy as np
+
+    py, npy = saved["python"], saved["numpy"]
+    return {"python": (py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]),
+            "numpy": (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                      npy["cached_gaussian"]),
+            "torch": saved["torch"], "cuda": saved["cuda"]}
 
 
 # --------------------------------------------------------------------------------------
@@ -539,13 +920,12 @@ def attach(run, point: Optional[ResumePoint]) -> None:
         load_checkpoint(run, point)
         if _inside(point.path, os.path.join(run.cfg.run.output_dir, CHECKPOINTS)):
             run.guard.last_saved = os.path.basename(point.path)
+            run.guard.resuming = point
     run.guard.install()
 
 
 def load_checkpoint(run, point: ResumePoint) -> None:
     """Restore engine, optimizer, schedules, counters, data positions, KL, reward and RNG states."""
-    import torch
-
     st, dist, path = point.state, run.dist, point.path
     layout = (st["world"], st["zero_stage"], st["precision"])
     if layout != (dist.world, dist.zero_stage, dist.plan.mixed_precision):
@@ -553,7 +933,7 @@ def load_checkpoint(run, point: ResumePoint) -> None:
                f"precision {st['precision']}; this launch has {dist.world}, {dist.zero_stage}, "
                f"{dist.plan.mixed_precision}")
         if dist.uses_deepspeed or st["engine"] == "deepspeed":
-            raise CheckpointError(msg + ": relaunch with the same layout to resume.")
+            raise ResumeError(msg + ": relaunch with the same layout to resume.")
         if dist.is_main:
             _log(f"warning: {msg}; the model and optimizer resume, per-rank sampling will differ")
     # 1. weights and optimizer
@@ -561,15 +941,15 @@ def load_checkpoint(run, point: ResumePoint) -> None:
         loaded, _ = run.engine.wrapped.load_checkpoint(path, tag=ENGINE_TAG, load_optimizer_states=True,
                                                        load_lr_scheduler_states=False)
         if loaded is None:
-            raise CheckpointError(f"DeepSpeed could not load {os.path.join(path, ENGINE_TAG)}.")
+            raise ResumeError(f"DeepSpeed could not load {os.path.join(path, ENGINE_TAG)}.")
     else:
         dev = dist.device
-        run.engine.module.load_state_dict(torch.load(os.path.join(path, "model.pt"), map_location=dev))
-        run.engine.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=dev))
+        run.engine.module.load_state_dict(_load(os.path.join(path, "model.pt"), dev))
+        run.engine.optimizer.load_state_dict(_load(os.path.join(path, "optimizer.pt"), dev))
     if os.path.isfile(os.path.join(path, "reference.pt")):
-        dist.load_frozen_state_dict(run.ref, torch.load(os.path.join(path, "reference.pt"), map_location="cpu"))
+        dist.load_frozen_state_dict(run.ref, _load(os.path.join(path, "reference.pt")))
     # 2. schedules, counters, data positions, KL controller, reward statistics
-    schedules = torch.load(os.path.join(path, "schedules.pt"), weights_only=False)
+    schedules = _load(os.path.join(path, "schedules.pt"))
     for phase, sched in run.schedules.items():
         if phase in schedules:
             _load_schedule(run, phase, sched, schedules[phase])
@@ -585,9 +965,19 @@ def load_checkpoint(run, point: ResumePoint) -> None:
     # 3. this rank's generators, last: nothing may draw from them before training continues
     rng_file = os.path.join(path, "rng", f"rank-{dist.rank:05d}.pt")
     if os.path.isfile(rng_file):
-        restore_rng(torch.load(rng_file, weights_only=False))
+        restore_rng(_rng_from_file(_load(rng_file)))
     elif dist.is_main:
         _log(f"warning: {rng_file} is missing; this rank's sampling starts from its seed")
+
+
+def _load(path: str, map_location="cpu"):
+    """A checkpoint file, loaded with weights_only=True: a file cannot run code (ResumeError if it tries)."""
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure here means the file cannot be resumed from
+        raise ResumeError(f"cannot resume: {_load_problem(path, e)}.") from None
 
 
 def _load_schedule(run, phase: str, sched, state: dict) -> None:
@@ -650,7 +1040,7 @@ def export(ckpt: str, out_dir: str, with_value_head: bool = False) -> str:
 
         state = get_fp32_state_dict_from_zero_checkpoint(ckpt, tag=ENGINE_TAG)
     else:
-        state = torch.load(os.path.join(ckpt, "model.pt"), map_location="cpu")
+        state = torch.load(os.path.join(ckpt, "model.pt"), map_location="cpu", weights_only=True)
     hf = os.path.join(ckpt, "hf")
     with torch.device("meta"):  # a skeleton for save_pretrained's naming and tied-weight handling
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf))

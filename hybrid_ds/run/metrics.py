@@ -53,6 +53,12 @@ class MetricsLogger:
                      if k in ("sft/loss", "ppo/reward_mean", "objective/kl", "ppo/response_len")}
             self._bar.set_postfix(shown, refresh=False)
 
+    def reopen(self) -> None:
+        """Append to ``metrics.jsonl`` as it is on disk now (after it was rewritten and replaced)."""
+        if self.enabled:
+            self._file.close()
+            self._file = open(self.path, "a", buffering=1, encoding="utf-8")
+
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:
             self._bar.update(n)
