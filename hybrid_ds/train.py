@@ -56,7 +56,7 @@ def main(argv=None) -> int:
 def describe_plan(cfg) -> str:
     """What the run would do, for --dry-run (loads tokenizer and data, no model weights)."""
     from hybrid_ds.config.batch_plan import BatchPlan
-    from hybrid_ds.run.checkpoint import describe_resume
+    from hybrid_ds.run.resume import describe_resume
     from hybrid_ds.config import env_world_size
     from hybrid_ds.data import DataReport
     from hybrid_ds.models.policy_value import load_tokenizer
@@ -85,6 +85,9 @@ def describe_plan(cfg) -> str:
 
 def run(cfg, world: int) -> int:
     from hybrid_ds.run import checkpoint as ckpt
+    from hybrid_ds.run.checkpoint_dir import CheckpointError, ResumeError
+    from hybrid_ds.run.output_lock import release_output_dir
+    from hybrid_ds.run.resume import prepare_output_dir
     from hybrid_ds.config.batch_plan import BatchPlan
     from hybrid_ds.config import ConfigError
     from hybrid_ds.engine.dist import init_dist
@@ -108,7 +111,7 @@ def run(cfg, world: int) -> int:
     dist = init_dist(cfg, sft_micro=sft.micro, sft_accum=sft.accum)
     ref_client = RefClient(bridge) if bridge is not None else contextlib.nullcontext()
     try:
-        point = ckpt.prepare_output_dir(cfg, dist)  # RESUME: the checkpoint to continue from, or None
+        point = prepare_output_dir(cfg, dist)  # RESUME: the checkpoint to continue from, or None
         seed = point.seed if point else cfg.run.seed if cfg.run.seed is not None else dist.broadcast_object(
             int.from_bytes(os.urandom(4), "little"))
         if dist.is_main:
@@ -124,10 +127,10 @@ def run(cfg, world: int) -> int:
         r.logger.close()
         if dist.is_main and completed:
             print(f"[hybrid_ds] done: outputs in {cfg.run.output_dir}")
-    except ckpt.ResumeError as e:  # a damaged checkpoint, OUTPUT_DIR in use: nothing was changed
+    except ResumeError as e:  # a damaged checkpoint, OUTPUT_DIR in use: nothing was changed
         print(f"hybrid_ds: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
-    except (ckpt.CheckpointError, NonFiniteLossError) as e:
+    except (CheckpointError, NonFiniteLossError) as e:
         print(f"hybrid_ds: {e}", file=sys.stderr, flush=True)
         return 1
     except ConfigError as e:  # found only once the data is known (e.g. warm-up longer than the run)
@@ -135,7 +138,7 @@ def run(cfg, world: int) -> int:
         return EXIT_CONFIG
     finally:
         dist.shutdown()
-        ckpt.release_output_dir()
+        release_output_dir()
     return 0
 
 

@@ -37,6 +37,7 @@ def _steps(value: str) -> set:
 
 def install(faults: dict) -> None:
     from hybrid_ds.run import checkpoint as ck
+    from hybrid_ds.run import checkpoint_dir as cdir
     from hybrid_ds.run import loop
 
     if not faults:
@@ -56,23 +57,23 @@ def install(faults: dict) -> None:
         state["ok_calls"] += 1
         run = state["run"]
         if (run is not None and state["ok_calls"] == 1
-                and faults.get("CRASH_IN_CHECKPOINT") == str(ck.unit(run))):
-            _say(f"exiting while checkpoint {ck.checkpoint_name(run)} is being written")
+                and faults.get("CRASH_IN_CHECKPOINT") == str(cdir.unit(run))):
+            _say(f"exiting while checkpoint {cdir.checkpoint_name(run)} is being written")
             os._exit(17)
         return result
 
     def _save_main(run, path, ref_state):
-        if faults.get("FAIL_WRITE") == str(ck.unit(run)):
-            _say(f"writing checkpoint {ck.checkpoint_name(run)} fails")
+        if faults.get("FAIL_WRITE") == str(cdir.unit(run)):
+            _say(f"writing checkpoint {cdir.checkpoint_name(run)} fails")
             raise OSError(errno.ENOSPC, "No space left on device (fault injection)",
-                          os.path.join(path, ck.STATE_FILE))
+                          os.path.join(path, cdir.STATE_FILE))
         return orig_main(run, path, ref_state)
 
     def at_boundary(run):
         if faults.get("STEP_SLEEP"):
             time.sleep(float(faults["STEP_SLEEP"]))
-        if faults.get("HANG_AT") == str(ck.unit(run)):
-            _say(f"hanging after step {ck.unit(run)}")
+        if faults.get("HANG_AT") == str(cdir.unit(run)):
+            _say(f"hanging after step {cdir.unit(run)}")
             while True:
                 time.sleep(1)
         return orig_boundary(run)

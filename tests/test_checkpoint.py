@@ -22,6 +22,9 @@ import torch
 from launch_utils import BIN, REPO, env, free_port, load_weights, max_rel_diff, metrics
 
 from hybrid_ds.run import checkpoint as ck
+from hybrid_ds.run import checkpoint_dir as cdir
+from hybrid_ds.run import resume
+from hybrid_ds.run import output_lock
 from hybrid_ds.config import ConfigError, load_config
 
 IGNORED = ("time", "time/", "perf/", "mem/")  # wall-clock and memory keys differ between runs
@@ -151,13 +154,13 @@ def fake_checkpoint(out, name, cfg_dict, *, complete=True, counters=None, mode="
     d = out / "checkpoints" / name
     d.mkdir(parents=True)
     c = counters or {"sft_step": int(name.split("-")[1]), "ppo_update": 0, "cycle": 0}
-    (d / ck.STATE_FILE).write_text(json.dumps({"mode": mode, "counters": c, "seed": 0,
+    (d / cdir.STATE_FILE).write_text(json.dumps({"mode": mode, "counters": c, "seed": 0,
                                                "plan": {"cycles": 0, "sft_steps": 6, "ppo_updates": 0}}))
     resolved = load_config(None, [f"{k}={json.dumps(v)}" for k, v in cfg_dict.items()],
                            check_files=False).to_json_dict()
-    (d / ck.CONFIG_FILE).write_text(json.dumps({**resolved, "SEED": 0}))
+    (d / cdir.CONFIG_FILE).write_text(json.dumps({**resolved, "SEED": 0}))
     if complete:
-        (d / ck.COMPLETE).write_text("{}")
+        (d / cdir.COMPLETE).write_text("{}")
     return d
 
 
@@ -172,15 +175,15 @@ def test_resume_picks_latest_and_falls_back_when_the_pointer_is_broken(tmp_path)
     fake_checkpoint(out, "step-0000004", base)
     fake_checkpoint(out, "step-0000006", base, complete=False)  # interrupted while writing
     (out / "checkpoints" / "step-0000008.tmp").mkdir()
-    assert ck.find_latest(str(out)).endswith("step-0000004")
+    assert cdir.find_latest(str(out)).endswith("step-0000004")
     (out / "checkpoints" / "latest").write_text("step-0000002")
-    assert ck.find_latest(str(out)).endswith("step-0000002")  # the pointer wins while it is valid
+    assert cdir.find_latest(str(out)).endswith("step-0000002")  # the pointer wins while it is valid
     (out / "checkpoints" / "latest").write_text("step-0000006")  # names an incomplete one
-    assert ck.find_latest(str(out)).endswith("step-0000004")
+    assert cdir.find_latest(str(out)).endswith("step-0000004")
     cfg = load_config(None, cfg_args(base))
-    point, problems = ck.resolve_resume(cfg)
+    point, problems = resume.resolve_resume(cfg)
     assert not problems and point.path.endswith("step-0000004") and point.seed == 0
-    assert ck._order("warmup-0000009") < ck._order("step-0000000") < ck._order("step-0000010")
+    assert cdir.checkpoint_order("warmup-0000009") < cdir.checkpoint_order("step-0000000") < cdir.checkpoint_order("step-0000010")
 
 
 def test_config_change_is_refused_listing_keys_unless_allowed(tmp_path):
@@ -230,9 +233,9 @@ def test_resume_modes(tmp_path):
 
     cfg = load_config(None, cfg_args({**base, "RESUME": "fresh"}))
     try:
-        assert ck.prepare_output_dir(cfg, OneProcess()) is None
+        assert resume.prepare_output_dir(cfg, OneProcess()) is None
     finally:
-        ck.release_output_dir()
+        output_lock.release_output_dir()
     moved = [p for p in os.listdir(tmp_path) if p.startswith("out.prev-")]
     assert len(moved) == 1 and (tmp_path / moved[0] / "metrics.jsonl").is_file()
     assert not (out / "metrics.jsonl").exists()  # the new run's OUTPUT_DIR holds only its lock
@@ -253,9 +256,9 @@ def test_rewind_truncates_metrics_and_purges_tensorboard(tmp_path):
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     fake_checkpoint(out, "step-0000004", base, mode="hybrid", counters={"sft_step": 4, "ppo_update": 4, "cycle": 4})
     cfg = load_config(None, cfg_args(base))
-    point, _ = ck.resolve_resume(cfg)
+    point, _ = resume.resolve_resume(cfg)
     time.sleep(1.1)  # a new event file name (its timestamp has 1 s resolution)
-    ck._rewind_logs(cfg, point)
+    resume.rewind_logs(cfg, point)
     assert [(r["phase"], r["step"]) for r in metrics(out)] == [(p, s) for s in range(1, 5) for p in ("sft", "ppo")]
     w = SummaryWriter(str(out / "tensorboard"))  # the resumed run logs 5 and 6 again
     w.add_scalar("sft/loss", 50.0, 5)
@@ -364,7 +367,7 @@ def test_sigterm_on_one_rank_stops_both_then_a_dying_rank_ends_the_job(tmp_path)
     assert rc == 0, log[-4000:]
     assert "stopped by SIGTERM after step-" in log and "Run the same command again to resume" in log, log[-3000:]
     name = latest(out)
-    state = json.loads((out / "checkpoints" / name / ck.STATE_FILE).read_text())
+    state = json.loads((out / "checkpoints" / name / cdir.STATE_FILE).read_text())
     stop = state["counters"]["sft_step"]
     assert 2 <= stop < 40 and name == f"step-{stop:07d}" and metrics(out)[-1]["step"] == stop
     assert (out / "inference_lm" / "model.safetensors").is_file()
@@ -409,7 +412,7 @@ def test_sigint_on_one_rank_stops_both_with_a_checkpoint(tmp_path):
     assert rc == 0, log[-4000:]
     assert "stopped by SIGINT after step-" in log and "Run the same command again to resume" in log, log[-3000:]
     name = latest(out)
-    stop = json.loads((out / "checkpoints" / name / ck.STATE_FILE).read_text())["counters"]["sft_step"]
+    stop = json.loads((out / "checkpoints" / name / cdir.STATE_FILE).read_text())["counters"]["sft_step"]
     assert 2 <= stop < 40 and name == f"step-{stop:07d}" and metrics(out)[-1]["step"] == stop
     assert [r["step"] for r in metrics(out)] == list(range(1, stop + 1))
 

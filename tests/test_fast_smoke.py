@@ -8,6 +8,7 @@ import torch
 from inproc import base, changed, make_run, weights
 
 from hybrid_ds.run import checkpoint as ck
+from hybrid_ds.run import checkpoint_dir as cdir
 from hybrid_ds.algorithms.sft import sft_step
 
 
@@ -49,11 +50,11 @@ def test_checkpoint_save_and_load_restore_weights_and_state_exactly(tmp_path):
     path = ck.save_checkpoint(run)
     saved_w, saved_opt = weights(run), run.engine.optimizer.state_dict()
     run.logger.close()
-    assert ck.find_latest(cfg["OUTPUT_DIR"]) == path and path.endswith("step-0000002")
+    assert cdir.find_latest(cfg["OUTPUT_DIR"]) == path and path.endswith("step-0000002")
 
     fresh = make_run(cfg)
     assert changed(weights(fresh), saved_w, "lm.")  # a fresh build starts from the initial weights
-    ck.load_checkpoint(fresh, ck.read_point(path))
+    ck.load_checkpoint(fresh, cdir.read_point(path))
     w = weights(fresh)
     assert w.keys() == saved_w.keys() and all(torch.equal(w[k], saved_w[k]) for k in w)
     opt = fresh.engine.optimizer.state_dict()["state"]

@@ -6,7 +6,6 @@ and repetition penalty count prompt tokens, so they forbid exactly the copying t
 """
 
 import json
-import os
 
 import pytest
 

@@ -1,6 +1,5 @@
 """PPO and hybrid through the real launchers: value-head isolation, ZeRO-2/3 runs, the seed configs."""
 
-import glob
 import json
 import os
 import subprocess

@@ -21,7 +21,9 @@ import torch
 from launch_utils import BIN, REPO, env, free_port, metrics
 from test_checkpoint import finish, kill_all, latest, run_ok, sft_cfg, start, wait_for
 
-from hybrid_ds import checkpoint as ck
+from hybrid_ds.run import checkpoint_dir as cdir
+from hybrid_ds.run import resume
+from hybrid_ds.run import output_lock
 from hybrid_ds.config import load_config
 
 
@@ -55,7 +57,7 @@ class OneProcess:
 def hold_lock_in_child(out, then="sleep"):
     """A child process that takes OUTPUT_DIR's lock, then sleeps (returned, still running) or is
     SIGKILLed while holding it (returns its pid)."""
-    code = ("import os, sys, time\nfrom hybrid_ds import checkpoint as ck\nck.lock_output_dir(sys.argv[1])\n"
+    code = ("import os, sys, time\nfrom hybrid_ds.run import output_lock\noutput_lock.lock_output_dir(sys.argv[1])\n"
             "print('locked', flush=True)\n"
             + ("time.sleep(600)\n" if then == "sleep" else "os.kill(os.getpid(), 9)\n"))
     p = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=REPO, env=env(), stdout=subprocess.PIPE,
@@ -72,8 +74,8 @@ def test_output_dir_held_by_a_live_process_is_refused_naming_it(tmp_path):
     out = tmp_path / "out"
     holder = hold_lock_in_child(out)
     try:
-        with pytest.raises(ck.ResumeError) as e:  # what prepare_output_dir does on the main rank
-            ck.lock_output_dir(str(out))
+        with pytest.raises(cdir.ResumeError) as e:  # what prepare_output_dir does on the main rank
+            output_lock.lock_output_dir(str(out))
         msg = str(e.value)
         assert f"pid {holder.pid} on host {socket.gethostname()}" in msg and str(out) in msg, msg
         # config validation (every rank) refuses too, with the same words
@@ -85,8 +87,8 @@ def test_output_dir_held_by_a_live_process_is_refused_naming_it(tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    ck.lock_output_dir(str(out))  # its holder is gone: free again
-    ck.release_output_dir()
+    output_lock.lock_output_dir(str(out))  # its holder is gone: free again
+    output_lock.release_output_dir()
 
 
 def test_stale_lock_of_a_killed_run_is_taken_over(tmp_path, capsys):
@@ -95,11 +97,11 @@ def test_stale_lock_of_a_killed_run_is_taken_over(tmp_path, capsys):
     assert json.loads((out / ".lock").read_text())["pid"] == dead  # it died holding it
     cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in sft_cfg(out).items()])  # not refused
     try:
-        assert ck.prepare_output_dir(cfg, OneProcess()) is None
+        assert resume.prepare_output_dir(cfg, OneProcess()) is None
         holder = json.loads((out / ".lock").read_text())
         assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
     finally:
-        ck.release_output_dir()
+        output_lock.release_output_dir()
     said = capsys.readouterr().out
     assert f"took over the lock of pid {dead} on host {socket.gethostname()}" in said, said
     assert (out / ".lock").read_text() == ""  # released: nothing left to take over
@@ -221,9 +223,9 @@ def test_abandoned_resume_rows_are_moved_aside_at_the_next_start(finished_run, t
     assert latest(out) == "step-0000004" and len(metrics(out)) == 6  # rows 3, 4 twice until the next start
     cfg_obj = load_config(None, [f"{k}={json.dumps(v)}" for k, v in {**cfg, "MAX_STEPS": 4}.items()])
     try:
-        point = ck.prepare_output_dir(cfg_obj, OneProcess())
+        point = resume.prepare_output_dir(cfg_obj, OneProcess())
     finally:
-        ck.release_output_dir()
+        output_lock.release_output_dir()
     assert point.path.endswith("step-0000004")
     assert (out / "metrics.jsonl").read_bytes() == old
     aside = [n for n in os.listdir(out) if n.startswith("metrics.abandoned-")]

@@ -587,7 +587,7 @@ def _file_problems(cfg: Config) -> list[str]:
     if out_dir and os.path.exists(out_dir) and not os.path.isdir(out_dir):
         out.append(f"OUTPUT_DIR: {out_dir!r} exists and is not a directory.")
     else:  # a run already in OUTPUT_DIR: resumed, refused or moved aside per RESUME (checkpoint.py)
-        from hybrid_ds.run.checkpoint import resume_problems
+        from hybrid_ds.run.resume import resume_problems
 
         out += resume_problems(cfg)
     if cfg.run.ds_config and not os.path.isfile(cfg.run.ds_config):

@@ -35,222 +35,42 @@ This module imports torch lazily: config validation uses its resume checks.
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import re
 import shutil
 import signal
-import sys
 import time
-from dataclasses import dataclass
 from typing import Optional
 
 from hybrid_ds.engine.signals import Guard
+from hybrid_ds.run.checkpoint_dir import (
+    CHECKPOINTS,
+    COMPLETE,
+    CONFIG_FILE,
+    ENGINE_TAG,
+    STATE_FILE,
+    CheckpointError,
+    ResumeError,
+    ResumePoint,
+    checkpoint_name,
+    find_latest,
+    fsync_dir,
+    fsync_tree,
+    list_complete,
+    log,
+    unit,
+    write_json,
+    write_latest,
+)
+from hybrid_ds.run.checkpoint_verify import load_verified
 from hybrid_ds.run.outputs import save_outputs, write_resolved_config
-
-CHECKPOINTS, LATEST, COMPLETE = "checkpoints", "latest", "COMPLETE"
-STATE_FILE, CONFIG_FILE, ENGINE_TAG = "trainer_state.json", "config.json", "engine"
-_NAME = re.compile(r"^(warmup|step)-(\d{7,})$")
-# Keys that steer the run but not its math: they may always differ on resume.
-SAFE_KEYS = frozenset({"EPOCHS", "MAX_STEPS", "SAVE_EVERY", "KEEP_LAST", "LOG_EVERY", "RESUME",
-                       "ALLOW_CONFIG_CHANGE", "MAX_NAN_STEPS", "DIST_TIMEOUT_S", "CLEANSE", "OUTPUT_DIR"})
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written, or a run cannot be resumed from one."""
-
-
-class ResumeError(CheckpointError):
-    """A checkpoint or OUTPUT_DIR this run must not use as it is: a damaged or unsafe checkpoint, another
-    launch layout, OUTPUT_DIR held by another run. Found before anything is changed; the run exits 2."""
-
-
-def _log(msg: str) -> None:
-    print(f"[hybrid_ds] {msg}", flush=True)
-
+from hybrid_ds.run.resume import finish_resume, inside
 
 # --------------------------------------------------------------------------------------
 # names and discovery (no torch)
 
 
-def checkpoint_name(run) -> str:
-    """``step-N`` with N = cycles (hybrid), SFT steps (sft) or PPO updates (ppo); ``warmup-N`` in the warm-up."""
-    c, mode = run.counters, run.cfg.run.mode
-    if mode == "hybrid" and c.cycle == 0 and run.cfg.hybrid.sft_warmup_steps:
-        return f"warmup-{c.sft_step:07d}"
-    return f"step-{unit(run):07d}"
-
-
-def unit(run) -> int:
-    """Steps done in the unit SAVE_EVERY and MAX_STEPS count."""
-    key = {"sft": "sft_step", "ppo": "ppo_update"}.get(run.cfg.run.mode, "cycle")
-    return getattr(run.counters, key)
-
-
-def _order(name: str) -> Optional[tuple]:
-    m = _NAME.match(name)
-    return (m.group(1) == "step", int(m.group(2))) if m else None
-
-
-def is_complete(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, COMPLETE)) and _order(os.path.basename(path.rstrip("/"))) is not None
-
-
-def list_complete(root: str) -> list[str]:
-    """Complete checkpoint directories under ``root`` (OUTPUT_DIR/checkpoints), oldest first."""
-    if not os.path.isdir(root):
-        return []
-    names = [n for n in os.listdir(root) if _order(n) and is_complete(os.path.join(root, n))]
-    return [os.path.join(root, n) for n in sorted(names, key=_order)]
-
-
-def find_latest(output_dir: str) -> Optional[str]:
-    """The checkpoint ``latest`` names; the newest complete one if that pointer is missing or broken."""
-    root = os.path.join(output_dir, CHECKPOINTS)
-    try:
-        with open(os.path.join(root, LATEST)) as f:
-            path = os.path.join(root, f.read().strip())
-        if is_complete(path):
-            return path
-    except OSError:
-        pass
-    done = list_complete(root)
-    return done[-1] if done else None
-
-
-def _holds_run(output_dir: str) -> bool:
-    root = os.path.join(output_dir, CHECKPOINTS)
-    return os.path.isfile(os.path.join(output_dir, "metrics.jsonl")) or bool(
-        os.path.isdir(root) and os.listdir(root))
-
-
 # --------------------------------------------------------------------------------------
 # resume planning (no torch): used by config validation and by train.run
-
-
-@dataclass
-class ResumePoint:
-    path: str  # the complete checkpoint directory
-    state: dict  # its trainer_state.json
-    config: dict  # its config.json (resolved, with SEED)
-    metrics_bytes: Optional[int] = None  # size of metrics.jsonl when this run started from it (main rank)
-
-    @property
-    def seed(self) -> int:
-        return int(self.state["seed"])
-
-    def describe(self) -> str:
-        c, plan = self.state["counters"], self.state["plan"]
-        parts = {"hybrid": f"cycle {c['cycle']} of {plan['cycles']}", "sft": f"SFT step {c['sft_step']}",
-                 "ppo": f"PPO update {c['ppo_update']}"}
-        return f"{self.path} ({parts[self.state['mode']]}; SFT steps {c['sft_step']}, PPO updates {c['ppo_update']})"
-
-
-def read_point(path: str) -> ResumePoint:
-    with open(os.path.join(path, STATE_FILE)) as f:
-        state = json.load(f)
-    with open(os.path.join(path, CONFIG_FILE)) as f:
-        config = json.load(f)
-    return ResumePoint(os.path.abspath(path), state, config)
-
-
-def resolve_resume(cfg) -> tuple[Optional[ResumePoint], list[str]]:
-    """The checkpoint this run continues from (None: start fresh), and the problems that forbid starting.
-
-    RESUME=auto resumes OUTPUT_DIR's latest complete checkpoint, starts fresh in an empty OUTPUT_DIR,
-    and refuses a run without one (hybrid_ds never overwrites work). never refuses any existing run.
-    fresh starts over after moving the old run aside (``prepare_output_dir``). A path resumes that
-    checkpoint (or that run directory's latest); from another run, OUTPUT_DIR must not hold a run.
-    """
-    out, how = cfg.run.output_dir, cfg.run.resume
-    held = bool(out) and _holds_run(out)
-    if how == "fresh":
-        return None, []
-    if how == "never":
-        return None, [f"OUTPUT_DIR: {out!r} already holds a run and RESUME=never; choose a new OUTPUT_DIR, or "
-                      f"set RESUME=auto to continue it or RESUME=fresh to move it aside."] if held else []
-    if how == "auto":
-        path = find_latest(out) if out else None
-        if path:
-            return _read_or_problem(path)
-        if held:
-            return None, [f"OUTPUT_DIR: {out!r} already holds a run (metrics.jsonl) but no complete checkpoint "
-                          f"to resume from, and hybrid_ds never overwrites finished work: set RESUME=fresh to "
-                          f"move it aside and start over, or choose a new OUTPUT_DIR."]
-        return None, []
-    path = os.path.abspath(os.path.expanduser(how))
-    if os.path.isdir(os.path.join(path, CHECKPOINTS)):
-        path = find_latest(path) or path
-    if not os.path.isdir(path):
-        return None, [f"RESUME: {how!r} is neither auto, never, fresh nor an existing checkpoint directory."]
-    if not is_complete(path):
-        return None, [f"RESUME: {path} is not a complete checkpoint (no {COMPLETE} marker: writing it was "
-                      f"interrupted, or it is not a checkpoint directory)."]
-    if held and not _inside(path, os.path.join(out, CHECKPOINTS)):
-        return None, [f"RESUME: resuming another run's checkpoint needs an empty OUTPUT_DIR; {out!r} already "
-                      f"holds a run."]
-    return _read_or_problem(path)
-
-
-def _read_or_problem(path: str) -> tuple[Optional[ResumePoint], list[str]]:
-    try:
-        return read_point(path), []
-    except (OSError, ValueError, KeyError) as e:
-        root, name = os.path.dirname(path), os.path.basename(path)
-        older = [p for p in list_complete(root) if _order(os.path.basename(p)) < _order(name)] if _order(name) else []
-        hint = f" To continue from the previous complete checkpoint, set RESUME={older[-1]}." if older else ""
-        return None, [f"RESUME: cannot read checkpoint {path}: {e}.{hint}"]
-
-
-def _inside(path: str, root: str) -> bool:
-    return os.path.abspath(path).startswith(os.path.abspath(root) + os.sep)
-
-
-def config_differences(cfg, saved: dict) -> list[str]:
-    """``KEY (saved A, now B)`` for each key that differs and is neither safe nor in ALLOW_CONFIG_CHANGE."""
-    from hybrid_ds.config import Config
-
-    now = cfg.to_json_dict()
-    now["SEED"] = cfg.run.seed if cfg.run.seed is not None else saved.get("SEED")
-    defaults = Config().to_json_dict()
-    allowed = SAFE_KEYS | {str(k).upper() for k in cfg.run.allow_config_change}
-    out = []
-    for key in sorted(set(saved) | set(now)):
-        if key in allowed:
-            continue
-        old = saved.get(key, defaults.get(key))  # a key newer than the checkpoint: its default then
-        if old != now.get(key):
-            out.append(f"{key} (saved {json.dumps(old)}, now {json.dumps(now.get(key))})")
-    return out
-
-
-def resume_problems(cfg) -> list[str]:
-    """Everything about RESUME/ALLOW_CONFIG_CHANGE and OUTPUT_DIR that forbids starting (config validation)."""
-    from hybrid_ds.config import key_table
-
-    table = key_table()
-    problems = [f"ALLOW_CONFIG_CHANGE: {k!r} is not a config key." for k in cfg.run.allow_config_change
-                if str(k).upper() not in table]
-    busy = output_dir_busy(cfg.run.output_dir) if cfg.run.output_dir else ""
-    if busy:
-        return problems + [busy]
-    point, more = resolve_resume(cfg)
-    problems += more
-    if point is not None:
-        diff = config_differences(cfg, point.config)
-        if diff:
-            problems.append(f"RESUME: the config differs from the one checkpoint {point.path} was written with: "
-                            f"{'; '.join(diff)}. Resume with the original values, list the keys in "
-                            f"ALLOW_CONFIG_CHANGE to accept the change, or set RESUME=fresh to start over.")
-    return problems
-
-
-def describe_resume(cfg) -> str:
-    point, problems = resolve_resume(cfg)
-    if problems:
-        return "resume: refused (" + problems[0] + ")"
-    return f"resume: from {point.describe()}" if point else "resume: none, a new run"
 
 
 # --------------------------------------------------------------------------------------
@@ -264,409 +84,17 @@ def describe_resume(cfg) -> str:
 # is verified completely (every file present, intact, loadable with weights_only=True). Until the
 # resumed run publishes its own first complete checkpoint, the newer checkpoints, ``latest`` and
 # metrics.jsonl stay as they were; the new rows are appended and RESUME_JOURNAL records where they
-# start. Publishing that checkpoint (``_finish_resume``) first moves the newer checkpoints to
+# start. Publishing that checkpoint (``finish_resume``) first moves the newer checkpoints to
 # ``checkpoints/superseded-<time>/`` and the old rows logged after the resume point to
 # ``metrics.superseded-<time>.jsonl``, then makes the new checkpoint ``latest``. A resumed run that
 # dies before that leaves the journal: the next start moves the rows it appended to
 # ``metrics.abandoned-<time>.jsonl`` and finds OUTPUT_DIR as it was before that run.
 
-LOCK_FILE, RESUME_JOURNAL = ".lock", "resume-pending.json"
-_held_lock: Optional[int] = None  # descriptor of the OUTPUT_DIR lock this process holds
-# Globals that DeepSpeed's own checkpoint files may name (besides torch's weights_only allowlist);
-# DeepSpeed unpickles them with weights_only=False, so verify_checkpoint refuses any other.
-DEEPSPEED_SAFE_GLOBALS = frozenset({
-    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler", "deepspeed.utils.tensor_fragment.fragment_address"})
-
-
-def prepare_output_dir(cfg, dist) -> Optional[ResumePoint]:
-    """Lock OUTPUT_DIR and apply RESUME: move an old run aside (fresh), or verify the checkpoint to
-    resume and open the resume transaction. Returns that checkpoint (None for a new run). Raises
-    ResumeError on every rank, with nothing changed, when OUTPUT_DIR is in use or the checkpoint is
-    damaged."""
-    out = cfg.run.output_dir
-    point, problems = resolve_resume(cfg)
-    if problems:  # validated before, so only a directory changed since then gets here
-        raise ResumeError("\n".join(problems))
-    problem = ""
-    if dist.is_main:
-        try:
-            lock_output_dir(out)
-            _recover_abandoned_resume(out)
-            if point is not None:
-                verify_checkpoint(point, cfg.run.resume)
-            if cfg.run.resume == "fresh" and _holds_run(out):
-                aside = f"{out.rstrip(os.sep)}.prev-{time.strftime('%Y%m%d-%H%M%S')}"
-                os.rename(out, aside)  # the lock moves with it; take the new directory's
-                lock_output_dir(out)
-                _log(f"RESUME=fresh: the previous run in {out} was moved to {aside}; starting over")
-            root = os.path.join(out, CHECKPOINTS)
-            if os.path.isdir(root):
-                for n in os.listdir(root):  # leftovers of checkpoints whose writing was interrupted
-                    if n.endswith(".tmp") or n.endswith(".replaced"):
-                        shutil.rmtree(os.path.join(root, n), ignore_errors=True)
-            if point is not None:
-                _begin_resume(cfg, point)
-        except (ResumeError, OSError) as e:
-            problem = str(e) if isinstance(e, ResumeError) else f"OUTPUT_DIR {out}: {e}"
-    problem = dist.broadcast_object(problem)  # every rank learns the main rank's decision
-    if problem:
-        raise ResumeError(problem)
-    return point
-
-
-def lock_output_dir(out: str) -> None:
-    """Hold OUTPUT_DIR for this process (flock on OUTPUT_DIR/.lock until release or exit). Raises
-    ResumeError naming the holder when another process holds it; a lock whose holder died is
-    taken over, and said so."""
-    import fcntl
-    import socket
-
-    global _held_lock
-    os.makedirs(out, exist_ok=True)
-    fd = os.open(os.path.join(out, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _lock_holder(fd)
-        os.close(fd)
-        raise ResumeError(_busy_message(out, holder)) from None
-    stale = _lock_holder(fd)
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
-    os.fsync(fd)
-    if _held_lock is not None:  # RESUME=fresh moved the old directory (and its lock) aside
-        release_output_dir()
-    _held_lock = fd
-    if stale and (stale.get("pid"), stale.get("host")) != (me["pid"], me["host"]):
-        _log(f"OUTPUT_DIR {out}: took over the lock of pid {stale.get('pid')} on host {stale.get('host')} "
-             f"(started {stale.get('started')}), which ended without releasing it (killed or crashed)")
-
-
-def release_output_dir() -> None:
-    """Drop the OUTPUT_DIR lock (a clean end leaves no holder in the file)."""
-    global _held_lock
-    if _held_lock is None:
-        return
-    fd, _held_lock = _held_lock, None
-    try:
-        os.ftruncate(fd, 0)
-    except OSError:
-        pass
-    os.close(fd)  # closing drops the flock
-
-
-def output_dir_busy(out: str) -> str:
-    """The refusal when another process holds OUTPUT_DIR's lock, else "" (a probe: takes no lock)."""
-    import fcntl
-
-    try:
-        fd = os.open(os.path.join(out, LOCK_FILE), os.O_RDONLY)
-    except OSError:
-        return ""
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: probing ranks never block each other
-        except BlockingIOError:
-            holder = _lock_holder(fd)
-            return "" if holder and holder.get("pid") == os.getpid() else _busy_message(out, holder)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return ""
-    finally:
-        os.close(fd)
-
-
-def _lock_holder(fd: int) -> Optional[dict]:
-    try:
-        holder = json.loads(os.pread(fd, 4096, 0).decode() or "null")
-    except (OSError, ValueError):
-        return None
-    return holder if isinstance(holder, dict) else None
-
-
-def _busy_message(out: str, holder: Optional[dict]) -> str:
-    who = (f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}" if holder
-           else "its pid is not recorded yet")
-    return (f"OUTPUT_DIR {out} is in use by another hybrid_ds run ({who}; it holds {os.path.join(out, LOCK_FILE)}). "
-            f"Two runs in one OUTPUT_DIR would overwrite each other's checkpoints and metrics: wait for that run to "
-            f"end or stop it, or choose another OUTPUT_DIR.")
-
 
 # -- verifying a checkpoint before it is used
 
 
-def verify_checkpoint(point: ResumePoint, how: str = "") -> None:
-    """Every file of checkpoint ``point`` present, intact and loadable without running code from it
-    (torch files with weights_only=True; DeepSpeed's own files naming only DEEPSPEED_SAFE_GLOBALS).
-    Raises ResumeError naming the file and the way on. Reads every file once; changes nothing."""
-    problem = checkpoint_problem(point)
-    if not problem:
-        return
-    root = os.path.dirname(point.path)
-    older = [p for p in list_complete(root) if _order(os.path.basename(p)) < _order(os.path.basename(point.path))]
-    msg = f"checkpoint {point.path} cannot be resumed: {problem}. Nothing was changed."
-    if older:
-        msg += (f" To continue from the previous complete checkpoint, run again with RESUME={older[-1]}: this one "
-                f"and any newer stay on disk until that run has written its own first checkpoint, then move to "
-                f"{os.path.join(root, 'superseded-<time>')}/.")
-    else:
-        msg += " No earlier complete checkpoint exists here."
-    raise ResumeError(msg + " RESUME=fresh starts over (moving this run aside).")
-
-
-def checkpoint_problem(point: ResumePoint) -> str:
-    """What is wrong with checkpoint ``point``'s files ("" when nothing is)."""
-    st, path = point.state, point.path
-    try:
-        world, deepspeed = int(st["world"]), st["engine"] == "deepspeed"
-        counters = st["counters"]
-    except (KeyError, TypeError, ValueError) as e:
-        return f"{os.path.join(path, STATE_FILE)} lacks {e}"
-    files = [("schedules.pt", "torch"), (os.path.join("hf", "config.json"), "json")]
-    files += [(os.path.join("rng", f"rank-{r:05d}.pt"), "torch") for r in range(world)]
-    if counters.get("ref_snapshot"):
-        files.append(("reference.pt", "torch"))
-    if deepspeed:
-        engine = os.path.join(path, ENGINE_TAG)
-        names = sorted(os.listdir(engine)) if os.path.isdir(engine) else []
-        for r in range(world):
-            if not any(re.search(rf"zero_pp_rank_{r}_mp_rank_\d+_optim_states\.pt$", n) for n in names):
-                return f"{engine} has no optimizer shard of rank {r} (zero_pp_rank_{r}_..._optim_states.pt)"
-        if not any(n.endswith("model_states.pt") for n in names):
-            return f"{engine} has no model states (*model_states.pt)"
-        files += [(os.path.join(ENGINE_TAG, n), "deepspeed") for n in names if n.endswith(".pt")]
-    else:
-        files += [("model.pt", "torch"), ("optimizer.pt", "torch")]
-    for name, kind in files:
-        problem = _file_problem(os.path.join(path, name), kind)
-        if problem:
-            return problem
-    return ""
-
-
-def _file_problem(path: str, kind: str) -> str:
-    import zipfile
-
-    if not os.path.isfile(path):
-        return f"{path} is missing"
-    try:
-        if kind == "json":
-            with open(path) as f:
-                json.load(f)
-            return ""
-        with zipfile.ZipFile(path) as z:  # torch.save writes a zip with a CRC per entry
-            bad = z.testzip()
-        if bad:
-            return f"{path} is damaged (entry {bad} fails its checksum)"
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        return f"{path} is damaged or truncated ({e})"
-    import torch
-
-    if kind == "deepspeed":  # DeepSpeed unpickles these itself, with weights_only=False
-        unsafe = set(_unsafe_globals(path)) - DEEPSPEED_SAFE_GLOBALS
-        return (f"{path} names {', '.join(sorted(unsafe))}: loading it would run code from the file, and "
-                f"DeepSpeed's checkpoints never need that") if unsafe else ""
-    try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - any failure to load means the file cannot be resumed from
-        return _load_problem(path, e)
-    return ""
-
-
-# torch's own plain-data globals, for torch without get_unsafe_globals_in_checkpoint (before 2.5)
-_TORCH_DATA_GLOBAL = re.compile(r"^(torch\._utils\._rebuild_\w+|torch\._tensor\._rebuild_\w+|torch\.\w*Storage|"
-                                r"torch\.Size|torch\.device|torch\.(b?float|half|u?int|bool|complex)\d*|"
-                                r"torch\.Tensor|collections\.OrderedDict|_codecs\.encode)$")
-
-
-def _unsafe_globals(path: str) -> list[str]:
-    """The globals the pickle in torch archive ``path`` names beyond torch's plain data (nothing runs)."""
-    import torch
-
-    if hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):
-        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    import pickletools
-    import zipfile
-
-    with zipfile.ZipFile(path) as z:
-        data = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
-    names, strings = [], []
-    for op, arg, _ in pickletools.genops(data):
-        if op.name == "GLOBAL":
-            names.append(arg.replace(" ", "."))
-        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-            names.append(f"{strings[-2]}.{strings[-1]}")
-        elif isinstance(arg, str):
-            strings.append(arg)
-    return [n for n in names if not _TORCH_DATA_GLOBAL.match(n)]
-
-
-def _load_problem(path: str, e: Exception) -> str:
-    import pickle
-
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if isinstance(e, pickle.UnpicklingError):
-        return (f"{path} holds pickled objects that loading would run as code ({first}); hybrid_ds loads "
-                f"checkpoint files with weights_only=True only (a checkpoint written by an older hybrid_ds "
-                f"stored its RNG states this way and cannot be resumed)")
-    return f"{path} cannot be loaded ({first})"
-
-
 # -- the resume transaction
-
-
-def _begin_resume(cfg, point: ResumePoint) -> None:
-    """Open the resume transaction (main rank): record where the new run's metrics rows will start,
-    and purge TensorBoard's view past the checkpoint. Nothing is deleted or moved."""
-    out = cfg.run.output_dir
-    if not _inside(point.path, os.path.join(out, CHECKPOINTS)):  # another run's: copy its rows up to the point
-        _rewind_logs(cfg, point)
-        return
-    path = os.path.join(out, "metrics.jsonl")
-    st = os.stat(path) if os.path.isfile(path) else None
-    point.metrics_bytes = st.st_size if st else 0
-    tmp = os.path.join(out, RESUME_JOURNAL + ".tmp")
-    _write_json(tmp, {"from": os.path.basename(point.path), "metrics_inode": st.st_ino if st else None,
-                      "metrics_bytes": point.metrics_bytes, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    os.replace(tmp, os.path.join(out, RESUME_JOURNAL))
-    _purge_tensorboard(out, point, [r for r in _read_rows(path) if _logged_by(point, r)])
-
-
-def _finish_resume(run, root: str, point: ResumePoint) -> None:
-    """Close the resume transaction (main rank), when the resumed run's first checkpoint is complete but
-    not yet renamed: newer checkpoints go to superseded-<time>/, then old rows logged after the
-    resume point go to a side file. The caller then renames the checkpoint and moves ``latest``."""
-    out = run.cfg.run.output_dir
-    newer = [p for p in list_complete(root) if _order(os.path.basename(p)) > _order(os.path.basename(point.path))]
-    if newer:
-        dest = _aside_path(root, "superseded", "")
-        os.makedirs(dest)
-        for p in newer:
-            os.rename(p, os.path.join(dest, os.path.basename(p)))
-        _fsync_dir(root)
-        _log(f"resumed {os.path.basename(point.path)}: {len(newer)} newer checkpoint(s) moved to {dest}")
-    _rewind_metrics(out, point, new_from=point.metrics_bytes)
-    run.logger.reopen()  # metrics.jsonl is a new file now
-    try:
-        os.remove(os.path.join(out, RESUME_JOURNAL))
-    except FileNotFoundError:
-        pass
-
-
-def _recover_abandoned_resume(out: str) -> None:
-    """A resumed run that ended before its first checkpoint left RESUME_JOURNAL; the rows it appended
-    to metrics.jsonl belong to no checkpoint: move them to metrics.abandoned-<time>.jsonl."""
-    journal = os.path.join(out, RESUME_JOURNAL)
-    try:
-        with open(journal) as f:
-            j = json.load(f)
-    except FileNotFoundError:
-        return
-    except ValueError:
-        j = {}
-    path = os.path.join(out, "metrics.jsonl")
-    st = os.stat(path) if os.path.isfile(path) else None
-    start = j.get("metrics_bytes")
-    if st is not None and st.st_ino == j.get("metrics_inode") and isinstance(start, int) and st.st_size > start:
-        with open(path, "rb") as f:
-            f.seek(start)
-            tail = f.read()
-        aside = _aside_path(out, "metrics.abandoned", ".jsonl")
-        with open(aside, "wb") as f:
-            f.write(tail)
-            f.flush()
-            os.fsync(f.fileno())
-        os.truncate(path, start)
-        _log(f"metrics.jsonl: {len([ln for ln in tail.splitlines() if ln.strip()])} row(s) of a run resumed from "
-             f"{j.get('from')} that ended before its first checkpoint moved to {aside}")
-    os.remove(journal)
-
-
-def _aside_path(parent: str, stem: str, ext: str) -> str:
-    base = os.path.join(parent, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-    path, n = base + ext, 1
-    while os.path.exists(path):
-        path, n = f"{base}.{n}{ext}", n + 1
-    return path
-
-
-def _logged_by(point: ResumePoint, row: dict) -> bool:
-    """Whether metrics row ``row`` was logged at or before checkpoint ``point``."""
-    c = point.state["counters"]
-    limit = {"sft": c["sft_step"], "ppo": c["ppo_update"]}
-    other = c[{"sft": "sft_step", "ppo": "ppo_update"}.get(point.state["mode"], "cycle")]
-    return row.get("step", 0) <= limit.get(row.get("phase"), other)
-
-
-def _read_rows(path: str) -> list[dict]:
-    if not os.path.isfile(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _rewind_logs(cfg, point: ResumePoint) -> None:
-    """metrics.jsonl keeps exactly the rows up to the checkpoint (:func:`_rewind_metrics`); TensorBoard
-    purges the rest."""
-    _purge_tensorboard(cfg.run.output_dir, point, _rewind_metrics(cfg.run.output_dir, point))
-
-
-def _rewind_metrics(out: str, point: ResumePoint, new_from: Optional[int] = None) -> list[dict]:
-    """metrics.jsonl keeps the rows logged up to checkpoint ``point`` and, from byte ``new_from`` on, the
-    rows of the run resumed from it; the other rows move to metrics.superseded-<time>.jsonl (a
-    checkpoint of another run: its rows are copied, its file left alone). Returns the old rows kept."""
-    path = os.path.join(out, "metrics.jsonl")
-    src = path if os.path.isfile(path) else os.path.join(os.path.dirname(os.path.dirname(point.path)),
-                                                         "metrics.jsonl")  # resuming another run
-    data = b""
-    if os.path.isfile(src):
-        with open(src, "rb") as f:
-            data = f.read()
-    cut = len(data) if new_from is None else new_from
-    old = [ln for ln in data[:cut].splitlines(keepends=True) if ln.strip()]
-    new = [ln for ln in data[cut:].splitlines(keepends=True) if ln.strip()]
-    rows = [json.loads(ln) for ln in old]
-    kept = [ln for ln, r in zip(old, rows) if _logged_by(point, r)]
-    later = [ln for ln, r in zip(old, rows) if not _logged_by(point, r)]
-    os.makedirs(out, exist_ok=True)
-    note = ""
-    if later and src == path:
-        aside = _aside_path(out, "metrics.superseded", ".jsonl")
-        with open(aside, "wb") as f:
-            f.writelines(later)
-            f.flush()
-            os.fsync(f.fileno())
-        note = f" (kept in {aside})"
-    with open(path + ".tmp", "wb") as f:
-        f.writelines(ln if ln.endswith(b"\n") else ln + b"\n" for ln in kept + new)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-    _fsync_dir(out)
-    if later:
-        _log(f"metrics.jsonl: dropped {len(later)} row(s) logged after the checkpoint{note}")
-    return [r for r in rows if _logged_by(point, r)]
-
-
-def _purge_tensorboard(out: str, point: ResumePoint, kept: list[dict]) -> None:
-    # TensorBoard: a session-start event at the purge step hides every later event of the old run
-    # (its event files stay on disk); kept rows at or after it are written again so nothing goes missing.
-    c = point.state["counters"]
-    limit = {"sft": c["sft_step"], "ppo": c["ppo_update"]}
-    other = c[{"sft": "sft_step", "ppo": "ppo_update"}.get(point.state["mode"], "cycle")]
-    purge = min(limit.values()) + 1 if point.state["mode"] == "hybrid" else other + 1
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # noqa: BLE001 - TensorBoard is optional
-        return
-    w = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=purge)
-    for r in kept:
-        if r.get("step", 0) >= purge:
-            for k, v in r.items():
-                if k not in ("step", "phase", "time") and isinstance(v, (int, float)) and math.isfinite(v):
-                    w.add_scalar(k, float(v), r["step"])
-    w.close()
 
 
 # --------------------------------------------------------------------------------------
@@ -728,16 +156,16 @@ def save_checkpoint(run) -> str:
     error = ""
     if dist.is_main:
         try:
-            _fsync_tree(tmp)
-            _write_json(os.path.join(tmp, COMPLETE), {"name": name, "counters": run.counters.state_dict(),
+            fsync_tree(tmp)
+            write_json(os.path.join(tmp, COMPLETE), {"name": name, "counters": run.counters.state_dict(),
                                                       "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
             if run.guard is not None and run.guard.resuming is not None:
-                _finish_resume(run, root, run.guard.resuming)  # newer checkpoints aside, metrics rewound
+                finish_resume(run, root, run.guard.resuming)  # newer checkpoints aside, metrics rewound
             if os.path.exists(final):  # an incomplete leftover of that name (complete ones were set aside)
                 os.rename(final, final + ".replaced")
             os.rename(tmp, final)
-            _fsync_dir(root)
-            _write_latest(root, name)
+            fsync_dir(root)
+            write_latest(root, name)
             shutil.rmtree(final + ".replaced", ignore_errors=True)
         except OSError as e:
             error = str(e)
@@ -753,7 +181,7 @@ def save_checkpoint(run) -> str:
     if run.guard is not None:
         run.guard.last_saved = name
     if dist.is_main:
-        _log(f"checkpoint {final} ({time.perf_counter() - t0:.1f}s)")
+        log(f"checkpoint {final} ({time.perf_counter() - t0:.1f}s)")
     return final
 
 
@@ -776,7 +204,7 @@ def _save_main(run, path: str, ref_state: Optional[dict]) -> None:
              "reward": run.reward.state_dict() if run.reward is not None else None,
              "world": dist.world, "zero_stage": dist.zero_stage, "precision": dist.plan.mixed_precision,
              "engine": "deepspeed" if dist.uses_deepspeed else "torch"}
-    _write_json(os.path.join(path, STATE_FILE), state)
+    write_json(os.path.join(path, STATE_FILE), state)
     write_resolved_config(cfg, run.seed, os.path.join(path, CONFIG_FILE))
     torch.save({k: s.state_dict() for k, s in run.schedules.items()}, os.path.join(path, "schedules.pt"))
     if not dist.uses_deepspeed:
@@ -797,46 +225,6 @@ def _reference_state(run) -> Optional[dict]:
     return run.dist.frozen_state_dict(run.ref)
 
 
-def _write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_latest(root: str, name: str) -> None:
-    tmp = os.path.join(root, LATEST + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(name)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(root, LATEST))
-    _fsync_dir(root)
-
-
-def _fsync_tree(path: str) -> None:
-    for d, _, files in os.walk(path):
-        for n in files:
-            fd = os.open(os.path.join(d, n), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _prune(root: str, keep_last: int, current: str) -> None:
     """Delete complete checkpoints older than the newest KEEP_LAST (never the current one)."""
     if keep_last <= 0:
@@ -847,7 +235,7 @@ def _prune(root: str, keep_last: int, current: str) -> None:
             os.remove(os.path.join(p, COMPLETE))  # first, so a half-deleted one is never resumed
             shutil.rmtree(p)
         except OSError as e:
-            _log(f"warning: could not delete old checkpoint {p}: {e}")
+            log(f"warning: could not delete old checkpoint {p}: {e}")
 
 
 # --------------------------------------------------------------------------------------
@@ -916,9 +304,9 @@ def attach(run, point: Optional[ResumePoint]) -> None:
     run.guard = Guard()  # hybrid_ds.engine.signals
     if point is not None:
         if run.dist.is_main:
-            _log(f"resuming from {point.describe()}")
+            log(f"resuming from {point.describe()}")
         load_checkpoint(run, point)
-        if _inside(point.path, os.path.join(run.cfg.run.output_dir, CHECKPOINTS)):
+        if inside(point.path, os.path.join(run.cfg.run.output_dir, CHECKPOINTS)):
             run.guard.last_saved = os.path.basename(point.path)
             run.guard.resuming = point
     run.guard.install()
@@ -935,7 +323,7 @@ def load_checkpoint(run, point: ResumePoint) -> None:
         if dist.uses_deepspeed or st["engine"] == "deepspeed":
             raise ResumeError(msg + ": relaunch with the same layout to resume.")
         if dist.is_main:
-            _log(f"warning: {msg}; the model and optimizer resume, per-rank sampling will differ")
+            log(f"warning: {msg}; the model and optimizer resume, per-rank sampling will differ")
     # 1. weights and optimizer
     if dist.uses_deepspeed:
         loaded, _ = run.engine.wrapped.load_checkpoint(path, tag=ENGINE_TAG, load_optimizer_states=True,
@@ -944,12 +332,12 @@ def load_checkpoint(run, point: ResumePoint) -> None:
             raise ResumeError(f"DeepSpeed could not load {os.path.join(path, ENGINE_TAG)}.")
     else:
         dev = dist.device
-        run.engine.module.load_state_dict(_load(os.path.join(path, "model.pt"), dev))
-        run.engine.optimizer.load_state_dict(_load(os.path.join(path, "optimizer.pt"), dev))
+        run.engine.module.load_state_dict(load_verified(os.path.join(path, "model.pt"), dev))
+        run.engine.optimizer.load_state_dict(load_verified(os.path.join(path, "optimizer.pt"), dev))
     if os.path.isfile(os.path.join(path, "reference.pt")):
-        dist.load_frozen_state_dict(run.ref, _load(os.path.join(path, "reference.pt")))
+        dist.load_frozen_state_dict(run.ref, load_verified(os.path.join(path, "reference.pt")))
     # 2. schedules, counters, data positions, KL controller, reward statistics
-    schedules = _load(os.path.join(path, "schedules.pt"))
+    schedules = load_verified(os.path.join(path, "schedules.pt"))
     for phase, sched in run.schedules.items():
         if phase in schedules:
             _load_schedule(run, phase, sched, schedules[phase])
@@ -965,19 +353,9 @@ def load_checkpoint(run, point: ResumePoint) -> None:
     # 3. this rank's generators, last: nothing may draw from them before training continues
     rng_file = os.path.join(path, "rng", f"rank-{dist.rank:05d}.pt")
     if os.path.isfile(rng_file):
-        restore_rng(_rng_from_file(_load(rng_file)))
+        restore_rng(_rng_from_file(load_verified(rng_file)))
     elif dist.is_main:
-        _log(f"warning: {rng_file} is missing; this rank's sampling starts from its seed")
-
-
-def _load(path: str, map_location="cpu"):
-    """A checkpoint file, loaded with weights_only=True: a file cannot run code (ResumeError if it tries)."""
-    import torch
-
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure here means the file cannot be resumed from
-        raise ResumeError(f"cannot resume: {_load_problem(path, e)}.") from None
+        log(f"warning: {rng_file} is missing; this rank's sampling starts from its seed")
 
 
 def _load_schedule(run, phase: str, sched, state: dict) -> None:
@@ -992,7 +370,7 @@ def _load_schedule(run, phase: str, sched, state: dict) -> None:
         for _ in range(int(state["steps_done"])):
             sched.step()
     if run.dist.is_main:
-        _log(f"{phase} schedule re-planned for {sched.total_steps} steps (was {state['total_steps']}); "
+        log(f"{phase} schedule re-planned for {sched.total_steps} steps (was {state['total_steps']}); "
              f"continuing at step {state['steps_done']} with lr {sched.lr:.3g}")
 
 
@@ -1006,7 +384,7 @@ def finish(run) -> bool:
     g = run.guard
     if g is not None and g.stopped_by:
         if run.dist.is_main:
-            _log(f"stopped by {g.stopped_by} after {checkpoint_name(run)}; checkpoint "
+            log(f"stopped by {g.stopped_by} after {checkpoint_name(run)}; checkpoint "
                  f"{os.path.join(run.cfg.run.output_dir, CHECKPOINTS, g.last_saved)}. "
                  f"Run the same command again to resume.")
         g.uninstall()
@@ -1021,61 +399,3 @@ def finish(run) -> bool:
 # --------------------------------------------------------------------------------------
 # export: python -m hybrid_ds.checkpoint export CKPT_DIR OUT_DIR
 
-
-def export(ckpt: str, out_dir: str, with_value_head: bool = False) -> str:
-    """Write checkpoint ``ckpt`` (or a run directory's latest) as plain HF weights + tokenizer in ``out_dir``.
-
-    DeepSpeed checkpoints are consolidated with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``
-    (fp32 master weights, whatever the training precision)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    if os.path.isdir(os.path.join(ckpt, CHECKPOINTS)):
-        ckpt = find_latest(ckpt) or ckpt
-    if not is_complete(ckpt):
-        raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker).")
-    point = read_point(ckpt)
-    if point.state["engine"] == "deepspeed":
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(ckpt, tag=ENGINE_TAG)
-    else:
-        state = torch.load(os.path.join(ckpt, "model.pt"), map_location="cpu", weights_only=True)
-    hf = os.path.join(ckpt, "hf")
-    with torch.device("meta"):  # a skeleton for save_pretrained's naming and tied-weight handling
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf))
-    model.generation_config = GenerationConfig.from_pretrained(hf)
-    lm_state = {k[len("lm."):]: v.float().contiguous() for k, v in state.items() if k.startswith("lm.")}
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir, state_dict=lm_state, safe_serialization=True)
-    AutoTokenizer.from_pretrained(hf).save_pretrained(out_dir)
-    if with_value_head:
-        from hybrid_ds.models.policy_value import VALUE_HEAD_FILE
-
-        vh = {k[len("v_head."):]: v.float().clone() for k, v in state.items() if k.startswith("v_head.")}
-        torch.save(vh, os.path.join(out_dir, VALUE_HEAD_FILE))
-    return out_dir
-
-
-def main(argv=None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m hybrid_ds.checkpoint",
-                                description="Work with hybrid_ds checkpoints.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("export", help="write a checkpoint as plain Hugging Face weights + tokenizer")
-    e.add_argument("ckpt", help="a checkpoint directory (OUTPUT_DIR/checkpoints/step-XXXXXXX) or a run's OUTPUT_DIR")
-    e.add_argument("out", help="output directory")
-    e.add_argument("--with-value-head", action="store_true", help="also write value_head.pt (as ppo_full/)")
-    args = p.parse_args(argv)
-    try:
-        out = export(args.ckpt, args.out, args.with_value_head)
-    except (CheckpointError, OSError) as err:
-        print(f"hybrid_ds: {err}", file=sys.stderr)
-        return 2
-    print(f"[hybrid_ds] exported {args.ckpt} to {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,12 @@ from hybrid_ds.algorithms.registry import MODES, PHASES
 from hybrid_ds.config import Config, ConfigError
 from hybrid_ds.config.batch_plan import BatchPlans
 from hybrid_ds.data import BatchStream, DataReport, Example, load_items, tokenize_items
-from hybrid_ds.models.policy_value import PolicyValue, build_param_groups, load_lm, load_tokenizer
+from hybrid_ds.models.policy_value import (
+    PolicyValue,
+    build_param_groups,
+    load_lm,
+    load_tokenizer,
+)
 from hybrid_ds.optim import build_optimizer, make_phase_schedules
 from hybrid_ds.rewards import make_reward
 from hybrid_ds.run.metrics import MetricsLogger

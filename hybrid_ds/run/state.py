@@ -17,8 +17,8 @@ from hybrid_ds.config import Config
 from hybrid_ds.config.batch_plan import BatchPlans
 from hybrid_ds.data import BatchStream, Example, rank_slice
 from hybrid_ds.engine.dist import Dist
-from hybrid_ds.engine.train_engine import TrainEngine
 from hybrid_ds.engine.signals import Guard
+from hybrid_ds.engine.train_engine import TrainEngine
 from hybrid_ds.optim import PhaseSchedule
 from hybrid_ds.reference.protocol import RefClient
 from hybrid_ds.rewards.base import Reward
