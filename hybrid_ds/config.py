@@ -15,8 +15,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
@@ -229,14 +231,14 @@ class SchedConfig:
     poly_power: float = opt(1.0, "Polynomial decay power.", key="POLY_POWER", lo=0.0)
     lr_floor: float = opt(0.0, "Final learning rate of the polynomial and lambda schedules.", key="LR_FLOOR",
                           lo=0.0)
-    step_size: int = opt(1, "StepLR period.", key="STEP_SIZE", lo=1)
-    gamma: float = opt(0.1, "StepLR/MultiStepLR/ExponentialLR/cyclic exp_range factor.", key="GAMMA", lo=0.0)
+    step_size: int = opt(1000, "StepLR period.", key="STEP_SIZE", lo=1)
+    gamma: float = opt(0.95, "StepLR/MultiStepLR/ExponentialLR/cyclic exp_range factor.", key="GAMMA", lo=0.0)
     milestones: list = opt([], "MultiStepLR milestones (steps).", key="MILESTONES")
     t_max: int = opt(0, "CosineAnnealingLR period; 0 = the total steps.", key="T_MAX", lo=0)
     min_lr: float = opt(0.0, "Minimum learning rate (cosineannealing eta_min, reduce_on_plateau min_lr).",
                         key="MIN_LR", lo=0.0)
     t0: int = opt(10, "CosineAnnealingWarmRestarts first period.", key="T0", lo=1)
-    t_mult: int = opt(1, "CosineAnnealingWarmRestarts period multiplier.", key="T_MULT", lo=1)
+    t_mult: int = opt(2, "CosineAnnealingWarmRestarts period multiplier.", key="T_MULT", lo=1)
     max_lr: float = opt(0.0, "OneCycle/cyclic peak; 0 = the phase's learning rate.", key="MAX_LR", lo=0.0)
     base_lr: float = opt(0.0, "Cyclic lower bound; 0 = a tenth of MAX_LR.", key="BASE_LR", lo=0.0)
     pct_start: float = opt(0.3, "OneCycle warm-up fraction.", key="PCT_START", lo=0.0, hi=1.0)
@@ -248,7 +250,7 @@ class SchedConfig:
     three_phase: bool = opt(False, "OneCycle three-phase variant.", key="THREE_PHASE")
     base_momentum: float = opt(0.85, "OneCycle/cyclic lower momentum.", key="BASE_MOMENTUM", lo=0.0)
     max_momentum: float = opt(0.95, "OneCycle/cyclic upper momentum.", key="MAX_MOMENTUM", lo=0.0)
-    cycle_momentum: bool = opt(False, "OneCycle/cyclic: also cycle momentum (beta1).", key="CYCLE_MOMENTUM")
+    cycle_momentum: bool = opt(True, "OneCycle/cyclic: also cycle momentum (beta1).", key="CYCLE_MOMENTUM")
     step_size_up: int = opt(2000, "Cyclic steps going up.", key="STEP_SIZE_UP", lo=1)
     step_size_down: int = opt(0, "Cyclic steps going down; 0 = STEP_SIZE_UP.", key="STEP_SIZE_DOWN", lo=0)
     cyclic_mode: str = opt("triangular", "Cyclic policy (the spec's cyclic MODE; renamed because MODE is the "
@@ -264,6 +266,9 @@ class SchedConfig:
     threshold_mode: str = opt("rel", "reduce_on_plateau threshold mode.", key="THRESHOLD_MODE",
                               choices=("rel", "abs"))
     cooldown: int = opt(0, "reduce_on_plateau cooldown.", key="COOLDOWN", lo=0)
+    last_epoch: int = opt(-1, "PyTorch's last_epoch: -1 starts each schedule at its first step; N >= 0 starts it "
+                              "as if N + 1 optimizer steps were already done (e.g. to continue a schedule of "
+                              "an earlier run).", key="LAST_EPOCH", lo=-1)
     plateau_eps: float = opt(1e-8, "reduce_on_plateau eps (the spec's EPS; renamed: EPS is the optimizer's).",
                              key="PLATEAU_EPS", lo=0.0)
 
@@ -295,7 +300,7 @@ class Config:
 
 
 SECTIONS = ("run", "data", "sft", "ppo", "hybrid", "gen", "optim", "sched")
-ALIASES = {"ETA_MIN": "MIN_LR"}  # the spec's synonyms
+ALIASES = {"ETA_MIN": "MIN_LR", "T_0": "T0"}  # the original design's synonyms
 REWARD_KEY = "REWARD"
 
 
@@ -358,7 +363,11 @@ def _coerce(key: str, value: Any, tp) -> tuple[Any, Optional[str]]:
         return value, f"{key}: expected true/false (or yes/no), got {value!r}.{hint}"
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                return value, f"{key}: {value} is not a finite number; write a finite value."
             return float(value), None
+        if isinstance(value, str) and value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+            return value, f"{key}: {value!r} is not a finite number; write a finite value."
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value, None
@@ -394,18 +403,7 @@ def load_config(path: Optional[str], overrides: list[str] = (), *, check_files: 
     is used to check that batch sizes divide across processes x accumulation.
     """
     source = path or "command line"
-    raw: dict = {}
-    if path:
-        try:
-            with open(path) as f:
-                raw = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError([f"config file {path!r} does not exist."], source) from None
-        except json.JSONDecodeError as e:
-            raise ConfigError([f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})."],
-                              source) from None
-        if not isinstance(raw, dict):
-            raise ConfigError([f"{path}: the config must be a JSON object of KEY: value pairs."], source)
+    raw = read_config_file(path) if path else {}
     problems: list[str] = []
     for text in overrides:
         try:
@@ -416,10 +414,115 @@ def load_config(path: Optional[str], overrides: list[str] = (), *, check_files: 
         raw[k] = v
     cfg, more = build_config(raw)
     problems += more
+    normalise_paths(cfg)
     problems += validate(cfg, check_files=check_files, world_size=world_size)
     if problems:
         raise ConfigError(problems, source)
     return cfg
+
+
+def _pairs_refusing_duplicates(pairs: list) -> dict:
+    """``object_pairs_hook`` of the config reader: a key written twice is an error, not "last one wins"."""
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def read_config_file(path: str) -> dict:
+    """The JSON object in ``path``; ConfigError for anything a file can do wrong (missing, a directory,
+    not UTF-8, not JSON, a key written twice, nesting deeper than the parser goes, not an object)."""
+    def fail(problem: str) -> ConfigError:
+        return ConfigError([problem], path)
+
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            raw = json.loads(f.read(), object_pairs_hook=_pairs_refusing_duplicates)
+    except FileNotFoundError:
+        raise fail(f"config file {path!r} does not exist.") from None
+    except IsADirectoryError:
+        raise fail(f"config file {path!r} is a directory; give the path of a JSON file.") from None
+    except UnicodeDecodeError as e:
+        raise fail(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                   f"save the config as UTF-8.") from None
+    except _DuplicateKey as e:
+        raise fail(f"{path}: key {e.args[0]!r} is written more than once (a duplicate key); keep one.") from None
+    except json.JSONDecodeError as e:
+        raise fail(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).") from None
+    except RecursionError:
+        raise fail(f"{path}: JSON nested too deeply to read; a config is one flat object of KEY: value "
+                   f"pairs.") from None
+    except OSError as e:
+        raise fail(f"config file {path!r} cannot be read ({e.strerror or e}).") from None
+    if not isinstance(raw, dict):
+        raise fail(f"{path}: the config must be a JSON object of KEY: value pairs.")
+    return raw
+
+
+# Keys that name files or directories: ``~`` is expanded in every one of them when the config is
+# loaded, so each consumer (validation, loading, the written config.json) sees the same path.
+PATH_KEYS = ("MODEL", "TOKENIZER", "TRAIN_FILE", "OUTPUT_DIR", "DS_CONFIG", "RESUME")
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def normalise_paths(cfg: Config) -> None:
+    """Expand ``~`` in every path key and in the reward spec's model paths; resolve DS_CONFIG
+    (see :func:`resolve_ds_config`); give a perplexity reward without ``model`` the policy's MODEL."""
+    table = key_table()
+    for key in PATH_KEYS:
+        sec, f = table[key]
+        obj = getattr(cfg, sec)
+        value = getattr(obj, f.name)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(obj, f.name, os.path.expanduser(value))
+    if isinstance(cfg.run.ds_config, str) and cfg.run.ds_config:
+        cfg.run.ds_config = resolve_ds_config(cfg.run.ds_config) or cfg.run.ds_config
+    if isinstance(cfg.reward, dict) and isinstance(cfg.run.model, str):
+        _fill_reward_models(cfg.reward, cfg.run.model)
+
+
+def _fill_reward_models(spec: dict, policy_model: str) -> None:
+    """In place: ``~`` expanded in every leaf's ``model``; ``perplexity`` leaves without ``model``
+    score fluency under the policy's own base model (MODEL)."""
+    for comp in spec.get("components") or []:
+        if isinstance(comp, dict):
+            _fill_reward_models(comp, policy_model)
+    if spec.get("type") == "perplexity" and "model" not in spec and policy_model:
+        spec["model"] = policy_model
+    for k in ("model", "model_type", "checkpoint", "huggingface_config_path"):
+        if isinstance(spec.get(k), str) and spec[k].startswith("~"):
+            spec[k] = os.path.expanduser(spec[k])
+
+
+def ds_config_names() -> list[str]:
+    """Names of the DeepSpeed configs shipped in ds_configs/ (usable as DS_CONFIG=zero2)."""
+    d = os.path.join(_REPO_ROOT, "ds_configs")
+    return sorted(n[:-5] for n in os.listdir(d) if n.endswith(".json")) if os.path.isdir(d) else []
+
+
+def resolve_ds_config(path: str) -> Optional[str]:
+    """An absolute path for a DeepSpeed config named by DS_CONFIG or an accelerate yaml, or None.
+
+    Tried in order: the path itself (relative to the working directory), relative to the repository
+    (so ``ds_configs/zero2.json`` in ``launch/*.yaml`` works from any directory), and a bare name of a
+    shipped config (``zero2`` = ``ds_configs/zero2.json``).
+    """
+    path = os.path.expanduser(path)
+    candidates = [path]
+    if not os.path.isabs(path):
+        candidates.append(os.path.join(_REPO_ROOT, path))
+        if os.sep not in path:
+            candidates.append(os.path.join(_REPO_ROOT, "ds_configs", path if path.endswith(".json") else path + ".json"))
+    for c in candidates:
+        if os.path.isfile(c):
+            return os.path.abspath(c)
+    return None
 
 
 def build_config(raw: dict) -> tuple[Config, list[str]]:
@@ -437,6 +540,8 @@ def build_config(raw: dict) -> tuple[Config, list[str]]:
             problems.append(f"{key}: unknown key.{hint}")
             continue
         sec, f = table[ukey]
+        if ukey == "SCHEDULER" and value is None:
+            value = "none"  # null, like "" and "no", means no schedule
         value, problem = _coerce(ukey, value, types[ukey])
         if problem:
             problems.append(problem)
@@ -506,6 +611,9 @@ def validate(cfg: Config, *, check_files: bool = True, world_size: Optional[int]
     if cfg.gen.min_new_tokens > cfg.gen.max_new_tokens:
         problems.append(f"MIN_NEW_TOKENS ({cfg.gen.min_new_tokens}) exceeds MAX_NEW_TOKENS "
                         f"({cfg.gen.max_new_tokens}).")
+    if cfg.run.mode != "sft" and cfg.gen.max_new_tokens >= cfg.data.maxseq:
+        problems.append(f"MAX_NEW_TOKENS ({cfg.gen.max_new_tokens}) must be below MAXSEQ ({cfg.data.maxseq}): MAXSEQ "
+                        f"bounds prompt + response, so PPO prompts keep their last MAXSEQ - MAX_NEW_TOKENS tokens.")
     from hybrid_ds.placement import placement_problems, policy_world_size
 
     launched = world_size or env_world_size()
@@ -575,6 +683,9 @@ def _file_problems(cfg: Config) -> list[str]:
             out.append(f"TRAIN_FILE: unknown builtin dataset {tf!r}; available: {', '.join(_BUILTIN_DATA)}.")
         elif not os.path.exists(tf):
             out.append(f"TRAIN_FILE: {tf!r} does not exist (working directory {os.getcwd()}).")
+        elif not (os.path.isfile(tf) or os.path.isdir(tf)):
+            out.append(f"TRAIN_FILE: {tf!r} is not a regular file (a FIFO, socket or device); give a JSON/JSONL "
+                       f"file, a datasets file or a save_to_disk directory.")
         elif os.path.isfile(tf) and not os.access(tf, os.R_OK):
             out.append(f"TRAIN_FILE: {tf!r} is not readable.")
     for key, name in (("MODEL", cfg.run.model), ("TOKENIZER", cfg.run.tokenizer)):
@@ -583,14 +694,126 @@ def _file_problems(cfg: Config) -> list[str]:
             if p:
                 out.append(p)
     out_dir = cfg.run.output_dir
-    if out_dir and os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        out.append(f"OUTPUT_DIR: {out_dir!r} exists and is not a directory.")
+    problem = output_dir_problem(out_dir) if out_dir else None
+    if problem:
+        out.append(problem)
     else:  # a run already in OUTPUT_DIR: resumed, refused or moved aside per RESUME (checkpoint.py)
         from hybrid_ds.checkpoint import resume_problems
 
         out += resume_problems(cfg)
-    if cfg.run.ds_config and not os.path.isfile(cfg.run.ds_config):
-        out.append(f"DS_CONFIG: {cfg.run.ds_config!r} does not exist.")
+    launcher_ds = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if cfg.run.ds_config:
+        out += ds_config_problems(cfg.run.ds_config)
+    elif launcher_ds not in ("", "none"):  # deepspeed_config_file of an accelerate launch yaml
+        out += ds_config_problems(launcher_ds, "deepspeed_config_file (accelerate config)")
+    out += reward_path_problems(cfg.reward) if cfg.run.mode != "sft" else []
+    return out
+
+
+def output_dir_problem(path: str) -> Optional[str]:
+    """Why OUTPUT_DIR cannot be created or written, or None. Probes with a temporary file in the
+    directory (or its nearest existing ancestor), removed at once: nothing is left behind."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"OUTPUT_DIR: {path!r} exists and is not a directory."
+    target = os.path.abspath(path)
+    while not os.path.exists(target):
+        target = os.path.dirname(target)
+    if not os.path.isdir(target):
+        return f"OUTPUT_DIR: {path!r} cannot be created: {target!r} is not a directory (a regular file)."
+    try:
+        fd, probe = tempfile.mkstemp(dir=target, prefix=".hybrid_ds-write-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        what = "written" if target == os.path.abspath(path) else f"created (in {target})"
+        return f"OUTPUT_DIR: {path!r} cannot be {what}: {e.strerror or e}."
+    return None
+
+
+def ds_config_problems(path: str, key: str = "DS_CONFIG") -> list[str]:
+    """Why the DeepSpeed config ``path`` cannot be used: missing (see resolve_ds_config), not JSON."""
+    found = resolve_ds_config(path)
+    if found is None:
+        return [f"{key}: {path!r} does not exist (working directory {os.getcwd()}); give a path or one of the "
+                f"shipped names: {', '.join(ds_config_names())}."]
+    try:
+        with open(found, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, OSError) as e:
+        return [f"{key}: {found} is not a readable JSON file ({e})."]
+    if not isinstance(data, dict):
+        return [f"{key}: {found} must hold a JSON object (a DeepSpeed config)."]
+    return []
+
+
+def reward_path_problems(spec: Any, path: str = REWARD_KEY) -> list[str]:
+    """A reward leaf's model given as a local path (``./x``, ``/x``, ``~/x``) that does not exist."""
+    if not isinstance(spec, dict):
+        return []
+    out = []
+    for i, comp in enumerate(spec.get("components") or []):
+        out += reward_path_problems(comp, f"{path}.components[{i}]")
+    for k in ("model", "model_type", "checkpoint", "huggingface_config_path"):
+        v = spec.get(k)
+        if isinstance(v, str) and v.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(v)):
+            out.append(f"{path}.{k}: {v!r} does not exist (working directory {os.getcwd()}).")
+    return out
+
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def safetensors_problem(path: str) -> Optional[str]:
+    """Why the safetensors file ``path`` is unusable (unreadable header, shorter than its header says),
+    or None. Reads the header only: 8 bytes of header length, the JSON header, no tensor data."""
+    import struct
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{path} is truncated ({size} bytes, no safetensors header)"
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                return f"{path} is truncated or not a safetensors file (header of {n} bytes, file of {size})"
+            header = json.loads(f.read(n))
+    except OSError as e:
+        return f"{path} cannot be read ({e.strerror or e})"
+    except ValueError:
+        return f"{path} is not a safetensors file (its header is not JSON)"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        return f"{path} is truncated: its header describes {8 + n + end} bytes, the file has {size}"
+    return None
+
+
+def weight_file_problems(model_dir: str) -> list[str]:
+    """Problems of the weight files of a local model directory, found without loading them."""
+    present = [f for f in _WEIGHT_FILES if os.path.isfile(os.path.join(model_dir, f))]
+    if not present:
+        return [f"{model_dir} has config.json but no weights ({' or '.join(_WEIGHT_FILES[::2])}); "
+                f"copy the whole saved model"]
+    out = []
+    for index in (f for f in present if f.endswith(".index.json")):
+        try:
+            with open(os.path.join(model_dir, index), encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            out.append(f"{os.path.join(model_dir, index)} is not a weight index ({type(e).__name__}: {e})")
+            continue
+        missing = [s for s in shards if not os.path.isfile(os.path.join(model_dir, s))]
+        if missing:
+            out.append(f"{model_dir}: shard(s) {', '.join(missing)} listed in {index} are missing")
+        out += [p for s in shards if s.endswith(".safetensors") and s not in missing
+                for p in [safetensors_problem(os.path.join(model_dir, s))] if p]
+        return out
+    if "model.safetensors" in present:
+        p = safetensors_problem(os.path.join(model_dir, "model.safetensors"))
+        out += [p] if p else []
+    elif os.path.getsize(os.path.join(model_dir, "pytorch_model.bin")) == 0:
+        out.append(f"{os.path.join(model_dir, 'pytorch_model.bin')} is empty")
     return out
 
 
@@ -607,6 +830,9 @@ def model_problem(key: str, name: str, builtins) -> Optional[str]:
     if os.path.isdir(expanded):
         if not os.path.isfile(os.path.join(expanded, "config.json")):
             return f"{key}: {name!r} is a directory without config.json; point it at a saved Hugging Face model."
+        if key == "MODEL":
+            weights = weight_file_problems(expanded)
+            return f"{key}: " + "; ".join(weights) + "." if weights else None
         return None
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or not _HUB_NAME.match(name):
         return f"{key}: {name!r} does not exist (not a local directory, not a hub model name)."

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from hybrid_ds.config import Config
+from hybrid_ds.config import Config, resolve_ds_config
 
 _LAUNCHED_BY_DEEPSPEED = "DS_LAUNCHER" in os.environ or "DEEPSPEED_LAUNCHER" in os.environ
 
@@ -54,6 +54,8 @@ def plan_launch(cfg: Config) -> LaunchPlan:
     template, source = None, "config"
     path = cfg.run.ds_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
     if path and path != "none":
+        # launch/*.yaml name ds_configs/*.json relative to the repository: found from any directory
+        path = resolve_ds_config(path) or path
         with open(path) as f:
             template = json.load(f)
         source = path

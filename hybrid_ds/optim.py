@@ -360,7 +360,7 @@ SCHEDULERS: dict[str, SchedSpec] = {s.name: s for s in (
     SchedSpec("none", "hybrid_ds", (), "lr, no warm-up"),
 )}
 
-SCHEDULER_ALIASES = {"poly": "polynomial"}
+SCHEDULER_ALIASES = {"poly": "polynomial", "": "none", "no": "none", "off": "none", "null": "none"}
 
 # Schedules that cannot go further once T optimizer steps are done: the lr is then held.
 # onecycle ends at step T−1 (OneCycleLR refuses to go past it); reduce_on_plateau has no end.
@@ -381,7 +381,8 @@ def scheduler_spec(name: str) -> SchedSpec:
     """The table row of a SCHEDULER name (case-insensitive, aliases resolved); ValueError if unknown."""
     key = _canonical_sched(name)
     if key not in SCHEDULERS:
-        raise ValueError(_unknown("scheduler", "SCHEDULER", str(name), scheduler_names() + list(SCHEDULER_ALIASES)))
+        raise ValueError(_unknown("scheduler", "SCHEDULER", str(name),
+                                  scheduler_names() + [a for a in SCHEDULER_ALIASES if a]))
     return SCHEDULERS[key]
 
 
@@ -466,6 +467,48 @@ def scheduler_problems(cfg) -> list[str]:
     return list(dict.fromkeys(out))  # one line per problem even when both phases share it
 
 
+_COLLAPSE = 0.01  # a schedule that takes the lr below this fraction of its start gets a warning
+
+
+def _steps_to_collapse(name: str, s) -> Optional[int]:
+    """Optimizer steps after which ``name``'s decay alone has taken the lr below _COLLAPSE x its start
+    (None when it never does or depends on the run, e.g. reduce_on_plateau)."""
+    if not 0 < s.gamma < 1:
+        return None
+    decays = math.ceil(math.log(_COLLAPSE) / math.log(s.gamma))  # GAMMA^decays < _COLLAPSE
+    if name == "exponential" or (name == "cyclic" and s.cyclic_mode == "exp_range"):
+        return decays
+    if name == "step":
+        return decays * s.step_size
+    if name == "multistep":
+        ms = sorted(s.milestones)
+        return ms[decays - 1] if len(ms) >= decays else None
+    return None
+
+
+def schedule_warnings(cfg, phase_steps: dict[str, int]) -> list[str]:
+    """Settings that are valid but collapse the lr within the run: one line each, with the numbers.
+
+    ``phase_steps``: {"LR_SFT": optimizer steps of the SFT schedule, "LR_PPO": ... of PPO}.
+    """
+    s = cfg.sched
+    try:
+        spec = scheduler_spec(s.name)
+    except ValueError:
+        return []
+    n = _steps_to_collapse(spec.name, s)
+    out = []
+    for lr_key, steps in phase_steps.items():
+        total = resolve_total_steps(cfg, steps) if steps > 0 else 0
+        if n is not None and 0 < total and n <= total:
+            every = f" every {s.step_size} steps" if spec.name == "step" else ""
+            out.append(f"SCHEDULER={spec.name} with GAMMA={s.gamma}{every} takes {lr_key} below "
+                       f"{_COLLAPSE:.0%} of its start after {n} of the schedule's {total} optimizer steps "
+                       f"(lr x GAMMA^{math.ceil(math.log(_COLLAPSE) / math.log(s.gamma))}); raise GAMMA"
+                       + (" or STEP_SIZE" if spec.name == "step" else "") + " if that is not intended.")
+    return list(dict.fromkeys(out))
+
+
 def _key_problems(spec: SchedSpec, s) -> list[str]:
     """Problems of the schedule's own keys (independent of learning rate and length)."""
     name, out = spec.name, []
@@ -495,7 +538,7 @@ def _key_problems(spec: SchedSpec, s) -> list[str]:
     if name == "cyclic" and s.cyclic_mode == "exp_range" and not 0.9 <= s.gamma <= 1:
         out.append(f"SCHEDULER=cyclic with CYCLIC_MODE=exp_range scales the cycle height by GAMMA every step "
                    f"(GAMMA^100 after 100 steps); GAMMA={s.gamma} flattens it at once. Use a value close to 1, "
-                   f"e.g. GAMMA=0.9999 (the default 0.1 is StepLR's).")
+                   f"e.g. GAMMA=0.9999.")
     return out
 
 
@@ -674,6 +717,9 @@ class PhaseSchedule:
         self._shadow = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=self.base_lr)
         self._sched = _build_scheduler(self.name, self._shadow, s, self.base_lr, self.total_steps,
                                        self.warmup_steps)
+        if self.name != "reduce_on_plateau":  # LAST_EPOCH: start as if LAST_EPOCH + 1 steps were done
+            for _ in range(s.last_epoch + 1):
+                self.step()
 
     @property
     def lr(self) -> float:
@@ -763,7 +809,8 @@ def optim_reference_markdown() -> str:
     for s in SCHEDULERS.values():
         keys = ", ".join(s.keys) or "–"
         lines.append(f"| `{s.name}` | {s.style} | {keys} | {s.meaning} |")
-    lines += ["", "Aliases: " + ", ".join(f"`{a}` = `{b}`" for a, b in SCHEDULER_ALIASES.items()) + ".", ""]
+    lines += ["", "Aliases: " + ", ".join(f"`{json.dumps(a) if not a else a}` = `{b}`"
+                                          for a, b in SCHEDULER_ALIASES.items()) + " (and JSON `null`).", ""]
     return "\n".join(lines)
 
 

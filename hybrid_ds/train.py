@@ -22,7 +22,7 @@ def parse_args(argv=None):
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. LR_SFT=1e-4")
     p.add_argument("--dry-run", action="store_true", help="validate config and data, print the plan, exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options and KEY=VALUE in any order
     if args.config and "=" in args.config and not args.config.endswith(".json"):
         args.overrides.insert(0, args.config)
         args.config = None
@@ -34,42 +34,54 @@ def fail(message: str) -> "NoReturn":  # noqa: F821
     sys.exit(EXIT_CONFIG)
 
 
+def user_errors() -> tuple:
+    """Exceptions that mean the user's config or files must change: exit 2 and their message, no
+    traceback. Anything else is a bug and keeps its traceback."""
+    from hybrid_ds.config import ConfigError
+    from hybrid_ds.data import DataError
+    from hybrid_ds.rewards import RewardSpecError
+
+    return ConfigError, DataError, RewardSpecError
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from hybrid_ds.config import ConfigError, env_world_size, load_config
-    from hybrid_ds.data import DataError
+    from hybrid_ds.config import env_world_size, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        # Every rank runs the same checks before any process group exists, so a problem ends each
+        # rank with the same message instead of leaving the others waiting in a collective.
+        pre = preflight_checks(cfg)
+    except user_errors() as e:
         fail(str(e))
     if args.dry_run:
-        try:
-            print(describe_plan(cfg))
-        except (DataError, ValueError, OSError) as e:
-            fail(f"data: {e}")
+        print(describe_plan(cfg, pre))
         return 0
-    return run(cfg, env_world_size())
+    return run(cfg, env_world_size(), pre)
 
 
-def describe_plan(cfg) -> str:
-    """What the run would do, for --dry-run (loads tokenizer and data, no model weights)."""
+def preflight_checks(cfg):
+    """trainer.preflight with the configured seed (0 when it is drawn at start)."""
+    from hybrid_ds.trainer import preflight
+
+    return preflight(cfg, cfg.run.seed if cfg.run.seed is not None else 0)
+
+
+def describe_plan(cfg, pre=None) -> str:
+    """What the run would do, for --dry-run (the checks of trainer.preflight; no model weights)."""
     from hybrid_ds.batching import BatchPlan
     from hybrid_ds.checkpoint import describe_resume
     from hybrid_ds.config import env_world_size
-    from hybrid_ds.data import DataReport
-    from hybrid_ds.model import load_tokenizer
-    from hybrid_ds.trainer import plan_schedule, prepare_data
 
     world = env_world_size()
-    tok = load_tokenizer(cfg.run.tokenizer or cfg.run.model)
-    report = DataReport()
-    examples = prepare_data(cfg, tok, cfg.run.seed or 0, report)
-    plan = plan_schedule(cfg, len(examples))
+    pre = pre or preflight_checks(cfg)
+    plan = pre.plan
     lines = [f"mode: {cfg.run.mode}", f"model: {cfg.run.model}", f"processes: {world}",
              f"seed: {cfg.run.seed if cfg.run.seed is not None else 'drawn from the OS at start'}"]
-    lines += [f"data: {x}" for x in report.lines()]
+    lines += [f"data: {x}" for x in pre.report.lines()]
+    lines += [f"warning: {x}" for x in pre.warnings]
     if plan.sft_steps or cfg.ppo.ptx_coef:
         lines.append("SFT batch: " + BatchPlan(cfg.sft.batch, world, cfg.sft.grad_accum).describe())
     if plan.ppo_updates:
@@ -82,7 +94,7 @@ def describe_plan(cfg) -> str:
     return "\n".join(lines)
 
 
-def run(cfg, world: int) -> int:
+def run(cfg, world: int, pre=None) -> int:
     from hybrid_ds import checkpoint as ckpt
     from hybrid_ds.batching import BatchPlan
     from hybrid_ds.config import ConfigError
@@ -104,16 +116,20 @@ def run(cfg, world: int) -> int:
     dist = init_dist(cfg, sft_micro=sft.micro, sft_accum=sft.accum)
     ref_client = RefClient(bridge) if bridge is not None else contextlib.nullcontext()
     try:
-        point = ckpt.prepare_output_dir(cfg, dist)  # RESUME: the checkpoint to continue from, or None
-        seed = point.seed if point else cfg.run.seed if cfg.run.seed is not None else dist.broadcast_object(
-            int.from_bytes(os.urandom(4), "little"))
-        if dist.is_main:
-            write_resolved_config(cfg, seed, os.path.join(cfg.run.output_dir, "config.json"))
+        try:
+            point = ckpt.prepare_output_dir(cfg, dist)  # RESUME: the checkpoint to continue from, or None
+            seed = point.seed if point else cfg.run.seed if cfg.run.seed is not None else dist.broadcast_object(
+                int.from_bytes(os.urandom(4), "little"))
+            if dist.is_main:
+                write_resolved_config(cfg, seed, os.path.join(cfg.run.output_dir, "config.json"))
+        except OSError as e:  # checked by validation; a directory changed since then gets here
+            raise ConfigError([f"OUTPUT_DIR: {cfg.run.output_dir!r} cannot be written "
+                               f"({e.strerror or e}: {e.filename or cfg.run.output_dir})."], "the run") from None
             print(f"[hybrid_ds] {cfg.run.mode} on {dist.world} process(es), device {dist.device.type}, "
                   f"ZeRO stage {dist.zero_stage} ({dist.plan.source}), precision {dist.plan.mixed_precision}, "
                   f"seed {seed}")
         with ref_client as client:  # SHUTDOWN to the reference at the end, ABORT on an error
-            r = build_run(cfg, dist, seed, ref_client=client)
+            r = build_run(cfg, dist, seed, ref_client=client, pre=pre)
             ckpt.attach(r, point)  # restores the checkpoint's state; SIGTERM/SIGINT stop after a step
             train(r)
             completed = ckpt.finish(r)  # final checkpoint, inference_lm/ and ppo_full/
@@ -123,7 +139,7 @@ def run(cfg, world: int) -> int:
     except (ckpt.CheckpointError, ckpt.NonFiniteLossError) as e:
         print(f"hybrid_ds: {e}", file=sys.stderr, flush=True)
         return 1
-    except ConfigError as e:  # found only once the data is known (e.g. warm-up longer than the run)
+    except user_errors() as e:  # the checks of preflight, repeated when the seed was drawn at start
         print(f"hybrid_ds: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     finally:

@@ -97,19 +97,91 @@ def prepare_data(cfg: Config, tokenizer, seed: int, report: Optional[DataReport]
     return tokenize_items(items, tokenizer, d.select_output, d.maxseq, report)
 
 
-def build_run(cfg: Config, dist, seed: int, ref_client=None) -> Run:
-    from hybrid_ds.metrics import MetricsLogger
-    from hybrid_ds.model import PolicyValue, build_param_groups, load_lm, load_tokenizer
-    from hybrid_ds.optim import build_optimizer, make_phase_schedules
+@dataclass
+class Preflight:
+    """What the checks before training found and built: shared by --dry-run and build_run."""
 
-    torch.manual_seed(seed + 1000 * dist.rank)  # per-rank seed: sampling differs across ranks
-    tokenizer = load_tokenizer(cfg.run.tokenizer or cfg.run.model)
+    seed: int  # the seed the data was shuffled with
+    tokenizer: Any
+    examples: list[Example]
+    report: DataReport
+    plan: Schedule
+    schedules: dict  # phase -> optim.PhaseSchedule
+    warnings: list[str]  # valid but probably unintended settings, with their numbers
+
+
+def preflight(cfg: Config, seed: int) -> Preflight:
+    """Every check the run makes before it loads weights or creates a process group.
+
+    Config validation (``load_config``) has already checked keys, bounds, files, OUTPUT_DIR and the
+    weight files' headers; here come the checks that need the tokenizer, the model's config and the
+    data: the tokenizer loads and has EOS, MAXSEQ fits the model's positions, the data reads and
+    tokenises, the batches fit the items actually kept, the schedules can be built. Each user-caused
+    problem raises ConfigError or DataError (train.py: exit 2, one message).
+    """
+    from hybrid_ds.model import ModelFileError, load_model_config, load_tokenizer, max_positions
+    from hybrid_ds.optim import make_phase_schedules, schedule_warnings
+
+    # 1. tokenizer and the model's config
+    problems = []
+    tok_key, tok_name = ("TOKENIZER", cfg.run.tokenizer) if cfg.run.tokenizer else ("MODEL", cfg.run.model)
+    tokenizer = None
+    try:
+        tokenizer = load_tokenizer(tok_name)
+    except Exception as e:  # noqa: BLE001 - a user's tokenizer files: name them and give the loader's reason
+        text = str(e).strip()
+        problems.append(f"{tok_key}: the tokenizer of {tok_name!r} cannot be used "
+                        f"({text.splitlines()[0] if text else type(e).__name__}).")
+    try:
+        n_pos = max_positions(load_model_config(cfg.run.model))
+        if n_pos and cfg.data.maxseq > n_pos:
+            problems.append(f"MAXSEQ ({cfg.data.maxseq}) exceeds the {n_pos} positions of MODEL {cfg.run.model!r} "
+                            f"(n_positions / max_position_embeddings); set MAXSEQ <= {n_pos}.")
+    except ModelFileError as e:
+        problems.append(f"MODEL: {e}.")
+    if problems:
+        raise ConfigError(problems, "the model files")
+
+    # 2. the data, through the tokenisation the run uses
     report = DataReport()
     examples = prepare_data(cfg, tokenizer, seed, report)
-    if dist.is_main:
-        for line in report.lines():
-            print(f"[hybrid_ds] data: {line}")
     plan = plan_schedule(cfg, len(examples))
+
+    # 3. batches against the items kept, the schedules over the run's steps
+    n = len(examples)
+    if (plan.sft_steps or cfg.ppo.ptx_coef > 0) and cfg.sft.batch > n:
+        problems.append(f"SFT_BATCH ({cfg.sft.batch}) is larger than the {n} usable items of TRAIN_FILE; lower "
+                        f"SFT_BATCH or use more data.")
+    if plan.ppo_updates and cfg.ppo.batch > n:
+        problems.append(f"PPO_BATCH ({cfg.ppo.batch}) is larger than the {n} usable items of TRAIN_FILE; lower "
+                        f"PPO_BATCH or use more data.")
+    if problems:
+        raise ConfigError(problems, "the data")
+    try:  # the schedules' totals come from the data, so some checks can only run here
+        schedules = make_phase_schedules(cfg, plan.sft_steps, plan.ppo_optimizer_steps)
+    except ValueError as e:
+        raise ConfigError([str(e).replace("\n", " ")], "the run's schedule") from None
+    steps = {"LR_SFT": plan.sft_steps, "LR_PPO": plan.ppo_optimizer_steps}
+    warnings = schedule_warnings(cfg, {k: v for k, v in steps.items() if v > 0})
+    return Preflight(seed, tokenizer, examples, report, plan, schedules, warnings)
+
+
+def build_run(cfg: Config, dist, seed: int, ref_client=None, pre: Optional[Preflight] = None) -> Run:
+    """Models, optimizer, reward and logger on top of ``pre`` (the checks of :func:`preflight`,
+    repeated here when they ran with another seed)."""
+    from hybrid_ds.metrics import MetricsLogger
+    from hybrid_ds.model import PolicyValue, build_param_groups, load_lm
+    from hybrid_ds.optim import build_optimizer
+
+    torch.manual_seed(seed + 1000 * dist.rank)  # per-rank seed: sampling differs across ranks
+    if pre is None or pre.seed != seed:
+        pre = preflight(cfg, seed)
+    tokenizer, examples, plan, schedules = pre.tokenizer, pre.examples, pre.plan, pre.schedules
+    if dist.is_main:
+        for line in pre.report.lines():
+            print(f"[hybrid_ds] data: {line}")
+        for line in pre.warnings:
+            print(f"[hybrid_ds] warning: {line}")
     rl = cfg.run.mode != "sft"
 
     # Models: policy+value trunk (trainable), reference (frozen copy of the start).
@@ -121,10 +193,6 @@ def build_run(cfg: Config, dist, seed: int, ref_client=None) -> Run:
                                 ds_config=dist.ds_config)
     engine = dist.prepare_trainable(model, optimizer)
     ref = dist.prepare_frozen(ref) if colocated_ref else None
-    try:  # the schedules' totals come from the data, so some checks can only run here
-        schedules = make_phase_schedules(cfg, plan.sft_steps, plan.ppo_optimizer_steps)
-    except ValueError as e:
-        raise ConfigError([str(e).replace("\n", " ")], "the run's schedule") from None
 
     reward = kl_ctl = None
     if rl:
