@@ -125,6 +125,7 @@ def run(cfg, world: int, pre=None) -> int:
         except OSError as e:  # checked by validation; a directory changed since then gets here
             raise ConfigError([f"OUTPUT_DIR: {cfg.run.output_dir!r} cannot be written "
                                f"({e.strerror or e}: {e.filename or cfg.run.output_dir})."], "the run") from None
+        if dist.is_main:
             print(f"[hybrid_ds] {cfg.run.mode} on {dist.world} process(es), device {dist.device.type}, "
                   f"ZeRO stage {dist.zero_stage} ({dist.plan.source}), precision {dist.plan.mixed_precision}, "
                   f"seed {seed}")

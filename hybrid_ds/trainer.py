@@ -140,7 +140,7 @@ def preflight(cfg: Config, seed: int) -> Preflight:
     except ModelFileError as e:
         problems.append(f"MODEL: {e}.")
     if problems:
-        raise ConfigError(problems, "the model files")
+        raise ConfigError(problems, "the model and tokenizer")
 
     # 2. the data, through the tokenisation the run uses
     report = DataReport()

@@ -96,6 +96,9 @@ BASE = {"MODE": "sft", "MODEL": "builtin:tiny-gpt2", "TRAIN_FILE": "{tmp}/data.j
         "SEED": 0, "MAX_STEPS": 2, "SFT_BATCH": 2, "MAXSEQ": 64, "SCHEDULER": "constant"}
 PPO = {"MODE": "ppo", "PPO_BATCH": 2, "PPO_EPOCHS": 1, "MAX_NEW_TOKENS": 4, "REWARD": {"type": "word_f1"}}
 DATA = {"data.json": _json(ITEMS)}
+# the original design's example component, {"type": "perplexity", "weight": 0.3}: no model given
+PPL_REWARD = {"type": "weighted_sum", "components": [{"type": "word_f1", "weight": 0.7},
+                                                     {"type": "perplexity", "weight": 0.3}]}
 NESTED = "[" * 100_000 + "]" * 100_000
 
 CASES = [
@@ -198,8 +201,10 @@ CASES = [
     Case("warmup_longer_than_run", {"SCHEDULER": "linear", "NUM_WARMUP_STEPS": 10}, DATA,
          expect=("10 warm-up steps exceed the 2 steps",)),
     # 12. perplexity defaults to the policy's own model
-    Case("perplexity_default_model", {**PPO, "MAX_STEPS": 1, "REWARD": {"type": "perplexity", "weight": 0.3}},
-         DATA, expect=("done: outputs in",), rc=0, slow=True),
+    Case("perplexity_default_model_checks", {**PPO, "REWARD": PPL_REWARD}, DATA, args=("--dry-run",),
+         expect=("mode: ppo",), rc=0),
+    Case("perplexity_default_model_runs", {**PPO, "MAX_STEPS": 1, "REWARD": PPL_REWARD}, DATA,
+         expect=("done: outputs in",), rc=0, slow=True),
     # 14. config errors found at setup in a real run
     Case("unknown_key_still_clean", {"EPOCHSS": 2}, DATA, expect=("EPOCHSS: unknown key",)),
 ]
@@ -283,3 +288,70 @@ def test_dry_run_agrees(case, tmp_path, monkeypatch, capsys):
 
 def test_corpus_is_large_enough():
     assert len(CASES) >= 35 and len({c.id for c in CASES}) == len(CASES)
+
+
+# -- launchers: every rank refuses, nothing hangs; the launch yamls work from any directory
+
+
+def _accelerate(tmp_path, cfg: dict, nproc: int, cwd: str, *overrides):
+    from launch_utils import BIN, free_port
+
+    path = os.path.join(str(tmp_path), "cfg.json")
+    with open(path, "w") as f:
+        json.dump(_fill(cfg, tmp_path), f)
+    cmd = [os.path.join(BIN, "accelerate"), "launch", "--config_file", os.path.join(REPO, "launch", "zero2.yaml"),
+           "--num_processes", str(nproc), "--main_process_port", str(free_port()), "-m", "hybrid_ds.train", path,
+           *overrides]
+    from hybrid_ds.assets import cache_root
+
+    return subprocess.run(cmd, cwd=cwd, env={**launch_env(), "HYBRID_DS_CACHE": cache_root()}, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_every_rank_exits_2_with_the_message(tmp_path):
+    """Two ranks started as torchrun starts them (RANK, WORLD_SIZE, MASTER_* set), with no agent to
+    kill the other on the first exit: each finds the problem before any process group exists,
+    prints the message and exits 2; none waits for the other."""
+    from launch_utils import free_port
+
+    with open(tmp_path / "data.json", "w") as f:
+        json.dump(ITEMS[:3], f)
+    cfg = os.path.join(str(tmp_path), "cfg.json")
+    with open(cfg, "w") as f:
+        json.dump(_fill({**BASE, "SFT_BATCH": 4}, tmp_path), f)
+    from hybrid_ds.assets import cache_root
+
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-m", "hybrid_ds.train", cfg], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**launch_env(), "HYBRID_DS_CACHE": cache_root(), "RANK": str(r),
+                                   "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 2, err[-3000:]
+        assert "SFT_BATCH (4) is larger than the 3 usable items" in err and "Traceback" not in err, err[-3000:]
+
+
+@pytest.mark.slow
+def test_accelerate_launch_reports_the_ranks_exit_code_2(tmp_path):
+    """Under accelerate launch (torch's elastic agent) the first rank to exit 2 ends the others, the
+    launcher's summary shows exitcode 2 with the rank's message above it, and accelerate exits 1."""
+    with open(tmp_path / "data.json", "w") as f:
+        json.dump(ITEMS[:3], f)
+    p = _accelerate(tmp_path, {**BASE, "SFT_BATCH": 4}, 2, REPO)
+    assert "hybrid_ds: 1 problem(s) in the data:" in p.stderr, p.stderr[-4000:]
+    assert "SFT_BATCH (4) is larger than the 3 usable items" in p.stderr
+    assert "exitcode  : 2" in p.stderr and p.returncode == 1, p.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_launch_yaml_from_another_directory(tmp_path):
+    """launch/zero2.yaml names ds_configs/zero2.json relative to the repository: found from tmp_path."""
+    with open(tmp_path / "data.json", "w") as f:
+        json.dump(ITEMS, f)
+    p = _accelerate(tmp_path, {**BASE, "MAX_STEPS": 1}, 1, str(tmp_path))
+    assert p.returncode == 0, p.stderr[-4000:]
+    log = p.stdout + p.stderr
+    assert "ZeRO stage 2" in log and "ds_configs/zero2.json" in log, log[-3000:]
