@@ -755,8 +755,14 @@ def reward_path_problems(spec: Any, path: str = REWARD_KEY) -> list[str]:
         out += reward_path_problems(comp, f"{path}.components[{i}]")
     for k in ("model", "model_type", "checkpoint", "huggingface_config_path"):
         v = spec.get(k)
-        if isinstance(v, str) and v.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(v)):
+        if not (isinstance(v, str) and v.startswith((".", "/", "~"))):
+            continue
+        local = os.path.expanduser(v)
+        if not os.path.exists(local):
             out.append(f"{path}.{k}: {v!r} does not exist (working directory {os.getcwd()}).")
+        elif k in ("model", "model_type") and os.path.isdir(local) and not os.path.isfile(
+                os.path.join(local, "config.json")):
+            out.append(f"{path}.{k}: {v!r} is a directory without config.json; point it at a saved model.")
     return out
 
 

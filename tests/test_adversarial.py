@@ -137,6 +137,8 @@ CASES = [
         t, edit=_garbage("config.json"))}, expect=("MODEL", "config.json")),
     Case("reward_model_path_missing", {**PPO, "REWARD": {"type": "reward_model", "model": "{tmp}/no_rm"}}, DATA,
          expect=("REWARD.model", "no_rm", "does not exist")),
+    Case("reward_model_dir_without_config", {**PPO, "REWARD": {"type": "reward_model", "model": "{tmp}/rm"}},
+         {**DATA, "rm": lambda t: os.mkdir(os.path.join(t, "rm"))}, expect=("REWARD.model", "without config.json")),
     Case("perplexity_model_path_missing", {**PPO, "REWARD": {"type": "weighted_sum", "components": [
         {"type": "word_f1", "weight": 1}, {"type": "perplexity", "model": "./no/ppl", "weight": 0.3}]}}, DATA,
          expect=("REWARD.components[1].model", "./no/ppl")),

@@ -414,7 +414,7 @@ def test_apply_writes_lr_and_cycled_momentum_into_the_groups():
     sgd = ho.build_optimizer(tiny_groups(0.01)[1], make_cfg(OPTIMIZER="sgd", MOMENTUM=0.9), 1.0)
     sched.apply(sgd.param_groups)
     assert all(g["momentum"] == 0.95 for g in sgd.param_groups)
-    plain = ho.PhaseSchedule(make_cfg(SCHEDULER="onecycle"), 1e-3, 10)
+    plain = ho.PhaseSchedule(make_cfg(SCHEDULER="onecycle", CYCLE_MOMENTUM=False), 1e-3, 10)
     assert plain.momentum is None
     plain.apply(sgd.param_groups)
     assert all(g["momentum"] == 0.95 for g in sgd.param_groups)  # untouched without CYCLE_MOMENTUM
@@ -495,7 +495,7 @@ def test_unknown_scheduler_lists_the_valid_names():
     (dict(SCHEDULER="onecycle", CYCLE_MOMENTUM=True, BASE_MOMENTUM=0.99), "exceeds MAX_MOMENTUM"),
     (dict(SCHEDULER="cyclic", BASE_LR=1.0, MAX_LR=0.5), "must be below the peak"),
     (dict(SCHEDULER="cyclic", BASE_LR=1e-3), "must be below the peak"),  # BASE_LR above LR_SFT/LR_PPO
-    (dict(SCHEDULER="cyclic", CYCLIC_MODE="exp_range"), "close to 1"),
+    (dict(SCHEDULER="cyclic", CYCLIC_MODE="exp_range", GAMMA=0.5), "close to 1"),
 ])
 def test_scheduler_settings_that_make_no_sense_are_reported(keys, fragment):
     problems = problems_of(**keys)
