@@ -300,7 +300,7 @@ class Config:
 
 
 SECTIONS = ("run", "data", "sft", "ppo", "hybrid", "gen", "optim", "sched")
-ALIASES = {"ETA_MIN": "MIN_LR", "T_0": "T0"}  # the original design's synonyms
+ALIASES = {"ETA_MIN": "MIN_LR", "T_0": "T0"}  # torch's argument names (CosineAnnealingLR, ...WarmRestarts)
 REWARD_KEY = "REWARD"
 
 

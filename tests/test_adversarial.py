@@ -96,7 +96,7 @@ BASE = {"MODE": "sft", "MODEL": "builtin:tiny-gpt2", "TRAIN_FILE": "{tmp}/data.j
         "SEED": 0, "MAX_STEPS": 2, "SFT_BATCH": 2, "MAXSEQ": 64, "SCHEDULER": "constant"}
 PPO = {"MODE": "ppo", "PPO_BATCH": 2, "PPO_EPOCHS": 1, "MAX_NEW_TOKENS": 4, "REWARD": {"type": "word_f1"}}
 DATA = {"data.json": _json(ITEMS)}
-# the original design's example component, {"type": "perplexity", "weight": 0.3}: no model given
+# a perplexity component that names no model: it scores fluency under MODEL
 PPL_REWARD = {"type": "weighted_sum", "components": [{"type": "word_f1", "weight": 0.7},
                                                      {"type": "perplexity", "weight": 0.3}]}
 NESTED = "[" * 100_000 + "]" * 100_000
