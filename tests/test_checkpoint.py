@@ -42,7 +42,8 @@ def rl_cfg(out, **extra):
 
 def sft_cfg(out, **extra):
     cfg = {"MODE": "sft", "MODEL": "builtin:tiny-gpt2", "TRAIN_FILE": "builtin:demo-tasks", "OUTPUT_DIR": str(out),
-           "SEED": 0, "SFT_BATCH": 8, "LR_SFT": 1e-3, "MAX_STEPS": 6, "SCHEDULER": "linear"}
+           "SEED": 0, "SFT_BATCH": 8, "LR_SFT": 1e-3, "MAX_STEPS": 6, "SCHEDULER": "linear",
+           "MAXSEQ": 128}  # within the tiny model's 512 positions (the default 1024 is refused)
     cfg.update(extra)
     return cfg
 
