@@ -106,8 +106,9 @@ class DataConfig:
     percent: float = opt(100.0, "Use this percentage of the data.", lo=0.0, hi=100.0, lo_open=True)
     num_samples: int = opt(0, "Use this many items (overrides PERCENT when > 0).", lo=0)
     shuffle: bool = opt(True, "Shuffle the data with SEED (a yes/no flag; never a command).")
-    maxseq: int = opt(1024, "Max tokens of prompt + response; longer SFT examples are truncated (and counted).",
-                      lo=8)
+    maxseq: int = opt(1024, "Max tokens of prompt + response, at most the model's positions (n_positions); longer "
+                            "SFT examples are truncated (and counted), PPO prompts keep their last MAXSEQ - "
+                            "MAX_NEW_TOKENS tokens.", lo=8)
     split: str = opt("train", "Split to use when TRAIN_FILE is loaded with the datasets library.")
     on_bad_item: str = opt("error", "A malformed data item: error (name it and stop) or skip (count and log).",
                            choices=("error", "skip"))
@@ -177,7 +178,8 @@ class HybridConfig:
 
 @dataclass
 class GenConfig:
-    max_new_tokens: int = opt(128, "Max generated tokens per response.", key="MAX_NEW_TOKENS", lo=1)
+    max_new_tokens: int = opt(128, "Max generated tokens per response; below MAXSEQ (ppo and hybrid modes).",
+                              key="MAX_NEW_TOKENS", lo=1)
     min_new_tokens: int = opt(0, "Generate at least this many tokens before EOS may end a response.",
                               key="MIN_NEW_TOKENS", lo=0)
     top_p: float = opt(0.9, "Nucleus sampling mass.", key="TOP_P", lo=0.0, hi=1.0, lo_open=True)
