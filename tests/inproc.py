@@ -7,7 +7,7 @@ import json
 import torch
 
 from hybrid_ds.algorithms import ppo
-from hybrid_ds.config import load_config
+from hybrid_ds.run.preflight import load_config
 
 
 def base(tmp_path, mode="hybrid", **keys) -> dict:
@@ -20,7 +20,7 @@ def base(tmp_path, mode="hybrid", **keys) -> dict:
 
 
 def make_run(cfg: dict):
-    """A ``run.state.Run`` for the config dict ``cfg``, as ``train.run`` builds it on one process."""
+    """A ``run.state.Run`` for the config dict ``cfg``, as ``run.cli.run`` builds it on one process."""
     from hybrid_ds.engine.dist import init_dist
     from hybrid_ds.run.setup import build_run
 

@@ -25,7 +25,8 @@ from hybrid_ds.run import checkpoint as ck
 from hybrid_ds.run import checkpoint_dir as cdir
 from hybrid_ds.run import resume
 from hybrid_ds.run import output_lock
-from hybrid_ds.config import ConfigError, load_config
+from hybrid_ds.config import ConfigError
+from hybrid_ds.run.preflight import load_config
 
 IGNORED = ("time", "time/", "perf/", "mem/")  # wall-clock and memory keys differ between runs
 
@@ -45,7 +46,8 @@ def rl_cfg(out, **extra):
 
 def sft_cfg(out, **extra):
     cfg = {"MODE": "sft", "MODEL": "builtin:tiny-gpt2", "TRAIN_FILE": "builtin:demo-tasks", "OUTPUT_DIR": str(out),
-           "SEED": 0, "SFT_BATCH": 8, "LR_SFT": 1e-3, "MAX_STEPS": 6, "SCHEDULER": "linear"}
+           "SEED": 0, "SFT_BATCH": 8, "LR_SFT": 1e-3, "MAX_STEPS": 6, "SCHEDULER": "linear",
+           "MAXSEQ": 128}  # within the tiny model's 512 positions (the default 1024 is refused)
     cfg.update(extra)
     return cfg
 

@@ -8,7 +8,8 @@ import subprocess
 import pytest
 
 from conftest import PYTHON, REPO, write_json
-from hybrid_ds.config import ConfigError, config_reference_markdown, load_config
+from hybrid_ds.config import ConfigError, config_reference_markdown
+from hybrid_ds.run.preflight import load_config
 from hybrid_ds.train import main
 
 LOCAL = ["MODEL=builtin:tiny-gpt2", "TRAIN_FILE=builtin:demo-tasks"]
@@ -165,7 +166,8 @@ def test_not_json_and_missing_file(tmp_path, capsys):
 
 
 def test_dry_run_prints_plan(tmp_path, base_cfg, capsys):
-    cfg = write_json(tmp_path / "c.json", {**base_cfg, "SFT_BATCH": 8, "GRAD_ACCUM": 2, "EPOCHS": 1})
+    cfg = write_json(tmp_path / "c.json", {**base_cfg, "SFT_BATCH": 8, "GRAD_ACCUM": 2, "EPOCHS": 1,
+                                                 "MAXSEQ": 512})
     assert main([cfg, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "SFT batch: 8 = 1 processes x 2 accumulation x 4 micro-batch" in out
@@ -176,3 +178,77 @@ def test_dry_run_prints_plan(tmp_path, base_cfg, capsys):
 def test_import_is_light():
     code = "import sys, hybrid_ds, hybrid_ds.config; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([PYTHON, "-c", code], check=True, cwd=REPO)
+
+
+# -- finite floats, duplicate keys, argument order, scheduler defaults and spellings
+
+@pytest.mark.parametrize("text,key", [('{"LR_SFT": NaN}', "LR_SFT"), ('{"MAX_GRAD_NORM": Infinity}', "MAX_GRAD_NORM"),
+                                      ('{"TARGET_KL": -Infinity}', "TARGET_KL")])
+def test_non_finite_json_literals_are_refused(text, key, tmp_path, base_cfg):
+    path = tmp_path / "c.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path), [f"{k}={json.dumps(v)}" for k, v in base_cfg.items()])
+    assert any(p.startswith(f"{key}:") and "not a finite number" in p for p in e.value.problems), e.value.problems
+
+
+@pytest.mark.parametrize("override", ["LR_SFT=NaN", "LR_SFT=nan", "LR_SFT=inf", "LR_PPO=-Infinity", "GAMMA=Infinity"])
+def test_non_finite_overrides_are_refused(override, tmp_path, base_cfg):
+    with pytest.raises(ConfigError) as e:
+        load_config(write_json(tmp_path / "c.json", base_cfg), [override])
+    key = override.split("=")[0]
+    assert [p for p in e.value.problems if p.startswith(f"{key}:") and "finite" in p], e.value.problems
+
+
+def test_duplicate_key_is_refused_naming_it(tmp_path, base_cfg):
+    text = json.dumps(base_cfg)[:-1] + ', "LR_SFT": 1e-4, "LR_SFT": 2e-4}'
+    (tmp_path / "c.json").write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(tmp_path / "c.json"))
+    assert "'LR_SFT' is written more than once" in str(e.value)
+
+
+def test_options_and_overrides_in_any_order():
+    from hybrid_ds.run.cli import parse_args
+
+    for argv in (["c.json", "--dry-run", "LR_SFT=1e-4", "SEED=3"], ["--dry-run", "c.json", "LR_SFT=1e-4", "SEED=3"],
+                 ["c.json", "LR_SFT=1e-4", "--dry-run", "SEED=3"]):
+        a = parse_args(argv)
+        assert (a.config, a.overrides, a.dry_run) == ("c.json", ["LR_SFT=1e-4", "SEED=3"], True), argv
+
+
+def test_scheduler_defaults_are_the_original_ones():
+    from hybrid_ds.config import SchedConfig
+
+    s = SchedConfig()
+    assert (s.gamma, s.step_size, s.t_mult, s.cycle_momentum, s.last_epoch) == (0.95, 1000, 2, True, -1)
+
+
+def test_scheduler_spellings_of_the_original(tmp_path, base_cfg):
+    from hybrid_ds.optim import PhaseSchedule
+
+    cfg = load_config(write_json(tmp_path / "c.json", {**base_cfg, "SCHEDULER": "cosineannealing_warm_restarts",
+                                                       "T_0": 7, "LAST_EPOCH": 2}))
+    assert cfg.sched.t0 == 7 and cfg.sched.last_epoch == 2
+    started = PhaseSchedule(cfg, 1.0, 100)
+    assert started.steps_done == 3  # LAST_EPOCH=2: three steps already done
+    fresh = PhaseSchedule(load_config(write_json(tmp_path / "d.json", {**base_cfg, "SCHEDULER":
+                                                                       "cosineannealing_warm_restarts", "T_0": 7})),
+                          1.0, 100)
+    for _ in range(3):
+        fresh.step()
+    assert started.lr == fresh.lr < 1.0
+    for none in (None, "", "no", "NONE"):
+        cfg = load_config(write_json(tmp_path / "n.json", {**base_cfg, "SCHEDULER": none}))
+        assert PhaseSchedule(cfg, 1e-3, 10).name == "none"
+
+
+def test_collapsing_schedule_is_warned_with_numbers(tmp_path, base_cfg):
+    from hybrid_ds.optim import schedule_warnings
+
+    cfg = load_config(write_json(tmp_path / "c.json", {**base_cfg, "SCHEDULER": "step", "STEP_SIZE": 1, "GAMMA": 0.1}))
+    (w,) = schedule_warnings(cfg, {"LR_SFT": 20})
+    assert "SCHEDULER=step with GAMMA=0.1 every 1 steps" in w and "after 2 of the schedule's 20" in w
+    cfg = load_config(write_json(tmp_path / "d.json", {**base_cfg, "SCHEDULER": "exponential"}))
+    assert schedule_warnings(cfg, {"LR_SFT": 50}) == []  # 0.95^50 = 0.077: still above 1%
+    assert "after 90 of the schedule's 100" in schedule_warnings(cfg, {"LR_SFT": 100})[0]  # 0.95^90 < 0.01

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hybrid_ds.algorithms import kl_control as klc
 from hybrid_ds.algorithms import ppo_math as pm
 from hybrid_ds.models import logprobs as lp
 
@@ -27,8 +28,8 @@ def close(actual, expected, atol=1e-6):
 # ------------------------------------------------------------------------------------------------
 # Module hygiene
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("module, allowed", [(pm, set()), (lp, {"hybrid_ds.models.policy_value"})],
-                         ids=["ppo_math", "logprobs"])
+@pytest.mark.parametrize("module, allowed", [(pm, set()), (klc, set()), (lp, {"hybrid_ds.models.policy_value"})],
+                         ids=["ppo_math", "kl_control", "logprobs"])
 def test_module_imports_only_torch_and_stdlib_and_never_syncs(module, allowed):
     source = Path(module.__file__).read_text()
     tree = ast.parse(source)
@@ -422,13 +423,13 @@ def test_ratio_guard():
 # KL controllers
 # ------------------------------------------------------------------------------------------------
 def test_adaptive_kl_controller_numbers():
-    ctl = pm.AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    ctl = klc.AdaptiveKLController(0.1, target=6.0, horizon=10000)
     # KL 6.6: error +0.1 -> 0.1 * (1 + 0.1 * 256/10000) = 0.100256
     assert ctl.update(6.6, 256) == pytest.approx(0.100256, abs=1e-12)
-    ctl = pm.AdaptiveKLController(0.1, 6.0, 10000)
+    ctl = klc.AdaptiveKLController(0.1, 6.0, 10000)
     ctl.update(3.0, 256)  # error -0.5 clipped to -0.2 -> 0.1 * (1 - 0.00512)
     assert ctl.value == pytest.approx(0.099488, abs=1e-12)
-    ctl = pm.AdaptiveKLController(0.1, 6.0, 10000)
+    ctl = klc.AdaptiveKLController(0.1, 6.0, 10000)
     ctl.update(60.0, 256)  # error +9 clipped to +0.2 -> 0.1 * 1.00512
     assert ctl.value == pytest.approx(0.100512, abs=1e-12)
     ctl.update(6.0, 256)  # on target: unchanged
@@ -438,24 +439,24 @@ def test_adaptive_kl_controller_numbers():
 
 
 def test_kl_controllers_state_dict_and_factory():
-    ctl = pm.AdaptiveKLController(0.2, 1.0, 100)
+    ctl = klc.AdaptiveKLController(0.2, 1.0, 100)
     ctl.update(2.0, 10)  # 0.2 * 1.02 = 0.204
     state = ctl.state_dict()
     assert state == {"value": pytest.approx(0.204)} and isinstance(state["value"], float)
-    fresh = pm.AdaptiveKLController(0.2, 1.0, 100)
+    fresh = klc.AdaptiveKLController(0.2, 1.0, 100)
     fresh.load_state_dict(state)
     assert fresh.value == ctl.value
-    fixed = pm.FixedKLController(0.05)
+    fixed = klc.FixedKLController(0.05)
     fixed.update(100.0, 1000)
     assert fixed.value == 0.05 and fixed.state_dict() == {"value": 0.05}
     fixed.load_state_dict({"value": 0.07})
     assert fixed.value == 0.07
-    assert isinstance(pm.make_kl_controller(0.1, 6.0, 10000), pm.AdaptiveKLController)
-    assert isinstance(pm.make_kl_controller(0.1, adaptive=False), pm.FixedKLController)
+    assert isinstance(klc.make_kl_controller(0.1, 6.0, 10000), klc.AdaptiveKLController)
+    assert isinstance(klc.make_kl_controller(0.1, adaptive=False), klc.FixedKLController)
     with pytest.raises(ValueError):
-        pm.make_kl_controller(0.1, None, 10000)
+        klc.make_kl_controller(0.1, None, 10000)
     with pytest.raises(ValueError):
-        pm.AdaptiveKLController(0.1, 0.0, 10000)
+        klc.AdaptiveKLController(0.1, 0.0, 10000)
 
 
 # ------------------------------------------------------------------------------------------------

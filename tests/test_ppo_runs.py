@@ -89,8 +89,9 @@ def test_seed_configs_run_with_local_models(tmp_path, name):
     model = resolve_model("builtin:tiny-gpt2")
     reward = json.loads(json.dumps(cfg["REWARD"]).replace('"gpt2"', json.dumps(model)))
     cfg.update(MODEL=model, TRAIN_FILE="builtin:demo-tasks", OUTPUT_DIR=str(tmp_path / "out"), REWARD=reward)
-    # The seed files run unchanged but for local paths; MAX_STEPS keeps the test short.
-    launch(cfg, tmp_path, nproc=2, zero=2, overrides=["MAX_STEPS=2", "MAX_NEW_TOKENS=16"])
+    # The seed files run unchanged but for local paths; MAX_STEPS keeps the test short, and MAXSEQ
+    # fits the tiny model's 512 positions (the seed's 1024 is GPT-2's).
+    launch(cfg, tmp_path, nproc=2, zero=2, overrides=["MAX_STEPS=2", "MAX_NEW_TOKENS=16", "MAXSEQ=512"])
     for d in ("inference_lm", "ppo_full"):
         assert os.path.isfile(os.path.join(cfg["OUTPUT_DIR"], d, "model.safetensors"))
 

@@ -24,7 +24,7 @@ from test_checkpoint import finish, kill_all, latest, run_ok, sft_cfg, start, wa
 from hybrid_ds.run import checkpoint_dir as cdir
 from hybrid_ds.run import resume
 from hybrid_ds.run import output_lock
-from hybrid_ds.config import load_config
+from hybrid_ds.run.preflight import load_config
 
 
 def snapshot(root):

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Protocol, Union
 
 import torch
 
-from hybrid_ds.algorithms.ppo_math import AdaptiveKLController, FixedKLController
+from hybrid_ds.algorithms.kl_control import AdaptiveKLController, FixedKLController
 from hybrid_ds.config import Config
 from hybrid_ds.config.batch_plan import BatchPlans
 from hybrid_ds.data import Example

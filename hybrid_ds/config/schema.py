@@ -13,12 +13,9 @@ problem and raises one :class:`ConfigError` listing them all.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import os
-import re
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Optional, get_type_hints
 
 # --------------------------------------------------------------------------------------
 # field helper
@@ -104,8 +101,9 @@ class DataConfig:
     percent: float = opt(100.0, "Use this percentage of the data.", lo=0.0, hi=100.0, lo_open=True)
     num_samples: int = opt(0, "Use this many items (overrides PERCENT when > 0).", lo=0)
     shuffle: bool = opt(True, "Shuffle the data with SEED (a yes/no flag; never a command).")
-    maxseq: int = opt(1024, "Max tokens of prompt + response; longer SFT examples are truncated (and counted).",
-                      lo=8)
+    maxseq: int = opt(1024, "Max tokens of prompt + response, at most the model's positions (n_positions); longer "
+                            "SFT examples are truncated (and counted), PPO prompts keep their last MAXSEQ - "
+                            "MAX_NEW_TOKENS tokens.", lo=8)
     split: str = opt("train", "Split to use when TRAIN_FILE is loaded with the datasets library.")
     on_bad_item: str = opt("error", "A malformed data item: error (name it and stop) or skip (count and log).",
                            choices=("error", "skip"))
@@ -176,7 +174,8 @@ class HybridConfig:
 
 @dataclass
 class GenConfig:
-    max_new_tokens: int = opt(128, "Max generated tokens per response.", key="MAX_NEW_TOKENS", lo=1)
+    max_new_tokens: int = opt(128, "Max generated tokens per response; below MAXSEQ (ppo and hybrid modes).",
+                              key="MAX_NEW_TOKENS", lo=1)
     min_new_tokens: int = opt(0, "Generate at least this many tokens before EOS may end a response.",
                               key="MIN_NEW_TOKENS", lo=0)
     top_p: float = opt(0.9, "Nucleus sampling mass.", key="TOP_P", lo=0.0, hi=1.0, lo_open=True)
@@ -230,14 +229,14 @@ class SchedConfig:
     poly_power: float = opt(1.0, "Polynomial decay power.", key="POLY_POWER", lo=0.0)
     lr_floor: float = opt(0.0, "Final learning rate of the polynomial and lambda schedules.", key="LR_FLOOR",
                           lo=0.0)
-    step_size: int = opt(1, "StepLR period.", key="STEP_SIZE", lo=1)
-    gamma: float = opt(0.1, "StepLR/MultiStepLR/ExponentialLR/cyclic exp_range factor.", key="GAMMA", lo=0.0)
+    step_size: int = opt(1000, "StepLR period.", key="STEP_SIZE", lo=1)
+    gamma: float = opt(0.95, "StepLR/MultiStepLR/ExponentialLR/cyclic exp_range factor.", key="GAMMA", lo=0.0)
     milestones: list = opt([], "MultiStepLR milestones (steps).", key="MILESTONES")
     t_max: int = opt(0, "CosineAnnealingLR period; 0 = the total steps.", key="T_MAX", lo=0)
     min_lr: float = opt(0.0, "Minimum learning rate (cosineannealing eta_min, reduce_on_plateau min_lr).",
                         key="MIN_LR", lo=0.0)
     t0: int = opt(10, "CosineAnnealingWarmRestarts first period.", key="T0", lo=1)
-    t_mult: int = opt(1, "CosineAnnealingWarmRestarts period multiplier.", key="T_MULT", lo=1)
+    t_mult: int = opt(2, "CosineAnnealingWarmRestarts period multiplier.", key="T_MULT", lo=1)
     max_lr: float = opt(0.0, "OneCycle/cyclic peak; 0 = the phase's learning rate.", key="MAX_LR", lo=0.0)
     base_lr: float = opt(0.0, "Cyclic lower bound; 0 = a tenth of MAX_LR.", key="BASE_LR", lo=0.0)
     pct_start: float = opt(0.3, "OneCycle warm-up fraction.", key="PCT_START", lo=0.0, hi=1.0)
@@ -249,7 +248,7 @@ class SchedConfig:
     three_phase: bool = opt(False, "OneCycle three-phase variant.", key="THREE_PHASE")
     base_momentum: float = opt(0.85, "OneCycle/cyclic lower momentum.", key="BASE_MOMENTUM", lo=0.0)
     max_momentum: float = opt(0.95, "OneCycle/cyclic upper momentum.", key="MAX_MOMENTUM", lo=0.0)
-    cycle_momentum: bool = opt(False, "OneCycle/cyclic: also cycle momentum (beta1).", key="CYCLE_MOMENTUM")
+    cycle_momentum: bool = opt(True, "OneCycle/cyclic: also cycle momentum (beta1).", key="CYCLE_MOMENTUM")
     step_size_up: int = opt(2000, "Cyclic steps going up.", key="STEP_SIZE_UP", lo=1)
     step_size_down: int = opt(0, "Cyclic steps going down; 0 = STEP_SIZE_UP.", key="STEP_SIZE_DOWN", lo=0)
     cyclic_mode: str = opt("triangular", "Cyclic policy (the seed configs' cyclic MODE; renamed because MODE is the "
@@ -265,6 +264,9 @@ class SchedConfig:
     threshold_mode: str = opt("rel", "reduce_on_plateau threshold mode.", key="THRESHOLD_MODE",
                               choices=("rel", "abs"))
     cooldown: int = opt(0, "reduce_on_plateau cooldown.", key="COOLDOWN", lo=0)
+    last_epoch: int = opt(-1, "PyTorch's last_epoch: -1 starts each schedule at its first step; N >= 0 starts it "
+                              "as if N + 1 optimizer steps were already done (e.g. to continue a schedule of "
+                              "an earlier run).", key="LAST_EPOCH", lo=-1)
     plateau_eps: float = opt(1e-8, "reduce_on_plateau eps (the seed configs' EPS; renamed: EPS is the optimizer's).",
                              key="PLATEAU_EPS", lo=0.0)
 
@@ -296,7 +298,7 @@ class Config:
 
 
 SECTIONS = ("run", "data", "sft", "ppo", "hybrid", "gen", "optim", "sched")
-ALIASES = {"ETA_MIN": "MIN_LR"}  # the seed configs' spellings (examples/seed/)
+ALIASES = {"ETA_MIN": "MIN_LR", "T_0": "T0"}  # other spellings: the seed configs' (examples/seed/), torch's argument names
 REWARD_KEY = "REWARD"
 
 
@@ -313,7 +315,7 @@ def key_table() -> dict[str, tuple[str, dataclasses.Field]]:
     return table
 
 
-def _field_types() -> dict[str, Any]:
+def field_types() -> dict[str, Any]:
     types = {}
     for sec in SECTIONS:
         cls = {f.name: f for f in dataclasses.fields(Config)}[sec].default_factory
@@ -324,338 +326,11 @@ def _field_types() -> dict[str, Any]:
     return types
 
 
-# --------------------------------------------------------------------------------------
-# value coercion
 
 
-_YES = {"yes", "true", "1", "y", "on"}
-_NO = {"no", "false", "0", "n", "off"}
 
 
-def _type_name(tp) -> str:
-    if get_origin(tp) is Union:
-        return " or ".join(_type_name(a) for a in get_args(tp) if a is not type(None)) + " (or null)"
-    return {int: "an integer", float: "a number", bool: "true/false", str: "a string", dict: "an object",
-            list: "a list"}.get(tp, str(tp))
 
 
-def _coerce(key: str, value: Any, tp) -> tuple[Any, Optional[str]]:
-    """Return (value, problem). Accepts ints for floats; yes/no strings for booleans."""
-    if get_origin(tp) is Union:
-        if value is None:
-            return None, None
-        tp = next(a for a in get_args(tp) if a is not type(None))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value, None
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value), None
-        if isinstance(value, str) and value.strip().lower() in _YES | _NO:
-            return value.strip().lower() in _YES, None
-        hint = ""
-        if isinstance(value, str) and (("/" in value) or value.strip().endswith((".sh", ".py")) or " " in value):
-            hint = (" It looks like a command or script path: hybrid_ds never runs config strings; "
-                    "shuffling is done in Python with SEED, so write true or false.")
-        return value, f"{key}: expected true/false (or yes/no), got {value!r}.{hint}"
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value), None
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value, None
-        if isinstance(value, float) and value.is_integer():
-            return int(value), None
-    elif tp in (str, dict, list):
-        if isinstance(value, tp):
-            return value, None
-    return value, f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}."
 
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` from the command line; VALUE is JSON when it parses as JSON, else a string."""
-    if "=" not in text:
-        raise ConfigError([f"override {text!r}: expected KEY=VALUE (e.g. LR_SFT=1e-4)."], "command line")
-    key, raw = text.split("=", 1)
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key.strip().upper(), value
-
-
-# --------------------------------------------------------------------------------------
-# loading
-
-
-def load_config(path: Optional[str], overrides: list[str] = (), *, check_files: bool = True,
-                world_size: Optional[int] = None) -> Config:
-    """Load ``path`` (a JSON object), apply ``KEY=VALUE`` overrides, build and validate a Config.
-
-    Raises ConfigError listing every problem found. ``world_size`` (default: $WORLD_SIZE or 1)
-    is used to check that batch sizes divide across processes x accumulation.
-    """
-    source = path or "command line"
-    raw: dict = {}
-    if path:
-        try:
-            with open(path) as f:
-                raw = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError([f"config file {path!r} does not exist."], source) from None
-        except json.JSONDecodeError as e:
-            raise ConfigError([f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})."],
-                              source) from None
-        if not isinstance(raw, dict):
-            raise ConfigError([f"{path}: the config must be a JSON object of KEY: value pairs."], source)
-    problems: list[str] = []
-    for text in overrides:
-        try:
-            k, v = parse_override(text)
-        except ConfigError as e:
-            problems += e.problems
-            continue
-        raw[k] = v
-    cfg, more = build_config(raw)
-    problems += more
-    problems += validate(cfg, check_files=check_files, world_size=world_size)
-    if problems:
-        raise ConfigError(problems, source)
-    return cfg
-
-
-def build_config(raw: dict) -> tuple[Config, list[str]]:
-    """Map a flat dict of UPPER_CASE keys into a Config; return it with the problems found."""
-    table, types = key_table(), _field_types()
-    cfg, problems = Config(), []
-    for key, value in raw.items():
-        if str(key) != str(key).upper() and str(key).upper() in table:
-            problems.append(f"{key}: keys are UPPER_CASE; write {str(key).upper()}.")
-            continue
-        ukey = ALIASES.get(str(key), str(key))
-        if ukey not in table:
-            near = difflib.get_close_matches(ukey, list(table) + list(ALIASES), n=1, cutoff=0.6)
-            hint = f" Did you mean {near[0]}?" if near else " See docs/config.md for the valid keys."
-            problems.append(f"{key}: unknown key.{hint}")
-            continue
-        sec, f = table[ukey]
-        value, problem = _coerce(ukey, value, types[ukey])
-        if problem:
-            problems.append(problem)
-            continue
-        setattr(getattr(cfg, sec) if sec else cfg, f.name, value)
-    return cfg, problems
-
-
-# --------------------------------------------------------------------------------------
-# validation
-
-
-def _check_bounds(key: str, value, meta) -> Optional[str]:
-    if value is None:
-        return None
-    if meta.get("choices") and value not in meta["choices"]:
-        near = difflib.get_close_matches(str(value), meta["choices"], n=1)
-        hint = f" Did you mean {near[0]!r}?" if near else ""
-        return f"{key}: {value!r} is not one of {', '.join(map(str, meta['choices']))}.{hint}"
-    lo, hi = meta.get("lo"), meta.get("hi")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
-            return f"{key}: {value} is out of range; it must be {'>' if meta.get('lo_open') else '>='} {lo}."
-        if hi is not None and value > hi:
-            return f"{key}: {value} is out of range; it must be <= {hi}."
-    return None
-
-
-def env_world_size() -> int:
-    """Processes the launcher started, known before any process group exists (placement.py keeps it
-    readable after the policy ranks' WORLD_SIZE is rewritten)."""
-    from hybrid_ds.engine.placement import launch_world_size
-
-    return launch_world_size()
-
-
-def validate(cfg: Config, *, check_files: bool = True, world_size: Optional[int] = None) -> list[str]:
-    """Every problem of a built Config: bounds, required keys, batch arithmetic, files, reward spec."""
-    problems = []
-    for key, (sec, f) in key_table().items():
-        value = getattr(getattr(cfg, sec), f.name) if sec else getattr(cfg, f.name)
-        if f.metadata.get("required") and not value:
-            problems.append(f"{key}: required; {f.metadata['doc']}")
-            continue
-        p = _check_bounds(key, value, f.metadata)
-        if p:
-            problems.append(p)
-    if cfg.run.bf16 and cfg.run.fp16:
-        problems.append("BF16 and FP16: choose one mixed-precision mode, not both.")
-    if cfg.gen.old_logprobs == "rollout" and cfg.gen.sampler == "hf":
-        problems.append('OLD_LOGPROBS="rollout" needs the lean sampler (SAMPLER "lean" or "lean_exact"): '
-                        'transformers generate returns no values; use "auto" or "recompute".')
-    if not all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in cfg.sched.milestones):
-        problems.append(f"MILESTONES: expected a list of positive integers, got {cfg.sched.milestones!r}.")
-    if cfg.run.mode == "hybrid" and cfg.hybrid.cycle_sft_steps + cfg.hybrid.cycle_ppo_updates == 0:
-        problems.append("CYCLE_SFT_STEPS and CYCLE_PPO_UPDATES are both 0: a hybrid cycle would do nothing.")
-    if cfg.hybrid.curriculum != "none" and cfg.run.mode != "hybrid":
-        problems.append(f"CURRICULUM ({cfg.hybrid.curriculum}) applies to MODE=hybrid only.")
-    if cfg.hybrid.curriculum != "none" and cfg.hybrid.curriculum_sft_steps_end + cfg.hybrid.curriculum_ppo_updates_end == 0:
-        problems.append("CURRICULUM_SFT_STEPS_END and CURRICULUM_PPO_UPDATES_END are both 0: the last cycles would do "
-                        "nothing.")
-    if cfg.hybrid.sft_warmup_steps and cfg.run.mode != "hybrid":
-        problems.append(f"SFT_WARMUP_STEPS ({cfg.hybrid.sft_warmup_steps}) applies to MODE=hybrid only; "
-                        f"for {cfg.run.mode} start from an SFT run's output instead.")
-    if cfg.hybrid.ref_init == "after_warmup" and not (cfg.run.mode == "hybrid" and cfg.hybrid.sft_warmup_steps):
-        problems.append("REF_INIT=after_warmup needs MODE=hybrid and SFT_WARMUP_STEPS > 0.")
-    if cfg.gen.min_new_tokens > cfg.gen.max_new_tokens:
-        problems.append(f"MIN_NEW_TOKENS ({cfg.gen.min_new_tokens}) exceeds MAX_NEW_TOKENS "
-                        f"({cfg.gen.max_new_tokens}).")
-    from hybrid_ds.engine.placement import placement_problems, policy_world_size
-
-    launched = world_size or env_world_size()
-    place = placement_problems(cfg.run.ref_placement, cfg.run.ref_ranks, launched)
-    problems += place
-    if cfg.run.ref_placement == "separate" and cfg.run.mode == "sft":
-        problems.append("REF_PLACEMENT=separate with MODE=sft: SFT uses no reference model; use colocated.")
-    if cfg.run.ref_placement == "separate" and cfg.hybrid.ref_init != "start":
-        problems.append("REF_INIT=after_warmup needs the reference on the policy ranks (REF_PLACEMENT=colocated).")
-    if not place:
-        problems += batch_problems(cfg, policy_world_size(cfg.run.ref_placement, cfg.run.ref_ranks, launched))
-    problems += _optim_sched_problems(cfg)
-    problems += _reward_problems(cfg)
-    if check_files:
-        problems += _file_problems(cfg)
-    return problems
-
-
-def batch_problems(cfg: Config, world: int) -> list[str]:
-    """Batch sizes must split exactly into processes x accumulation x micro-batch."""
-    from hybrid_ds.config.batch_plan import BatchPlan
-
-    out = []
-    uses_sft = cfg.run.mode in ("sft", "hybrid") or cfg.ppo.ptx_coef > 0
-    uses_ppo = cfg.run.mode in ("ppo", "hybrid")
-    if uses_sft:
-        out += BatchPlan.problems("SFT_BATCH", cfg.sft.batch, world, cfg.sft.grad_accum, "GRAD_ACCUM")
-    if uses_ppo:
-        if cfg.ppo.mini and cfg.ppo.batch % cfg.ppo.mini:
-            out.append(f"PPO_MINI ({cfg.ppo.mini}) must divide PPO_BATCH ({cfg.ppo.batch}).")
-        elif cfg.ppo.batch % world:
-            out.append(f"PPO_BATCH ({cfg.ppo.batch}) must be divisible by the {world} processes.")
-        else:
-            out += BatchPlan.problems("PPO_MINI" if cfg.ppo.mini else "PPO_BATCH", cfg.ppo_mini, world,
-                                      cfg.ppo.grad_accum, "PPO_GRAD_ACCUM")
-    return out
-
-
-def _optim_sched_problems(cfg: Config) -> list[str]:
-    try:
-        from hybrid_ds.optim import validate_optim_config
-    except ImportError:  # pragma: no cover - optim module is part of the package
-        return []
-    return validate_optim_config(cfg)
-
-
-def _reward_problems(cfg: Config) -> list[str]:
-    if cfg.run.mode == "sft":
-        return []
-    try:
-        from hybrid_ds.rewards import validate_reward_spec
-    except ImportError:  # pragma: no cover
-        return []
-    return validate_reward_spec(cfg.reward, path=REWARD_KEY)
-
-
-_BUILTIN_DATA = ("builtin:demo-tasks",)
-
-
-def _file_problems(cfg: Config) -> list[str]:
-    from hybrid_ds.assets import BUILTIN_MODELS
-
-    out = []
-    tf = cfg.run.train_file
-    if tf and tf not in _BUILTIN_DATA:
-        if tf.startswith("builtin:"):
-            out.append(f"TRAIN_FILE: unknown builtin dataset {tf!r}; available: {', '.join(_BUILTIN_DATA)}.")
-        elif not os.path.exists(tf):
-            out.append(f"TRAIN_FILE: {tf!r} does not exist (working directory {os.getcwd()}).")
-        elif os.path.isfile(tf) and not os.access(tf, os.R_OK):
-            out.append(f"TRAIN_FILE: {tf!r} is not readable.")
-    for key, name in (("MODEL", cfg.run.model), ("TOKENIZER", cfg.run.tokenizer)):
-        if name:
-            p = model_problem(key, name, BUILTIN_MODELS)
-            if p:
-                out.append(p)
-    out_dir = cfg.run.output_dir
-    if out_dir and os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        out.append(f"OUTPUT_DIR: {out_dir!r} exists and is not a directory.")
-    else:  # a run already in OUTPUT_DIR: resumed, refused or moved aside per RESUME (checkpoint.py)
-        from hybrid_ds.run.resume import resume_problems
-
-        out += resume_problems(cfg)
-    if cfg.run.ds_config and not os.path.isfile(cfg.run.ds_config):
-        out.append(f"DS_CONFIG: {cfg.run.ds_config!r} does not exist.")
-    return out
-
-
-_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def model_problem(key: str, name: str, builtins) -> Optional[str]:
-    """None if ``name`` can be loaded: a builtin, a local model dir, or a hub name (cached when offline)."""
-    if name.startswith("builtin:"):
-        if name not in builtins:
-            return f"{key}: unknown builtin model {name!r}; available: {', '.join(builtins)}."
-        return None
-    expanded = os.path.expanduser(name)
-    if os.path.isdir(expanded):
-        if not os.path.isfile(os.path.join(expanded, "config.json")):
-            return f"{key}: {name!r} is a directory without config.json; point it at a saved Hugging Face model."
-        return None
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or not _HUB_NAME.match(name):
-        return f"{key}: {name!r} does not exist (not a local directory, not a hub model name)."
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-        try:
-            from huggingface_hub import try_to_load_from_cache
-            if isinstance(try_to_load_from_cache(name, "config.json"), str):
-                return None
-        except Exception:
-            pass
-        return (f"{key}: {name!r} is not a local directory and is not in the Hugging Face cache, and the hub "
-                f"is offline (HF_HUB_OFFLINE=1). Point {key} at a local model directory or builtin:tiny-gpt2.")
-    return None
-
-
-# --------------------------------------------------------------------------------------
-# docs
-
-
-def _fmt_default(f: dataclasses.Field) -> str:
-    if f.default is not dataclasses.MISSING:
-        d = f.default
-    else:
-        d = f.default_factory()
-    if f.metadata.get("required"):
-        return "required"
-    return "`" + json.dumps(d) + "`"
-
-
-def config_reference_markdown() -> str:
-    """The generated reference of every key (docs/config.md)."""
-    types = _field_types()
-    lines = ["# Configuration reference", "",
-             "Generated from `hybrid_ds/config/` by `python -m hybrid_ds.config --docs`; do not edit by hand.",
-             "", "One JSON object of these keys. Override any of them on the command line with `KEY=VALUE`",
-             "(VALUE is parsed as JSON when it can be: `LR_SFT=1e-4`, `REWARD='{\"type\": \"bleu\"}'`).", ""]
-    current = None
-    for key, (sec, f) in key_table().items():
-        if sec != current:
-            current = sec
-            lines += ["", f"## {sec or 'reward'}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-        doc = f.metadata.get("doc") or "Reward spec (see docs/rewards.md)."
-        if key == REWARD_KEY:
-            doc = "Reward spec: a JSON object built by hybrid_ds.rewards (see docs/rewards.md)."
-        extra = ""
-        if f.metadata.get("choices"):
-            extra = " One of: " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + "."
-        lines.append(f"| `{key}` | {_type_name(types[key])} | {_fmt_default(f)} | {doc}{extra} |")
-    lines += ["", "Aliases: " + ", ".join(f"`{a}` = `{b}`" for a, b in ALIASES.items()) + ".", ""]
-    return "\n".join(lines)
 

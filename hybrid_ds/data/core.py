@@ -84,9 +84,16 @@ def read_items(path: str, split: str = "train") -> list:
     if path == "builtin:demo-tasks":
         from hybrid_ds.assets import DEMO_TASKS
         path = DEMO_TASKS
+    problem = unreadable_data_file(path)
+    if problem:
+        raise DataError(f"TRAIN_FILE {path!r}: {problem}")
     if os.path.isfile(path) and path.endswith((".json", ".jsonl")):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        try:
+            with open(path, encoding="utf-8-sig") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise DataError(f"TRAIN_FILE {path!r}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                            f"{e.start}); re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8).") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
@@ -110,18 +117,41 @@ def read_items(path: str, split: str = "train") -> list:
     return _read_with_datasets(path, split)
 
 
+# File extensions read by the datasets library, and its builder for each.
+DATASETS_BUILDERS = {"csv": "csv", "tsv": "csv", "txt": "text", "parquet": "parquet", "arrow": "arrow"}
+
+
+def unreadable_data_file(path: str) -> Optional[str]:
+    """Why TRAIN_FILE ``path`` (a local path) cannot be read, or None; nothing is opened."""
+    if not os.path.exists(path):
+        return None  # a dataset name: the datasets library says what it can
+    if not (os.path.isfile(path) or os.path.isdir(path)):
+        return "not a regular file (a FIFO, socket or device); give a file or a save_to_disk directory."
+    if os.path.isdir(path):
+        return None
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    if ext in ("json", "jsonl") or ext in DATASETS_BUILDERS:
+        return None
+    hint = " (decompress it first, e.g. gunzip)" if ext in ("gz", "bz2", "xz", "zst", "zip") else ""
+    return (f"cannot read a .{ext or '<no extension>'} file{hint}; TRAIN_FILE takes .json (a list of items), "
+            f".jsonl, {', '.join('.' + e for e in DATASETS_BUILDERS)} or a datasets save_to_disk directory.")
+
+
 def _read_with_datasets(path: str, split: str) -> list:
     import datasets
 
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "dataset_info.json")) or \
-            os.path.isfile(os.path.join(path, "dataset_dict.json")):
-        ds = datasets.load_from_disk(path)
-    elif os.path.isfile(path):
-        ext = os.path.splitext(path)[1].lstrip(".")
-        builder = {"jsonl": "json", "txt": "text", "tsv": "csv"}.get(ext, ext)
-        ds = datasets.load_dataset(builder, data_files=path)
-    else:
-        ds = datasets.load_dataset(path)
+    try:
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, "dataset_info.json")) or \
+                os.path.isfile(os.path.join(path, "dataset_dict.json")):
+            ds = datasets.load_from_disk(path)
+        elif os.path.isfile(path):
+            ext = os.path.splitext(path)[1].lstrip(".").lower()
+            ds = datasets.load_dataset(DATASETS_BUILDERS[ext], data_files=path)
+        else:
+            ds = datasets.load_dataset(path)
+    except Exception as e:  # noqa: BLE001 - whatever the file holds, the user gets its name and the reason
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"TRAIN_FILE {path!r}: the datasets library cannot load it ({reason}).") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"{path}: no split {split!r} (has {', '.join(ds)}); set SPLIT.")

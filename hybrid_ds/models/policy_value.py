@@ -83,6 +83,36 @@ def load_tokenizer(name: str):
     return tok
 
 
+class ModelFileError(Exception):
+    """A model or tokenizer that cannot be loaded as given (missing, truncated or unreadable files)."""
+
+
+def max_positions(model_config) -> Optional[int]:
+    """The longest sequence the model's position embeddings cover (n_positions / max_position_embeddings)."""
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length"):
+        v = getattr(model_config, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def load_model_config(name: str):
+    """The transformers config of MODEL (a builtin is materialised first); ModelFileError if unreadable."""
+    from transformers import AutoConfig
+
+    from hybrid_ds.assets import resolve_model
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model(name))
+    except Exception as e:  # noqa: BLE001 - a user's directory: name it and give the loader's reason
+        raise ModelFileError(f"{name!r}: its config.json cannot be loaded ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def load_lm(name: str, tokenizer, dtype: torch.dtype = torch.float32):
     """A causal LM from a local dir, a hub name, or a builtin; its embeddings resized to the tokenizer."""
     from transformers import AutoModelForCausalLM

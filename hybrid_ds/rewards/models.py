@@ -147,9 +147,12 @@ def build_perplexity(p: dict, ctx) -> BatchFn:
     prompt) mapped by ``nll_to_reward``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from hybrid_ds.assets import resolve_model  # MODEL may be a builtin (the default: the policy's model)
+
     device = resolve_device(p["device"], ctx.device)
-    tok = AutoTokenizer.from_pretrained(p["model"])
-    model = AutoModelForCausalLM.from_pretrained(p["model"]).to(device).eval()
+    name = resolve_model(p["model"])
+    tok = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForCausalLM.from_pretrained(name).to(device).eval()
 
     def score(responses, targets, prompts, items):
         pairs = list(zip(responses, prompts))

@@ -161,7 +161,8 @@ _TYPES = (
                choices=("inverse", "neg_log", "raw")),
          Param("condition_on_prompt", "bool", False, "score the response given the prompt "
                "(only response tokens count)"),
-         ) + _model_params(None, "causal LM: local dir or hub name", batch_size=8, max_length=1024),
+         ) + _model_params(None, "causal LM: local dir or hub name; in a run's REWARD it defaults to "
+                           "the policy's MODEL", batch_size=8, max_length=1024),
         "(0, 1] (inverse)", "higher = lower perplexity (inverse, neg_log); raw: lower = better",
         models.build_perplexity, needs_model=True),
     RewardType(

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from hybrid_ds.config import load_config
+from hybrid_ds.run.preflight import load_config
 from hybrid_ds.engine.dist import init_dist
 from hybrid_ds.algorithms.registry import PHASES
 from hybrid_ds.run.loop import phase_step

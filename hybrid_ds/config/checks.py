@@ -1,0 +1,272 @@
+"""Validating a built Config on its own: bounds, required keys, combinations of keys, batch
+arithmetic for a given world, and the files it names (data, model weights, OUTPUT_DIR, DS_CONFIG,
+reward models). Checks that need other layers (optimizers, reward specs, placement, resume) are
+composed with these by :mod:`hybrid_ds.run.preflight`."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import tempfile
+from typing import Any, Optional
+
+from hybrid_ds.assets import BUILTIN_MODELS
+from hybrid_ds.config.batch_plan import BatchPlan
+from hybrid_ds.config.load import ds_config_names, resolve_ds_config
+from hybrid_ds.config.schema import REWARD_KEY, Config, key_table
+def _check_bounds(key: str, value, meta) -> Optional[str]:
+    if value is None:
+        return None
+    if meta.get("choices") and value not in meta["choices"]:
+        near = difflib.get_close_matches(str(value), meta["choices"], n=1)
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        return f"{key}: {value!r} is not one of {', '.join(map(str, meta['choices']))}.{hint}"
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
+            return f"{key}: {value} is out of range; it must be {'>' if meta.get('lo_open') else '>='} {lo}."
+        if hi is not None and value > hi:
+            return f"{key}: {value} is out of range; it must be <= {hi}."
+    return None
+
+
+def validate(cfg: Config) -> list[str]:
+    """The problems of a built Config on its own: bounds, required keys, combinations of keys."""
+    problems = []
+    for key, (sec, f) in key_table().items():
+        value = getattr(getattr(cfg, sec), f.name) if sec else getattr(cfg, f.name)
+        if f.metadata.get("required") and not value:
+            problems.append(f"{key}: required; {f.metadata['doc']}")
+            continue
+        p = _check_bounds(key, value, f.metadata)
+        if p:
+            problems.append(p)
+    if cfg.run.bf16 and cfg.run.fp16:
+        problems.append("BF16 and FP16: choose one mixed-precision mode, not both.")
+    if cfg.gen.old_logprobs == "rollout" and cfg.gen.sampler == "hf":
+        problems.append('OLD_LOGPROBS="rollout" needs the lean sampler (SAMPLER "lean" or "lean_exact"): '
+                        'transformers generate returns no values; use "auto" or "recompute".')
+    if not all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in cfg.sched.milestones):
+        problems.append(f"MILESTONES: expected a list of positive integers, got {cfg.sched.milestones!r}.")
+    if cfg.run.mode == "hybrid" and cfg.hybrid.cycle_sft_steps + cfg.hybrid.cycle_ppo_updates == 0:
+        problems.append("CYCLE_SFT_STEPS and CYCLE_PPO_UPDATES are both 0: a hybrid cycle would do nothing.")
+    if cfg.hybrid.curriculum != "none" and cfg.run.mode != "hybrid":
+        problems.append(f"CURRICULUM ({cfg.hybrid.curriculum}) applies to MODE=hybrid only.")
+    if cfg.hybrid.curriculum != "none" and cfg.hybrid.curriculum_sft_steps_end + cfg.hybrid.curriculum_ppo_updates_end == 0:
+        problems.append("CURRICULUM_SFT_STEPS_END and CURRICULUM_PPO_UPDATES_END are both 0: the last cycles would do "
+                        "nothing.")
+    if cfg.hybrid.sft_warmup_steps and cfg.run.mode != "hybrid":
+        problems.append(f"SFT_WARMUP_STEPS ({cfg.hybrid.sft_warmup_steps}) applies to MODE=hybrid only; "
+                        f"for {cfg.run.mode} start from an SFT run's output instead.")
+    if cfg.hybrid.ref_init == "after_warmup" and not (cfg.run.mode == "hybrid" and cfg.hybrid.sft_warmup_steps):
+        problems.append("REF_INIT=after_warmup needs MODE=hybrid and SFT_WARMUP_STEPS > 0.")
+    if cfg.gen.min_new_tokens > cfg.gen.max_new_tokens:
+        problems.append(f"MIN_NEW_TOKENS ({cfg.gen.min_new_tokens}) exceeds MAX_NEW_TOKENS "
+                        f"({cfg.gen.max_new_tokens}).")
+    if cfg.run.mode != "sft" and cfg.gen.max_new_tokens >= cfg.data.maxseq:
+        problems.append(f"MAX_NEW_TOKENS ({cfg.gen.max_new_tokens}) must be below MAXSEQ ({cfg.data.maxseq}): MAXSEQ "
+                        f"bounds prompt + response, so PPO prompts keep their last MAXSEQ - MAX_NEW_TOKENS tokens.")
+    if cfg.run.ref_placement == "separate" and cfg.run.mode == "sft":
+        problems.append("REF_PLACEMENT=separate with MODE=sft: SFT uses no reference model; use colocated.")
+    if cfg.run.ref_placement == "separate" and cfg.hybrid.ref_init != "start":
+        problems.append("REF_INIT=after_warmup needs the reference on the policy ranks (REF_PLACEMENT=colocated).")
+    return problems
+
+
+def batch_problems(cfg: Config, world: int) -> list[str]:
+    """Batch sizes must split exactly into processes x accumulation x micro-batch."""
+    out = []
+    uses_sft = cfg.run.mode in ("sft", "hybrid") or cfg.ppo.ptx_coef > 0
+    uses_ppo = cfg.run.mode in ("ppo", "hybrid")
+    if uses_sft:
+        out += BatchPlan.problems("SFT_BATCH", cfg.sft.batch, world, cfg.sft.grad_accum, "GRAD_ACCUM")
+    if uses_ppo:
+        if cfg.ppo.mini and cfg.ppo.batch % cfg.ppo.mini:
+            out.append(f"PPO_MINI ({cfg.ppo.mini}) must divide PPO_BATCH ({cfg.ppo.batch}).")
+        elif cfg.ppo.batch % world:
+            out.append(f"PPO_BATCH ({cfg.ppo.batch}) must be divisible by the {world} processes.")
+        else:
+            out += BatchPlan.problems("PPO_MINI" if cfg.ppo.mini else "PPO_BATCH", cfg.ppo_mini, world,
+                                      cfg.ppo.grad_accum, "PPO_GRAD_ACCUM")
+    return out
+
+
+_BUILTIN_DATA = ("builtin:demo-tasks",)
+
+
+def file_problems(cfg: Config) -> list[str]:
+    """The files the config names: data, model and tokenizer, OUTPUT_DIR, DS_CONFIG, reward models."""
+    out = []
+    tf = cfg.run.train_file
+    if tf and tf not in _BUILTIN_DATA:
+        if tf.startswith("builtin:"):
+            out.append(f"TRAIN_FILE: unknown builtin dataset {tf!r}; available: {', '.join(_BUILTIN_DATA)}.")
+        elif not os.path.exists(tf):
+            out.append(f"TRAIN_FILE: {tf!r} does not exist (working directory {os.getcwd()}).")
+        elif not (os.path.isfile(tf) or os.path.isdir(tf)):
+            out.append(f"TRAIN_FILE: {tf!r} is not a regular file (a FIFO, socket or device); give a JSON/JSONL "
+                       f"file, a datasets file or a save_to_disk directory.")
+        elif os.path.isfile(tf) and not os.access(tf, os.R_OK):
+            out.append(f"TRAIN_FILE: {tf!r} is not readable.")
+    for key, name in (("MODEL", cfg.run.model), ("TOKENIZER", cfg.run.tokenizer)):
+        if name:
+            p = model_problem(key, name, BUILTIN_MODELS)
+            if p:
+                out.append(p)
+    out_dir = cfg.run.output_dir
+    problem = output_dir_problem(out_dir) if out_dir else None
+    if problem:
+        out.append(problem)
+    launcher_ds = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if cfg.run.ds_config:
+        out += ds_config_problems(cfg.run.ds_config)
+    elif launcher_ds not in ("", "none"):  # deepspeed_config_file of an accelerate launch yaml
+        out += ds_config_problems(launcher_ds, "deepspeed_config_file (accelerate config)")
+    out += reward_path_problems(cfg.reward) if cfg.run.mode != "sft" else []
+    return out
+
+
+def output_dir_problem(path: str) -> Optional[str]:
+    """Why OUTPUT_DIR cannot be created or written, or None. Probes with a temporary file in the
+    directory (or its nearest existing ancestor), removed at once: nothing is left behind."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"OUTPUT_DIR: {path!r} exists and is not a directory."
+    target = os.path.abspath(path)
+    while not os.path.exists(target):
+        target = os.path.dirname(target)
+    if not os.path.isdir(target):
+        return f"OUTPUT_DIR: {path!r} cannot be created: {target!r} is not a directory (a regular file)."
+    try:
+        fd, probe = tempfile.mkstemp(dir=target, prefix=".hybrid_ds-write-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        what = "written" if target == os.path.abspath(path) else f"created (in {target})"
+        return f"OUTPUT_DIR: {path!r} cannot be {what}: {e.strerror or e}."
+    return None
+
+
+def ds_config_problems(path: str, key: str = "DS_CONFIG") -> list[str]:
+    """Why the DeepSpeed config ``path`` cannot be used: missing (see resolve_ds_config), not JSON."""
+    found = resolve_ds_config(path)
+    if found is None:
+        return [f"{key}: {path!r} does not exist (working directory {os.getcwd()}); give a path or one of the "
+                f"shipped names: {', '.join(ds_config_names())}."]
+    try:
+        with open(found, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, OSError) as e:
+        return [f"{key}: {found} is not a readable JSON file ({e})."]
+    if not isinstance(data, dict):
+        return [f"{key}: {found} must hold a JSON object (a DeepSpeed config)."]
+    return []
+
+
+def reward_path_problems(spec: Any, path: str = REWARD_KEY) -> list[str]:
+    """A reward leaf's model given as a local path (``./x``, ``/x``, ``~/x``) that does not exist."""
+    if not isinstance(spec, dict):
+        return []
+    out = []
+    for i, comp in enumerate(spec.get("components") or []):
+        out += reward_path_problems(comp, f"{path}.components[{i}]")
+    for k in ("model", "model_type", "checkpoint", "huggingface_config_path"):
+        v = spec.get(k)
+        if not (isinstance(v, str) and v.startswith((".", "/", "~"))):
+            continue
+        local = os.path.expanduser(v)
+        if not os.path.exists(local):
+            out.append(f"{path}.{k}: {v!r} does not exist (working directory {os.getcwd()}).")
+        elif k in ("model", "model_type") and os.path.isdir(local) and not os.path.isfile(
+                os.path.join(local, "config.json")):
+            out.append(f"{path}.{k}: {v!r} is a directory without config.json; point it at a saved model.")
+    return out
+
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def safetensors_problem(path: str) -> Optional[str]:
+    """Why the safetensors file ``path`` is unusable (unreadable header, shorter than its header says),
+    or None. Reads the header only: 8 bytes of header length, the JSON header, no tensor data."""
+    import struct
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{path} is truncated ({size} bytes, no safetensors header)"
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                return f"{path} is truncated or not a safetensors file (header of {n} bytes, file of {size})"
+            header = json.loads(f.read(n))
+    except OSError as e:
+        return f"{path} cannot be read ({e.strerror or e})"
+    except ValueError:
+        return f"{path} is not a safetensors file (its header is not JSON)"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        return f"{path} is truncated: its header describes {8 + n + end} bytes, the file has {size}"
+    return None
+
+
+def weight_file_problems(model_dir: str) -> list[str]:
+    """Problems of the weight files of a local model directory, found without loading them."""
+    present = [f for f in _WEIGHT_FILES if os.path.isfile(os.path.join(model_dir, f))]
+    if not present:
+        return [f"{model_dir} has config.json but no weights ({' or '.join(_WEIGHT_FILES[::2])}); "
+                f"copy the whole saved model"]
+    out = []
+    for index in (f for f in present if f.endswith(".index.json")):
+        try:
+            with open(os.path.join(model_dir, index), encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            out.append(f"{os.path.join(model_dir, index)} is not a weight index ({type(e).__name__}: {e})")
+            continue
+        missing = [s for s in shards if not os.path.isfile(os.path.join(model_dir, s))]
+        if missing:
+            out.append(f"{model_dir}: shard(s) {', '.join(missing)} listed in {index} are missing")
+        out += [p for s in shards if s.endswith(".safetensors") and s not in missing
+                for p in [safetensors_problem(os.path.join(model_dir, s))] if p]
+        return out
+    if "model.safetensors" in present:
+        p = safetensors_problem(os.path.join(model_dir, "model.safetensors"))
+        out += [p] if p else []
+    elif os.path.getsize(os.path.join(model_dir, "pytorch_model.bin")) == 0:
+        out.append(f"{os.path.join(model_dir, 'pytorch_model.bin')} is empty")
+    return out
+
+
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def model_problem(key: str, name: str, builtins) -> Optional[str]:
+    """None if ``name`` can be loaded: a builtin, a local model dir, or a hub name (cached when offline)."""
+    if name.startswith("builtin:"):
+        if name not in builtins:
+            return f"{key}: unknown builtin model {name!r}; available: {', '.join(builtins)}."
+        return None
+    expanded = os.path.expanduser(name)
+    if os.path.isdir(expanded):
+        if not os.path.isfile(os.path.join(expanded, "config.json")):
+            return f"{key}: {name!r} is a directory without config.json; point it at a saved Hugging Face model."
+        if key == "MODEL":
+            weights = weight_file_problems(expanded)
+            return f"{key}: " + "; ".join(weights) + "." if weights else None
+        return None
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or not _HUB_NAME.match(name):
+        return f"{key}: {name!r} does not exist (not a local directory, not a hub model name)."
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            if isinstance(try_to_load_from_cache(name, "config.json"), str):
+                return None
+        except Exception:
+            pass
+        return (f"{key}: {name!r} is not a local directory and is not in the Hugging Face cache, and the hub "
+                f"is offline (HF_HUB_OFFLINE=1). Point {key} at a local model directory or builtin:tiny-gpt2.")
+    return None

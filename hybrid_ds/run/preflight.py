@@ -1,0 +1,161 @@
+"""Everything checked before a run loads weights or creates a process group, shared by
+``--dry-run`` and the real run, so a config that passes ``--dry-run`` does not fail in setup.
+
+1. :func:`load_config`: read and build the Config, then every problem it has, at once: its keys on
+   their own (:mod:`hybrid_ds.config.checks`), the optimizer and scheduler, the reward spec, the
+   placement and batch arithmetic for the launched world, the files it names, and what OUTPUT_DIR
+   holds (resume).
+2. :func:`preflight`: the checks that need the tokenizer, the model's config and the data: the
+   tokenizer loads and has EOS, MAXSEQ fits the model's positions, the data reads and tokenises,
+   the batches fit the items actually kept, the schedules can be built.
+
+Each user-caused problem raises ConfigError or DataError: the CLI prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from hybrid_ds.config import Config, ConfigError
+from hybrid_ds.config.batch_plan import BatchPlans
+from hybrid_ds.config.checks import batch_problems, file_problems, output_dir_problem, validate
+from hybrid_ds.config.load import build_config, normalise_paths, parse_override, read_config_file
+from hybrid_ds.config.schema import REWARD_KEY
+from hybrid_ds.data import DataReport, Example, load_items, tokenize_items
+from hybrid_ds.engine.placement import launch_world_size, placement_problems, policy_world_size
+from hybrid_ds.optim import make_phase_schedules, schedule_warnings, validate_optim_config
+from hybrid_ds.rewards import validate_reward_spec
+from hybrid_ds.run.resume import describe_resume, resume_problems
+from hybrid_ds.run.schedule import Schedule, plan_schedule
+
+
+def load_config(path: Optional[str], overrides: list[str] = (), *, check_files: bool = True,
+                world_size: Optional[int] = None) -> Config:
+    """Load ``path`` (a JSON object), apply ``KEY=VALUE`` overrides, build and validate a Config.
+
+    Raises ConfigError listing every problem found. ``world_size`` (default: the launcher's
+    WORLD_SIZE, or 1) is used to check that batch sizes divide across processes x accumulation.
+    """
+    source = path or "command line"
+    raw = read_config_file(path) if path else {}
+    problems: list[str] = []
+    for text in overrides:
+        try:
+            k, v = parse_override(text)
+        except ConfigError as e:
+            problems += e.problems
+            continue
+        raw[k] = v
+    cfg, more = build_config(raw)
+    problems += more
+    normalise_paths(cfg)
+    problems += config_problems(cfg, check_files=check_files, world_size=world_size)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def config_problems(cfg: Config, *, check_files: bool = True, world_size: Optional[int] = None) -> list[str]:
+    """Every problem of a built Config, its own and those only other layers can judge."""
+    problems = validate(cfg)
+    launched = world_size or launch_world_size()
+    place = placement_problems(cfg.run.ref_placement, cfg.run.ref_ranks, launched)
+    problems += place
+    if not place:
+        problems += batch_problems(cfg, policy_world_size(cfg.run.ref_placement, cfg.run.ref_ranks, launched))
+    problems += validate_optim_config(cfg)
+    if cfg.run.mode != "sft":
+        problems += validate_reward_spec(cfg.reward, path=REWARD_KEY)
+    if check_files:
+        problems += file_problems(cfg)
+        if cfg.run.output_dir and not output_dir_problem(cfg.run.output_dir):
+            problems += resume_problems(cfg)  # a run already there: resumed, refused or moved aside (RESUME)
+    return problems
+
+
+def prepare_data(cfg: Config, tokenizer, seed: int, report: Optional[DataReport] = None) -> list[Example]:
+    """The training items, read, filtered and tokenised exactly as training will see them."""
+    d = cfg.data
+    items = load_items(cfg.run.train_file, d.select_output, split=d.split, shuffle=d.shuffle, seed=seed,
+                       percent=d.percent, num_samples=d.num_samples, on_bad_item=d.on_bad_item, report=report)
+    return tokenize_items(items, tokenizer, d.select_output, d.maxseq, report)
+
+
+@dataclass
+class Preflight:
+    """What the checks before training found and built: shared by --dry-run and build_run."""
+
+    seed: int  # the seed the data was shuffled with
+    tokenizer: object  # a transformers PreTrainedTokenizerBase
+    examples: list[Example]
+    report: DataReport
+    plan: Schedule
+    schedules: dict  # phase -> optim.PhaseSchedule
+    warnings: list[str]  # valid but probably unintended settings, with their numbers
+
+
+def preflight(cfg: Config, seed: int) -> Preflight:
+    """The checks of step 2 (module docstring); ``load_config`` has run step 1."""
+    from hybrid_ds.models.policy_value import ModelFileError, load_model_config, load_tokenizer, max_positions
+
+    # 1. tokenizer and the model's config
+    problems = []
+    tok_key, tok_name = ("TOKENIZER", cfg.run.tokenizer) if cfg.run.tokenizer else ("MODEL", cfg.run.model)
+    tokenizer = None
+    try:
+        tokenizer = load_tokenizer(tok_name)
+    except Exception as e:  # noqa: BLE001 - a user's tokenizer files: name them and give the loader's reason
+        text = str(e).strip()
+        problems.append(f"{tok_key}: the tokenizer of {tok_name!r} cannot be used "
+                        f"({text.splitlines()[0] if text else type(e).__name__}).")
+    try:
+        n_pos = max_positions(load_model_config(cfg.run.model))
+        if n_pos and cfg.data.maxseq > n_pos:
+            problems.append(f"MAXSEQ ({cfg.data.maxseq}) exceeds the {n_pos} positions of MODEL {cfg.run.model!r} "
+                            f"(n_positions / max_position_embeddings); set MAXSEQ <= {n_pos}.")
+    except ModelFileError as e:
+        problems.append(f"MODEL: {e}.")
+    if problems:
+        raise ConfigError(problems, "the model and tokenizer")
+
+    # 2. the data, through the tokenisation the run uses
+    report = DataReport()
+    examples = prepare_data(cfg, tokenizer, seed, report)
+    plan = plan_schedule(cfg, len(examples))
+
+    # 3. batches against the items kept, the schedules over the run's steps
+    n = len(examples)
+    if (plan.sft_steps or cfg.ppo.ptx_coef > 0) and cfg.sft.batch > n:
+        problems.append(f"SFT_BATCH ({cfg.sft.batch}) is larger than the {n} usable items of TRAIN_FILE; lower "
+                        f"SFT_BATCH or use more data.")
+    if plan.ppo_updates and cfg.ppo.batch > n:
+        problems.append(f"PPO_BATCH ({cfg.ppo.batch}) is larger than the {n} usable items of TRAIN_FILE; lower "
+                        f"PPO_BATCH or use more data.")
+    if problems:
+        raise ConfigError(problems, "the data")
+    try:  # the schedules' totals come from the data, so some checks can only run here
+        schedules = make_phase_schedules(cfg, plan.sft_steps, plan.ppo_optimizer_steps)
+    except ValueError as e:
+        raise ConfigError([str(e).replace("\n", " ")], "the run's schedule") from None
+    steps = {"LR_SFT": plan.sft_steps, "LR_PPO": plan.ppo_optimizer_steps}
+    warnings = schedule_warnings(cfg, {k: v for k, v in steps.items() if v > 0})
+    return Preflight(seed, tokenizer, examples, report, plan, schedules, warnings)
+
+
+def describe_plan(cfg: Config, pre: Preflight) -> str:
+    """What the run would do, for --dry-run (after the checks of :func:`preflight`)."""
+    world = launch_world_size()
+    plan, batches = pre.plan, BatchPlans.from_config(cfg, world)
+    lines = [f"mode: {cfg.run.mode}", f"model: {cfg.run.model}", f"processes: {world}",
+             f"seed: {cfg.run.seed if cfg.run.seed is not None else 'drawn from the OS at start'}"]
+    lines += [f"data: {x}" for x in pre.report.lines()]
+    lines += [f"warning: {x}" for x in pre.warnings]
+    if plan.sft_steps or cfg.ppo.ptx_coef:
+        lines.append("SFT batch: " + batches.sft.describe())
+    if plan.ppo_updates:
+        lines.append(f"PPO batch: {batches.ppo.describe()}, {cfg.ppo.epochs} epochs")
+    lines.append(f"steps: {plan.describe()}")
+    lines.append(f"output: {cfg.run.output_dir}")
+    lines.append(describe_resume(cfg))
+    return "\n".join(lines)
