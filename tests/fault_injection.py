@@ -45,14 +45,16 @@ def install(faults: dict) -> None:
     _say(f"active: {faults}")
     state = {"run": None, "ok_calls": 0, "phase": None}
     orig_phase_step = loop.phase_step
-    orig_save, orig_all_ok, orig_main = ck.save_checkpoint, ck._all_ok, ck._save_main
+    from hybrid_ds.engine.dist import Dist
+
+    orig_save, orig_all_ok, orig_main = ck.save_checkpoint, Dist.all_ok, ck._save_main
     orig_boundary, orig_attach = loop.at_boundary, ck.attach
 
     def save_checkpoint(run):
         state["run"], state["ok_calls"] = run, 0
         return orig_save(run)
 
-    def _all_ok(dist, ok):
+    def all_ok(dist, ok):  # the first agreement of a save: every rank's files are written
         result = orig_all_ok(dist, ok)
         state["ok_calls"] += 1
         run = state["run"]
@@ -106,6 +108,6 @@ def install(faults: dict) -> None:
         if ppo_updates:
             run.engine.module.v_head.register_forward_hook(poison_values)
 
-    ck.save_checkpoint, ck._all_ok, ck._save_main = save_checkpoint, _all_ok, _save_main
+    ck.save_checkpoint, ck._save_main, Dist.all_ok = save_checkpoint, _save_main, all_ok
     loop.at_boundary, ck.attach = at_boundary, attach
     loop.phase_step = phase_step

@@ -316,7 +316,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, zero):
 
     if zero == 3:  # merged weights from the sharded checkpoint, loaded by vanilla transformers
         exp = tmp_path / "exported"
-        p = subprocess.run([sys.executable, "-m", "hybrid_ds.run.checkpoint", "export",
+        p = subprocess.run([sys.executable, "-m", "hybrid_ds.checkpoint", "export",
                             str(b_out / "checkpoints" / "step-0000008"), str(exp)], cwd=REPO, env=env(),
                            capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]

@@ -21,7 +21,7 @@ def test_report_prints_the_window_means_of_metrics_jsonl(tmp_path):
     out = cfg["OUTPUT_DIR"]
     with open(f"{out}/metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
-    p = subprocess.run([sys.executable, "-m", "hybrid_ds.run.report", out, "--windows", "2"], cwd=REPO, env=env(),
+    p = subprocess.run([sys.executable, "-m", "hybrid_ds.report", out, "--windows", "2"], cwd=REPO, env=env(),
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
@@ -39,6 +39,6 @@ def test_report_prints_the_window_means_of_metrics_jsonl(tmp_path):
                      lines.index(ln) > lines.index(f"{phase}: 4 logged steps (mean per window, first -> last)"))
         name, value = times.split(":", 1)[1].split(",")[0].split()
         assert value == f"{sum(r[f'time/{name}_s'] for r in mine) / 4:.3f}"
-    missing = subprocess.run([sys.executable, "-m", "hybrid_ds.run.report", str(tmp_path / "nothing")], cwd=REPO,
+    missing = subprocess.run([sys.executable, "-m", "hybrid_ds.report", str(tmp_path / "nothing")], cwd=REPO,
                              env=env(), capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "no metrics.jsonl" in missing.stderr

@@ -197,6 +197,10 @@ class Dist:
         """Max of ``t`` over ranks (a new tensor on t's device)."""
         return self._all_reduce(t, torch.distributed.ReduceOp.MAX)
 
+    def all_ok(self, ok: bool) -> bool:
+        """True on every rank when every rank is ok (an all-reduce, so also a barrier)."""
+        return float(self.all_reduce_max(torch.tensor([0.0 if ok else 1.0]))[0]) == 0.0
+
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         if not self.initialized or self.world == 1:
             return obj

@@ -8,11 +8,14 @@ module or the bare model; ``dist`` is that :class:`~hybrid_ds.engine.dist.Dist`.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Optional
+import os
+from typing import Any, Callable, Optional
 
 import torch
 
 from hybrid_ds.optim import set_optimizer_hparams
+
+MODEL_FILE, OPTIMIZER_FILE = "model.pt", "optimizer.pt"  # save_state without DeepSpeed
 
 
 class TrainEngine:
@@ -54,6 +57,27 @@ class TrainEngine:
         else:
             loss.backward()
 
+    def save_state(self, path: str, tag: str) -> None:
+        """Weights and optimizer state into directory ``path`` (collective: every rank calls it).
+        DeepSpeed writes its shards under ``path/tag``; without it the main rank writes
+        ``model.pt`` and ``optimizer.pt``."""
+        if self.dist.uses_deepspeed:
+            self.wrapped.save_checkpoint(path, tag=tag, save_latest=False)
+        elif self.dist.is_main:
+            torch.save(self.module.state_dict(), os.path.join(path, MODEL_FILE))
+            torch.save(self.optimizer.state_dict(), os.path.join(path, OPTIMIZER_FILE))
+
+    def load_state(self, path: str, tag: str, load: Callable[[str, torch.device], dict]) -> bool:
+        """Restore what :meth:`save_state` wrote; ``load(file, device)`` reads our own files (the
+        caller's verified loader). False when DeepSpeed found nothing to load."""
+        if self.dist.uses_deepspeed:
+            loaded, _ = self.wrapped.load_checkpoint(path, tag=tag, load_optimizer_states=True,
+                                                     load_lr_scheduler_states=False)
+            return loaded is not None
+        self.module.load_state_dict(load(os.path.join(path, MODEL_FILE), self.dist.device))
+        self.optimizer.load_state_dict(load(os.path.join(path, OPTIMIZER_FILE), self.dist.device))
+        return True
+
     def step(self, lrs: dict[str, float], momentum: Optional[float] = None) -> Optional[float]:
         """Apply the accumulated gradients with per-role learning rates (and a scheduled momentum,
         for onecycle/cyclic); returns the global gradient norm."""
@@ -72,6 +96,17 @@ class TrainEngine:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
+
+
+def saved_weights(path: str, tag: str, deepspeed: bool) -> dict:
+    """The fp32 weights :meth:`TrainEngine.save_state` wrote to ``path``, whole, on CPU. DeepSpeed
+    shards are consolidated with DeepSpeed's own ``zero_to_fp32`` (its fp32 master weights,
+    whatever the training precision)."""
+    if deepspeed:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(path, tag=tag)
+    return torch.load(os.path.join(path, MODEL_FILE), map_location="cpu", weights_only=True)
 
 
 def model_state_bytes(engine: TrainEngine) -> dict[str, int]:

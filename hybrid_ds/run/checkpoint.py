@@ -135,19 +135,19 @@ def save_checkpoint(run) -> str:
     if dist.is_main:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
     dist.barrier()
-    # 1. every rank: the engine shards (DeepSpeed), its RNG states; rank 0: the rest
+    # 1. every rank: the engine's weights and optimizer state, its RNG states; rank 0: the rest
     ref_state = _reference_state(run)  # collective under ZeRO-3
     error = ""
     try:
-        if dist.uses_deepspeed:
-            run.engine.wrapped.save_checkpoint(tmp, tag=ENGINE_TAG, save_latest=False)
+        run.engine.save_state(tmp, ENGINE_TAG)
         _save_rng(tmp, dist.rank, rng)
         if dist.is_main:
             _save_main(run, tmp, ref_state)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         error = str(e)
-    if not _all_ok(dist, not error):
+    if not dist.all_ok(not error):
         if dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not write checkpoint {tmp}: {error or 'another rank failed writing'}; "
@@ -169,7 +169,7 @@ def save_checkpoint(run) -> str:
             shutil.rmtree(final + ".replaced", ignore_errors=True)
         except OSError as e:
             error = str(e)
-    if not _all_ok(dist, not error):
+    if not dist.all_ok(not error):
         raise CheckpointError(f"could not publish checkpoint {final}: {error or 'rank 0 failed'}; {keep}.")
     if run.guard is not None:
         run.guard.resuming = None
@@ -183,13 +183,6 @@ def save_checkpoint(run) -> str:
     if dist.is_main:
         log(f"checkpoint {final} ({time.perf_counter() - t0:.1f}s)")
     return final
-
-
-def _all_ok(dist, ok: bool) -> bool:
-    """True on every rank when every rank is ok (also a barrier)."""
-    import torch
-
-    return float(dist.all_reduce_max(torch.tensor([0.0 if ok else 1.0]))[0]) == 0.0
 
 
 def _save_main(run, path: str, ref_state: Optional[dict]) -> None:
@@ -207,9 +200,6 @@ def _save_main(run, path: str, ref_state: Optional[dict]) -> None:
     write_json(os.path.join(path, STATE_FILE), state)
     write_resolved_config(cfg, run.seed, os.path.join(path, CONFIG_FILE))
     torch.save({k: s.state_dict() for k, s in run.schedules.items()}, os.path.join(path, "schedules.pt"))
-    if not dist.uses_deepspeed:
-        torch.save(run.engine.module.state_dict(), os.path.join(path, "model.pt"))
-        torch.save(run.engine.optimizer.state_dict(), os.path.join(path, "optimizer.pt"))
     if ref_state is not None:
         torch.save(ref_state, os.path.join(path, "reference.pt"))
     hf = os.path.join(path, "hf")
@@ -325,15 +315,8 @@ def load_checkpoint(run, point: ResumePoint) -> None:
         if dist.is_main:
             log(f"warning: {msg}; the model and optimizer resume, per-rank sampling will differ")
     # 1. weights and optimizer
-    if dist.uses_deepspeed:
-        loaded, _ = run.engine.wrapped.load_checkpoint(path, tag=ENGINE_TAG, load_optimizer_states=True,
-                                                       load_lr_scheduler_states=False)
-        if loaded is None:
-            raise ResumeError(f"DeepSpeed could not load {os.path.join(path, ENGINE_TAG)}.")
-    else:
-        dev = dist.device
-        run.engine.module.load_state_dict(load_verified(os.path.join(path, "model.pt"), dev))
-        run.engine.optimizer.load_state_dict(load_verified(os.path.join(path, "optimizer.pt"), dev))
+    if not run.engine.load_state(path, ENGINE_TAG, load_verified):
+        raise ResumeError(f"DeepSpeed could not load {os.path.join(path, ENGINE_TAG)}.")
     if os.path.isfile(os.path.join(path, "reference.pt")):
         dist.load_frozen_state_dict(run.ref, load_verified(os.path.join(path, "reference.pt")))
     # 2. schedules, counters, data positions, KL controller, reward statistics

@@ -13,7 +13,8 @@ from hybrid_ds.run.checkpoint_dir import (
     find_latest,
     is_complete,
 )
-from hybrid_ds.run.resume import read_point
+from hybrid_ds.engine.train_engine import saved_weights
+from hybrid_ds.run.checkpoint_dir import read_point
 
 
 def export(ckpt: str, out_dir: str, with_value_head: bool = False) -> str:
@@ -34,14 +35,7 @@ def export(ckpt: str, out_dir: str, with_value_head: bool = False) -> str:
     if not is_complete(ckpt):
         raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker).")
     point = read_point(ckpt)
-    if point.state["engine"] == "deepspeed":
-        from deepspeed.utils.zero_to_fp32 import (
-            get_fp32_state_dict_from_zero_checkpoint,
-        )
-
-        state = get_fp32_state_dict_from_zero_checkpoint(ckpt, tag=ENGINE_TAG)
-    else:
-        state = torch.load(os.path.join(ckpt, "model.pt"), map_location="cpu", weights_only=True)
+    state = saved_weights(ckpt, ENGINE_TAG, deepspeed=point.state["engine"] == "deepspeed")
     hf = os.path.join(ckpt, "hf")
     with torch.device("meta"):  # a skeleton for save_pretrained's naming and tied-weight handling
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf))

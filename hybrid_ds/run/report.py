@@ -57,6 +57,3 @@ def main(argv=None) -> int:
     print(summarise(a.output_dir, a.keys or None, a.windows))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
