@@ -1,4 +1,4 @@
-"""Checkpoints, exact resume, merged weights and faults (hybrid_ds/checkpoint.py).
+"""Checkpoints, exact resume, merged weights and faults (hybrid_ds/run/checkpoint*.py, run/resume.py).
 
 Fast tier: resume planning, config comparison, pointer fallback, pruning and log rewinding on
 hand-made checkpoint directories. Slow tier (real launches): a run killed with SIGKILL after its

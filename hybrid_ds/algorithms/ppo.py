@@ -2,7 +2,7 @@
 
 Each step is its own function, numbered as in the algorithm (Ziegler et al. 2019; Huang et al.
 2024, "The N Implementation Details of RLHF with PPO"). The math is in ppo_math.py; everything
-distributed goes through ``run.dist`` (dist.py).
+distributed goes through ``ctx.dist`` (hybrid_ds/engine/).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def generate(run: PhaseContext, examples: list[Example]) -> Rollout:
 
 
 def old_from_rollout(run: PhaseContext) -> bool:
-    """Whether PPO's old log-probs and values are the sampler's own (OLD_LOGPROBS, config.py).
+    """Whether PPO's old log-probs and values are the sampler's own (OLD_LOGPROBS, docs/config.md).
 
     They are the same model on the same tokens, computed through the KV cache instead of one
     full forward: equal to float32 rounding (~1e-6, tests/test_sampler.py), which PPO's first

@@ -78,7 +78,7 @@ class RunConfig:
                                       "once, a hung one after this many seconds.", lo=1.0)
     dist_timeout_s: int = opt(1800, "Timeout of collective operations, seconds: a dead rank ends the job "
                                     "after at most this long.", lo=10)
-    # -- checkpoints, resume, faults (hybrid_ds/checkpoint.py) --
+    # -- checkpoints, resume, faults (hybrid_ds/run/checkpoint.py, run/resume.py) --
     save_every: int = opt(0, "Checkpoint every N steps (hybrid cycles in hybrid mode, SFT steps in sft mode, PPO "
                              "updates in ppo mode) under OUTPUT_DIR/checkpoints; 0 = only at the end (a "
                              "checkpoint is always written at the end and on SIGTERM/SIGINT).", lo=0)

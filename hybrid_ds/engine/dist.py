@@ -130,7 +130,7 @@ def fill_ds_config(template: dict, *, stage: int, micro: int, accum: int, world:
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
     fp16 = {k: v for k, v in ds.get("fp16", {}).items() if v != "auto"}
     ds["fp16"] = {"initial_scale_power": 16, **fp16, "enabled": precision == "fp16"}
-    ds.pop("optimizer", None)  # hybrid_ds builds the optimizer (optim.py) and owns the lr schedule
+    ds.pop("optimizer", None)  # hybrid_ds builds the optimizer (hybrid_ds/optim/) and owns the lr schedule
     ds.pop("scheduler", None)
     ds.setdefault("steps_per_print", 10**9)
     sized = {"reduce_bucket_size": (1.0, 5_000_000), "stage3_prefetch_bucket_size": (0.9, 0)}
@@ -307,7 +307,7 @@ class Dist:
         else:
             yield engine.module.lm
 
-    # -- checkpoints (hybrid_ds/checkpoint.py): the frozen reference when it is a snapshot -----------
+    # -- checkpoints (hybrid_ds/run/checkpoint.py): the frozen reference when it is a snapshot -----------
     def frozen_state_dict(self, model: torch.nn.Module) -> Optional[dict]:
         """A frozen model's whole state dict on the main process (gathered under ZeRO-3), None elsewhere."""
         module = getattr(model, "module", model)  # a DeepSpeed inference engine wraps the model

@@ -90,7 +90,7 @@ class TrainEngine:
         clip = self.dist.max_grad_norm
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        if not torch.isfinite(norm):  # checkpoint.py/faults: a non-finite gradient never reaches the
+        if not torch.isfinite(norm):  # run/faults.py: a non-finite gradient never reaches the
             self.optimizer.zero_grad(set_to_none=True)  # weights (DeepSpeed skips such steps itself)
             return float(norm)
         self.optimizer.step()

@@ -1,7 +1,7 @@
 """The reference phase protocol: policy ranks send token ids, reference ranks answer with log-probs.
 
 Who talks to whom
-    Reference rank r serves the policy ranks p with ``p % R == r`` (placement.py). Each reference
+    Reference rank r serves the policy ranks p with ``p % R == r`` (engine/placement.py). Each reference
     and its clients share one bridge group (gloo, point-to-point, CPU tensors); the default
     process group, which on policy ranks is DeepSpeed's, is never used here.
 
