@@ -152,6 +152,18 @@ def tb_scalars(out, tag):
 # fast tier: planning and bookkeeping on hand-made checkpoints
 
 
+class OneProcess:
+    """The Dist of a one-process run, as far as OUTPUT_DIR preparation uses it."""
+
+    is_main = True
+
+    def barrier(self):
+        pass
+
+    def broadcast_object(self, obj):
+        return obj
+
+
 def fake_checkpoint(out, name, cfg_dict, *, complete=True, counters=None, mode="sft"):
     d = out / "checkpoints" / name
     d.mkdir(parents=True)
@@ -223,15 +235,6 @@ def test_resume_modes(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(None, cfg_args({**base, "RESUME": str(out / "checkpoints" / "step-0000002")}))
     assert "is not a complete checkpoint" in str(e.value)
-
-    class OneProcess:
-        is_main = True
-
-        def barrier(self):
-            pass
-
-        def broadcast_object(self, obj):
-            return obj
 
     cfg = load_config(None, cfg_args({**base, "RESUME": "fresh"}))
     try:
@@ -357,21 +360,27 @@ def workers(p):
             if any(e in " ".join(c.cmdline()) for e in ("hybrid_ds.train", "train_with_faults.py"))}
 
 
-@pytest.mark.slow
-def test_sigterm_on_one_rank_stops_both_then_a_dying_rank_ends_the_job(tmp_path):
+def _signal_rank_1_stops_both(tmp_path, sig):
+    """A 2-process ZeRO-2 SFT run; ``sig`` to rank 1 only: both ranks finish the step, checkpoint
+    and exit 0. Returns (OUTPUT_DIR, config, checkpoint name, steps done)."""
     out = tmp_path / "out"
     cfg = sft_cfg(out, MAX_STEPS=40, DIST_TIMEOUT_S=60)
-    # 1. SIGTERM to rank 1 only: both ranks finish the step, checkpoint, exit 0
-    p = start(cfg, tmp_path, "term", nproc=2, zero=2, hooks={"STEP_SLEEP": 0.3})
+    p = start(cfg, tmp_path, sig.name.lower(), nproc=2, zero=2, hooks={"STEP_SLEEP": 0.3})
     wait_for(lambda: (out / "metrics.jsonl").is_file() and len(metrics(out)) >= 2, p, "two logged steps")
-    workers(p)[1].send_signal(signal.SIGTERM)
+    workers(p)[1].send_signal(sig)
     rc, log = finish(p, timeout=120)
     assert rc == 0, log[-4000:]
-    assert "stopped by SIGTERM after step-" in log and "Run the same command again to resume" in log, log[-3000:]
+    assert f"stopped by {sig.name} after step-" in log and "Run the same command again to resume" in log, log[-3000:]
     name = latest(out)
-    state = json.loads((out / "checkpoints" / name / cdir.STATE_FILE).read_text())
-    stop = state["counters"]["sft_step"]
+    stop = json.loads((out / "checkpoints" / name / cdir.STATE_FILE).read_text())["counters"]["sft_step"]
     assert 2 <= stop < 40 and name == f"step-{stop:07d}" and metrics(out)[-1]["step"] == stop
+    return out, cfg, name, stop
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_rank_stops_both_then_a_dying_rank_ends_the_job(tmp_path):
+    # 1. SIGTERM to rank 1 only: both ranks finish the step, checkpoint, exit 0
+    out, cfg, name, stop = _signal_rank_1_stops_both(tmp_path, signal.SIGTERM)
     assert (out / "inference_lm" / "model.safetensors").is_file()
     # 2. resumed; then rank 1 dies (SIGKILL): every process exits non-zero within seconds, no hang,
     #    and the SIGTERM checkpoint is still the one to resume
@@ -405,17 +414,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path):
 
 @pytest.mark.slow
 def test_sigint_on_one_rank_stops_both_with_a_checkpoint(tmp_path):
-    out = tmp_path / "out"
-    cfg = sft_cfg(out, MAX_STEPS=40, DIST_TIMEOUT_S=60)
-    p = start(cfg, tmp_path, "int", nproc=2, zero=2, hooks={"STEP_SLEEP": 0.3})
-    wait_for(lambda: (out / "metrics.jsonl").is_file() and len(metrics(out)) >= 2, p, "two logged steps")
-    workers(p)[1].send_signal(signal.SIGINT)
-    rc, log = finish(p, timeout=120)
-    assert rc == 0, log[-4000:]
-    assert "stopped by SIGINT after step-" in log and "Run the same command again to resume" in log, log[-3000:]
-    name = latest(out)
-    stop = json.loads((out / "checkpoints" / name / cdir.STATE_FILE).read_text())["counters"]["sft_step"]
-    assert 2 <= stop < 40 and name == f"step-{stop:07d}" and metrics(out)[-1]["step"] == stop
+    out, _, _, stop = _signal_rank_1_stops_both(tmp_path, signal.SIGINT)
     assert [r["step"] for r in metrics(out)] == list(range(1, stop + 1))
 
 

@@ -19,7 +19,7 @@ import sys
 import pytest
 import torch
 from launch_utils import BIN, REPO, env, free_port, metrics
-from test_checkpoint import finish, kill_all, latest, run_ok, sft_cfg, start, wait_for
+from test_checkpoint import OneProcess, finish, kill_all, latest, run_ok, sft_cfg, start, wait_for
 
 from hybrid_ds.run import checkpoint_dir as cdir
 from hybrid_ds.run import resume
@@ -38,16 +38,6 @@ def snapshot(root):
             with open(p, "rb") as f:
                 out[os.path.relpath(p, root)] = hashlib.sha256(f.read()).hexdigest()
     return out
-
-
-class OneProcess:
-    is_main = True
-
-    def barrier(self):
-        pass
-
-    def broadcast_object(self, obj):
-        return obj
 
 
 # --------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import metrics, models, text
+from . import models, overlap, text
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,7 @@ _TYPES = (
          Param("lowercase", "bool", False, "case-insensitive BLEU"),
          Param("tokenize", "str", "13a", "sacrebleu tokenizer",
                choices=("13a", "none", "intl", "char", "zh")),
-         ), "[0, 1]", "higher = closer to target", metrics.build_bleu),
+         ), "[0, 1]", "higher = closer to target", overlap.build_bleu),
     RewardType(
         "chrf", "sacrebleu sentence chrF (chrF++ with word_order=2), / 100.",
         (Param("char_order", "int", 6, "character n-gram order", low=1),
@@ -182,7 +182,7 @@ _TYPES = (
          Param("beta", "number", 2, "recall weight", low=0, low_open=True),
          Param("lowercase", "bool", False, "case-insensitive"),
          Param("whitespace", "bool", False, "keep whitespace in character n-grams"),
-         ), "[0, 1]", "higher = closer to target", metrics.build_chrf),
+         ), "[0, 1]", "higher = closer to target", overlap.build_chrf),
     RewardType(
         "ter", "sacrebleu sentence TER (edits per reference word), mapped so higher is better.",
         (Param("mode", "str", "clip", "'clip': 1 - min(TER, 1); 'inverse': 1 / (1 + TER)",
@@ -191,7 +191,7 @@ _TYPES = (
          Param("no_punct", "bool", False, "remove punctuation"),
          Param("asian_support", "bool", False, "Asian character tokenisation"),
          Param("case_sensitive", "bool", False, "case-sensitive"),
-         ), "[0, 1]", "higher = fewer edits to reach the target", metrics.build_ter),
+         ), "[0, 1]", "higher = fewer edits to reach the target", overlap.build_ter),
     RewardType(
         "rouge_l", "rouge_score ROUGE-L (longest common subsequence) of response vs target.",
         (Param("use_stemmer", "bool", False, "Porter-stem words longer than 3 characters"),
@@ -199,7 +199,7 @@ _TYPES = (
                "keeps case"),
          Param("measure", "str", "fmeasure", "which ROUGE-L value",
                choices=("fmeasure", "precision", "recall")),
-         ), "[0, 1]", "higher = closer to target", metrics.build_rouge_l),
+         ), "[0, 1]", "higher = closer to target", overlap.build_rouge_l),
     RewardType(
         "toxicity", "Detoxify probability of a toxicity class of the response.",
         (Param("model", "str", "original", "Detoxify model type",
