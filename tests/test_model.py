@@ -1,5 +1,7 @@
 """The policy/value model's forward trims (keep_last, labelled_tail), the fused GELU, and model-state accounting."""
 
+import math
+
 import pytest
 import torch
 
@@ -157,3 +159,46 @@ def test_ppo_loss_on_the_response_positions_equals_the_full_forward_with_its_gra
     assert sum(a is not None for a in g_full) == len(params)
     for (name, _), a, b in zip(model.named_parameters(), g_trim, g_full):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+class _Fp16Dist:
+    """A one-process Dist as TrainEngine sees it, with FP16 and no DeepSpeed."""
+
+    uses_deepspeed, world, max_grad_norm, device = False, 1, 0.0, torch.device("cpu")
+
+    class plan:  # noqa: N801 - mirrors Dist.plan
+        mixed_precision = "fp16"
+
+    @staticmethod
+    def autocast():
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def test_fp16_without_deepspeed_scales_the_loss_and_skips_overflows():
+    """Without DeepSpeed, FP16 scales the loss before backward (float16 gradients underflow
+    otherwise) and unscales before clipping and stepping: the step equals the unscaled fp32 step;
+    an overflowing step leaves the weights unchanged and halves the scale."""
+    from hybrid_ds.engine.train_engine import TrainEngine
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(8, 4)
+    eng = TrainEngine(_Fp16Dist(), a, a, torch.optim.SGD([{"params": a.parameters(), "role": "policy"}], lr=0.1))
+    assert eng.scaler is not None and eng.scaler.get_scale() == 2.0 ** 16
+    eng.backward(a(x).pow(2).mean(), boundary=True)
+    assert a.weight.grad.abs().max() > 1000  # the gradient held is the scaled one
+    norm = eng.step({"policy": 0.1})
+    ref_opt = torch.optim.SGD(b.parameters(), lr=0.1)
+    b(x).pow(2).mean().backward()
+    ref_norm = float(torch.nn.utils.clip_grad_norm_(list(b.parameters()), float("inf")))
+    ref_opt.step()
+    assert abs(norm - ref_norm) < 1e-4 * ref_norm
+    torch.testing.assert_close(a.weight, b.weight, rtol=1e-6, atol=1e-7)
+    w = a.weight.detach().clone()
+    scale = eng.scaler.get_scale()
+    eng.backward(a(x).sum() * float("inf"), boundary=True)
+    assert not math.isfinite(eng.step({"policy": 0.1}))
+    assert torch.equal(a.weight, w) and eng.scaler.get_scale() == scale / 2

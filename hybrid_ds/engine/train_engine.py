@@ -15,7 +15,7 @@ import torch
 
 from hybrid_ds.optim import set_optimizer_hparams
 
-MODEL_FILE, OPTIMIZER_FILE = "model.pt", "optimizer.pt"  # save_state without DeepSpeed
+MODEL_FILE, OPTIMIZER_FILE, SCALER_FILE = "model.pt", "optimizer.pt", "scaler.pt"  # save_state without DeepSpeed
 
 
 class TrainEngine:
@@ -28,6 +28,10 @@ class TrainEngine:
     def __init__(self, dist, module: torch.nn.Module, wrapped: Any, optimizer: Any):
         self.dist, self.module, self.wrapped, self.optimizer = dist, module, wrapped, optimizer
         self._ddp_sync_ctx = None
+        # fp16 without DeepSpeed: autocast computes in float16, whose small gradients underflow to 0
+        # unless the loss is scaled up first; DeepSpeed scales its own (dynamic loss scale).
+        fp16 = dist is not None and not dist.uses_deepspeed and dist.plan.mixed_precision == "fp16"
+        self.scaler = torch.amp.GradScaler(dist.device.type) if fp16 else None
 
     @property
     def param_groups(self) -> list[dict]:
@@ -54,6 +58,8 @@ class TrainEngine:
         if self.dist.uses_deepspeed:
             self.wrapped.set_gradient_accumulation_boundary(boundary)
             self.wrapped.backward(loss, scale_wrt_gas=False)
+        elif self.scaler is not None:
+            self.scaler.scale(loss).backward()
         else:
             loss.backward()
 
@@ -66,6 +72,8 @@ class TrainEngine:
         elif self.dist.is_main:
             torch.save(self.module.state_dict(), os.path.join(path, MODEL_FILE))
             torch.save(self.optimizer.state_dict(), os.path.join(path, OPTIMIZER_FILE))
+            if self.scaler is not None:
+                torch.save(self.scaler.state_dict(), os.path.join(path, SCALER_FILE))
 
     def load_state(self, path: str, tag: str, load: Callable[[str, torch.device], dict]) -> bool:
         """Restore what :meth:`save_state` wrote; ``load(file, device)`` reads our own files (the
@@ -76,6 +84,8 @@ class TrainEngine:
             return loaded is not None
         self.module.load_state_dict(load(os.path.join(path, MODEL_FILE), self.dist.device))
         self.optimizer.load_state_dict(load(os.path.join(path, OPTIMIZER_FILE), self.dist.device))
+        if self.scaler is not None and os.path.isfile(os.path.join(path, SCALER_FILE)):
+            self.scaler.load_state_dict(load(os.path.join(path, SCALER_FILE), torch.device("cpu")))
         return True
 
     def step(self, lrs: dict[str, float], momentum: Optional[float] = None) -> Optional[float]:
@@ -89,11 +99,19 @@ class TrainEngine:
             return float(norm) if norm is not None else None
         clip = self.dist.max_grad_norm
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip and report the true gradient
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         if not torch.isfinite(norm):  # run/faults.py: a non-finite gradient never reaches the
-            self.optimizer.zero_grad(set_to_none=True)  # weights (DeepSpeed skips such steps itself)
+            if self.scaler is not None:  # weights (DeepSpeed skips such steps itself); under fp16
+                self.scaler.update()  # the scale backs off, as DeepSpeed's does on an overflow
+            self.optimizer.zero_grad(set_to_none=True)
             return float(norm)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 

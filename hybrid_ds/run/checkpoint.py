@@ -7,6 +7,7 @@ On disk, under ``OUTPUT_DIR/checkpoints/``::
       COMPLETE                  written last: a directory without it is never resumed
       engine/                   DeepSpeed: the engine as ``save_checkpoint`` shards it (weights, optimizer)
       model.pt, optimizer.pt    without DeepSpeed: the model and optimizer state dicts (rank 0)
+      scaler.pt                 without DeepSpeed, FP16: the loss scaler's state
       schedules.pt              the phases' learning-rate schedules
       trainer_state.json        counters, data positions, KL controller, reward statistics, launch layout
       rng/rank-00000.pt         python, numpy, torch (and CUDA) generators as tensors, one file per rank

@@ -73,6 +73,8 @@ def checkpoint_problem(point: ResumePoint) -> str:
         files += [(os.path.join(ENGINE_TAG, n), "deepspeed") for n in names if n.endswith(".pt")]
     else:
         files += [("model.pt", "torch"), ("optimizer.pt", "torch")]
+        if os.path.isfile(os.path.join(path, "scaler.pt")):  # fp16 without DeepSpeed: the loss scale
+            files.append(("scaler.pt", "torch"))
     for name, kind in files:
         problem = _file_problem(os.path.join(path, name), kind)
         if problem:
