@@ -243,9 +243,10 @@ def test_shared_memory_of_a_killed_run_is_removed_by_the_next_start(tmp_path):
 
     def launch(port, name, **extra):
         cmd = [os.path.join(BIN, "accelerate"), "launch", "--config_file", os.path.join(REPO, "launch", "zero2.yaml"),
-               "--num_processes", "2", "--main_process_port", str(port), "-m", "hybrid_ds.train", str(path),
+               "--num_processes", "2", "--main_process_port", str(port),
+               os.path.join(REPO, "tests", "scripts", "train_with_faults.py"), str(path),
                *[f"{k}={v}" for k, v in extra.items()]]
-        e = dict(env(), LOCAL_SIZE="2", HYBRID_DS_TEST_HOOKS="1", HYBRID_DS_TEST_HANG_AT="2")
+        e = dict(env(), LOCAL_SIZE="2", HYBRID_DS_FAULT_HANG_AT="2")  # tests/fault_injection.py
         log = open(tmp_path / f"{name}.log", "w")
         p = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         p.log_path = tmp_path / f"{name}.log"
