@@ -20,7 +20,7 @@ import contextlib
 import copy
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Iterator, Optional
 
@@ -160,6 +160,7 @@ class Dist:
     accelerator: Any = None
     ds_config: Optional[dict] = None
     max_grad_norm: float = 1.0
+    ds_engines: list = field(default_factory=list)  # DeepSpeed engines prepared here, destroyed at shutdown
 
     @property
     def is_main(self) -> bool:
@@ -248,6 +249,7 @@ class Dist:
                     if not hasattr(p, "ds_id"):
                         p.data = p.data.to(dtype)
             engine, _ = self.accelerator.prepare(model, optimizer)
+            self.ds_engines.append(engine)
             return TrainEngine(self, model, engine, engine.optimizer)
         model = model.to(self.device)
         wrapped = self.accelerator.prepare_model(model) if self.world > 1 else model
@@ -264,6 +266,7 @@ class Dist:
                   "bf16": {"enabled": self.plan.mixed_precision == "bf16"},
                   "fp16": {"enabled": self.plan.mixed_precision == "fp16"}, "steps_per_print": 10**9}
             engine, *_ = deepspeed.initialize(model=model, config=ds)
+            self.ds_engines.append(engine)
             engine.eval()
             return engine
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.plan.mixed_precision)
@@ -345,7 +348,19 @@ class Dist:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def shutdown(self) -> None:
-        """Destroy every process group and remove this run's shared-memory segments (idempotent)."""
+        """Release the DeepSpeed engines, destroy every process group and remove this run's
+        shared-memory segments (idempotent).
+
+        Order matters: DeepSpeed's engines (ZeRO-3's parameter hooks and prefetch state) go first,
+        while the groups they use still exist; then the groups, while the interpreter is whole. A
+        gloo group left to interpreter teardown can have its C++ worker threads destroyed unjoined
+        ("terminate called without an active exception", SIGABRT)."""
+        for engine in self.ds_engines:
+            try:
+                engine.destroy()
+            except Exception:  # pragma: no cover - best effort at exit
+                pass
+        self.ds_engines.clear()
         if self.initialized:
             try:
                 torch.distributed.destroy_process_group()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import os
 import sys
 
@@ -55,6 +56,9 @@ def user_errors() -> tuple:
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # A rank killed by a fatal signal (SIGSEGV, SIGABRT from a C++ abort) prints every thread's
+    # Python stack first: which rank died where is then in the launcher's log.
+    faulthandler.enable()
     # Imported here, not at the top: --help and argument errors stay instant (no torch import).
     from hybrid_ds.engine.placement import launch_world_size
     from hybrid_ds.run.preflight import describe_plan, load_config, preflight
@@ -122,6 +126,7 @@ def run(cfg, world: int, pre=None) -> int:
             train(r)
             completed = ckpt.finish(r)
         r.logger.close()
+        dist.barrier()  # every rank done with every group before any rank tears its groups down
         if dist.is_main and completed:
             print(f"[hybrid_ds] done: outputs in {cfg.run.output_dir}")
     except user_errors() as e:  # a damaged checkpoint, OUTPUT_DIR in use, preflight with the drawn seed
