@@ -57,8 +57,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # A rank killed by a fatal signal (SIGSEGV, SIGABRT from a C++ abort) prints every thread's
-    # Python stack first: which rank died where is then in the launcher's log.
-    faulthandler.enable()
+    # Python stack first: which rank died where is then in the launcher's log. (Not when stderr is
+    # no real file, as under a test runner that captures it.)
+    try:
+        faulthandler.enable()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError/ValueError
+        pass
     # Imported here, not at the top: --help and argument errors stay instant (no torch import).
     from hybrid_ds.engine.placement import launch_world_size
     from hybrid_ds.run.preflight import describe_plan, load_config, preflight
