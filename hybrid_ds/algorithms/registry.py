@@ -33,7 +33,3 @@ PHASES: dict[str, Phase] = {
 #: MODE -> the phases it interleaves, in cycle order (hybrid: SFT steps, then RL updates).
 MODES: dict[str, tuple[str, ...]] = {"sft": ("sft",), "ppo": ("ppo",), "hybrid": ("sft", "ppo")}
 
-
-def rl_phase(mode: str) -> Phase | None:
-    """The phase of ``mode`` that needs a reference and a reward, if any."""
-    return next((PHASES[n] for n in MODES[mode] if PHASES[n].needs_reward), None)

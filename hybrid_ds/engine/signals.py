@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import signal
-from typing import Optional
 
 import torch
 
 
 class Guard:
-    """Per-process fault state: the stop request from SIGTERM/SIGINT and the last checkpoint written."""
+    """Per-process stop state: the signal SIGTERM/SIGINT delivered, and the one all ranks agreed on."""
 
     def __init__(self):
         self.requested = 0  # signal number received on this rank (0 = none)
         self.stopped_by = ""  # set when all ranks agreed to stop
-        self.last_saved: Optional[str] = None
-        self.resuming = None  # the ResumePoint resumed in OUTPUT_DIR, until this run's first checkpoint
         self._previous: dict = {}
 
     def install(self) -> None:

@@ -160,8 +160,8 @@ def save_checkpoint(run) -> str:
             fsync_tree(tmp)
             write_json(os.path.join(tmp, COMPLETE), {"name": name, "counters": run.counters.state_dict(),
                                                       "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-            if run.guard is not None and run.guard.resuming is not None:
-                finish_resume(run, root, run.guard.resuming)  # newer checkpoints aside, metrics rewound
+            if run.resuming is not None:
+                finish_resume(run, root, run.resuming)  # newer checkpoints aside, metrics rewound
             if os.path.exists(final):  # an incomplete leftover of that name (complete ones were set aside)
                 os.rename(final, final + ".replaced")
             os.rename(tmp, final)
@@ -172,15 +172,13 @@ def save_checkpoint(run) -> str:
             error = str(e)
     if not dist.all_ok(not error):
         raise CheckpointError(f"could not publish checkpoint {final}: {error or 'rank 0 failed'}; {keep}.")
-    if run.guard is not None:
-        run.guard.resuming = None
+    run.resuming = None
     if dist.is_main:
         _prune(root, cfg.run.keep_last, name)
     # 3. merged weights, from the same state
     save_outputs(run)
     restore_rng(rng)
-    if run.guard is not None:
-        run.guard.last_saved = name
+    run.last_checkpoint = name
     if dist.is_main:
         log(f"checkpoint {final} ({time.perf_counter() - t0:.1f}s)")
     return final
@@ -298,8 +296,8 @@ def attach(run, point: Optional[ResumePoint]) -> None:
             log(f"resuming from {point.describe()}")
         load_checkpoint(run, point)
         if inside(point.path, os.path.join(run.cfg.run.output_dir, CHECKPOINTS)):
-            run.guard.last_saved = os.path.basename(point.path)
-            run.guard.resuming = point
+            run.last_checkpoint = os.path.basename(point.path)
+            run.resuming = point
     run.guard.install()
 
 
@@ -369,11 +367,11 @@ def finish(run) -> bool:
     if g is not None and g.stopped_by:
         if run.dist.is_main:
             log(f"stopped by {g.stopped_by} after {checkpoint_name(run)}; checkpoint "
-                 f"{os.path.join(run.cfg.run.output_dir, CHECKPOINTS, g.last_saved)}. "
+                 f"{os.path.join(run.cfg.run.output_dir, CHECKPOINTS, run.last_checkpoint)}. "
                  f"Run the same command again to resume.")
         g.uninstall()
         return False
-    if g is None or g.last_saved != checkpoint_name(run):
+    if g is None or run.last_checkpoint != checkpoint_name(run):
         save_checkpoint(run)
     if g is not None:
         g.uninstall()

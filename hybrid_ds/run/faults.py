@@ -32,7 +32,7 @@ def check_finite(run, phase: Phase, metrics: dict) -> bool:
               f"MAX_NAN_STEPS={limit})", flush=True)
     if c.nan_streak >= limit:
         run.logger.log(step, phase.name, metrics)  # the step that stops the run is logged too
-        last = run.guard.last_saved if run.guard else None
+        last = run.last_checkpoint
         raise NonFiniteLossError(
             f"stopped: {c.nan_streak} non-finite losses in a row (MAX_NAN_STEPS={limit}), the last at {what} "
             f"({', '.join(bad)}). The weights are unchanged since the last finite step; lower the learning rate "

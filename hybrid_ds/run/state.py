@@ -22,6 +22,7 @@ from hybrid_ds.engine.train_engine import TrainEngine
 from hybrid_ds.optim import PhaseSchedule
 from hybrid_ds.reference.protocol import RefClient
 from hybrid_ds.rewards.base import Reward
+from hybrid_ds.run.checkpoint_dir import ResumePoint
 from hybrid_ds.run.metrics import MetricsLogger
 from hybrid_ds.run.schedule import Schedule
 
@@ -46,7 +47,9 @@ class Run:
     ref_client: Optional[RefClient] = None  # the reference on its own ranks (REF_PLACEMENT=separate)
     streams: dict[str, BatchStream] = field(default_factory=dict)  # "sft" / "ppo": global batch order
     counters: Counters = field(default_factory=Counters)
-    guard: Optional[Guard] = None  # signals and the last checkpoint, set by checkpoint.attach
+    guard: Optional[Guard] = None  # SIGTERM/SIGINT handling, set by checkpoint.attach
+    last_checkpoint: Optional[str] = None  # name of the newest complete checkpoint of this run
+    resuming: Optional[ResumePoint] = None  # the checkpoint resumed in OUTPUT_DIR, until this run's first one
 
     def seed_for(self, tag: str, step: int) -> int:
         """A reproducible seed for ``tag`` at ``step`` on this rank (resumable: no hidden RNG state)."""
