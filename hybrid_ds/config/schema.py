@@ -272,6 +272,19 @@ class SchedConfig:
 
 
 @dataclass
+class ModelConfig:
+    torch_dtype: str = opt("auto", "Dtype the weights load and train in: auto (float32, or bfloat16/float16 with BF16/FP16 "
+                                   "under DeepSpeed), float32, bfloat16 or float16.", key="TORCH_DTYPE",
+                           choices=("auto", "float32", "bfloat16", "float16"))
+    attn_implementation: str = opt("", "Attention kernel: sdpa, eager, flash_attention_2, flex_attention ...; empty "
+                                       "= transformers' default for the model (sdpa where it supports it).",
+                                   key="ATTN_IMPLEMENTATION")
+    gradient_checkpointing: bool = opt(False, "Recompute the policy trunk's activations in the backward instead of "
+                                              "keeping them (less memory, about a third more compute).",
+                                       key="GRADIENT_CHECKPOINTING")
+
+
+@dataclass
 class Config:
     """The whole run configuration (see docs/config.md for every key)."""
 
@@ -281,6 +294,7 @@ class Config:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     hybrid: HybridConfig = field(default_factory=HybridConfig)
     gen: GenConfig = field(default_factory=GenConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     reward: dict = field(default_factory=lambda: {"type": "cosine_sts"})
@@ -297,7 +311,7 @@ class Config:
         return out
 
 
-SECTIONS = ("run", "data", "sft", "ppo", "hybrid", "gen", "optim", "sched")
+SECTIONS = ("run", "data", "sft", "ppo", "hybrid", "gen", "model", "optim", "sched")
 ALIASES = {"ETA_MIN": "MIN_LR", "T_0": "T0"}  # other spellings: the seed configs' (examples/seed/), torch's argument names
 REWARD_KEY = "REWARD"
 
