@@ -15,7 +15,7 @@ import torch
 
 from hybrid_ds.algorithms import ppo_math as pm
 from hybrid_ds.algorithms.context import NextBatch, PhaseContext, PhaseTimer
-from hybrid_ds.data import Example, collate_prompts, collate_sft, micro_batches
+from hybrid_ds.data import Example, collate_prompts, collate_sft, micro_batches, stop_token_ids
 from hybrid_ds.models.logprobs import (entropy_from_logits, lm_response_logprobs, logprobs_from_logits,
                                        policy_response_outputs, sequence_inputs)
 
@@ -51,8 +51,11 @@ class Rollout:
 
 @torch.no_grad()
 def generate(run: PhaseContext, examples: list[Example]) -> Rollout:
-    """Sample one response per prompt with the config's sampling settings, stopping at EOS."""
+    """Sample one response per prompt with the config's sampling settings, stopping at EOS or at the
+    chat template's end of turn (``stop_token_ids``, hybrid_ds/data/chat.py)."""
     cfg, tok, dev = run.cfg, run.tokenizer, run.dist.device
+    stops = stop_token_ids(tok)
+    eos = stops[0] if len(stops) == 1 else stops
     max_prompt = max(1, cfg.data.maxseq - cfg.gen.max_new_tokens)
     q_ids, q_mask = collate_prompts(examples, tok.pad_token_id, max_prompt)
     q_ids, q_mask = q_ids.to(dev), q_mask.to(dev)
@@ -60,7 +63,7 @@ def generate(run: PhaseContext, examples: list[Example]) -> Rollout:
     kwargs = dict(do_sample=True, top_p=g.top_p, top_k=g.top_k, temperature=g.temperature,
                   no_repeat_ngram_size=g.no_repeat_ngram_size, repetition_penalty=g.repetition_penalty,
                   max_new_tokens=g.max_new_tokens, min_new_tokens=g.min_new_tokens,
-                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, use_cache=True)
+                  eos_token_id=eos, pad_token_id=tok.pad_token_id, use_cache=True)
     run.engine.eval()
     # Sampling draws from a seed of (SEED, rank, update), not from whatever state model loading or
     # earlier phases left in the global RNG: placements and resumed runs sample the same tokens.
@@ -70,7 +73,7 @@ def generate(run: PhaseContext, examples: list[Example]) -> Rollout:
         if g.sampler.startswith("lean"):  # generate's distribution (lean_exact: its very tokens), test_sampler.py
             from hybrid_ds.rollout.sampler import SamplingSettings, sample
 
-            st = SamplingSettings.from_gen_config(g, tok.eos_token_id, tok.pad_token_id)
+            st = SamplingSettings.from_gen_config(g, eos, tok.pad_token_id)
             v_head = run.engine.module.v_head  # whole here, also under ZeRO-3 (gathered with the LM)
             value_fn = (lambda h: v_head(h.to(v_head.weight.dtype))) if old_from_rollout(run) else None
             out = sample(lm, q_ids, q_mask, st, hf_rng=g.sampler == "lean_exact", value_fn=value_fn)
@@ -83,9 +86,9 @@ def generate(run: PhaseContext, examples: list[Example]) -> Rollout:
         resp = torch.full((len(examples), 1), tok.eos_token_id, dtype=torch.long, device=dev)
     # Up to and including the first EOS, whatever the ids: a pad id the policy sampled mid-response is
     # a token it conditioned on (not padding), so the recomputed forwards must attend to it as well.
-    mask, ended = pm.mask_after_eos(resp, tok.eos_token_id)
+    mask, ended = pm.mask_after_eos(resp, stops)
     resp = torch.where(mask.bool(), resp, torch.full_like(resp, tok.pad_token_id))
-    texts = tok.batch_decode(resp.masked_fill(resp == tok.eos_token_id, tok.pad_token_id),
+    texts = tok.batch_decode(resp.masked_fill(torch.isin(resp, torch.tensor(stops, device=dev)), tok.pad_token_id),
                              skip_special_tokens=True)
     return Rollout(q_ids, q_mask, resp, mask, ended, texts, logprobs=logprobs, values=values)
 

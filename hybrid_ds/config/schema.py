@@ -107,6 +107,14 @@ class DataConfig:
     split: str = opt("train", "Split to use when TRAIN_FILE is loaded with the datasets library.")
     on_bad_item: str = opt("error", "A malformed data item: error (name it and stop) or skip (count and log).",
                            choices=("error", "skip"))
+    data_format: str = opt("auto", "Shape of the items (docs/data.md): fields (SELECT_OUTPUT is the target, the "
+                                   "other fields the prompt), text, prompt_completion, messages; auto = detected "
+                                   "per file.", choices=("auto", "fields", "text", "prompt_completion", "messages"))
+    prompt_template: str = opt("", "fields format: the prompt as a template over item fields, e.g. "
+                                   "\"Q: {question}\\nA: \" (plain {field} names only); empty = the seed's "
+                                   "### Prompt: template.")
+    chat_template: str = opt("", "Conversations: a Jinja chat template file to render them with; none = the plain "
+                                 "### Role: rendering; empty = the tokenizer's own template if it has one.")
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Training items: read them (JSON, JSONL, datasets files), check them, render the prompt template.
 
-An *item* is a JSON object; its output field (SELECT_OUTPUT) is the target, every other field
-becomes one ``key: value`` line of the prompt::
+An item of the ``fields`` format (the other formats: :mod:`hybrid_ds.data.formats`) is a JSON object;
+its output field (SELECT_OUTPUT) is the target, every other field becomes one ``key: value`` line of
+the prompt (unless PROMPT_TEMPLATE says otherwise)::
 
     ### Prompt:\\n\\n```task: reverse\\ninput: a b c\\n```\\n\\n### Response:\\n\\n
 
@@ -17,6 +18,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from hybrid_ds.data.formats import detect_format, format_problem
 PROMPT_HEAD = "### Prompt:\n\n```"
 PROMPT_TAIL = "```\n\n### Response:\n\n"
 _SCALARS = (str, int, float, bool)
@@ -167,9 +169,13 @@ class DataReport:
     empty_text_filtered: int = 0
     truncated: int = 0
     dropped_too_long: int = 0
+    data_format: str = ""  # the format the items were read as (hybrid_ds.data.formats)
+    detected: bool = False  # DATA_FORMAT=auto chose it
 
     def lines(self) -> list[str]:
         out = [f"items: {self.total} in file, {self.used} used"]
+        if self.data_format:
+            out.append(f"format: {self.data_format} ({'detected' if self.detected else 'DATA_FORMAT'})")
         if self.empty_text_filtered:
             out.append(f"empty text lines filtered: {self.empty_text_filtered}")
         for reason, n in self.skipped.items():
@@ -183,22 +189,35 @@ class DataReport:
 
 def load_items(path: str, output_field: str = "output", *, split: str = "train", shuffle: bool = True,
                seed: int = 0, percent: float = 100.0, num_samples: int = 0, on_bad_item: str = "error",
-               report: Optional[DataReport] = None) -> list[dict]:
-    """Read, check, shuffle (with ``seed``) and subset the items. Raises DataError on a bad item."""
+               report: Optional[DataReport] = None, data_format: str = "auto",
+               prompt_template: str = "") -> list[dict]:
+    """Read, check (as ``data_format``, detected per file when ``auto``: hybrid_ds.data.formats), shuffle
+    (with ``seed``) and subset the items. Raises DataError on a bad item; its format lands in ``report``."""
     report = report if report is not None else DataReport()
     raw = read_items(path, split)
     report.total = len(raw)
+    fmt = detect_format(raw, output_field) if data_format == "auto" else data_format
+    report.data_format, report.detected = fmt, data_format == "auto"
+    if prompt_template and fmt != "fields":
+        raise DataError(f"PROMPT_TEMPLATE applies to the fields format; TRAIN_FILE {path!r} is read as {fmt} "
+                        f"({'detected' if data_format == 'auto' else 'DATA_FORMAT'}). Remove PROMPT_TEMPLATE, "
+                        f"or set DATA_FORMAT=fields.")
     text_only = bool(raw) and all(isinstance(r, dict) and set(r) == {output_field} for r in raw)
     items = []
     for i, item in enumerate(raw):
         if text_only and not str(item[output_field]).strip():
             report.empty_text_filtered += 1  # a text corpus's blank lines (wikitext)
             continue
-        problem = item_problem(item, output_field)
+        problem = None
+        if fmt in ("fields", "text"):  # a text item's other fields are ignored, so never checked
+            text_part = fmt == "text" and isinstance(item, dict) and output_field in item
+            problem = item_problem({output_field: item[output_field]} if text_part else item, output_field)
+        problem = problem or format_problem(item, fmt, output_field, prompt_template)
         if problem:
             if on_bad_item == "error":
-                raise DataError(f"TRAIN_FILE item {i}: {problem}. Fix the item, or set ON_BAD_ITEM=skip "
-                                f"to skip such items.")
+                how = "detected; DATA_FORMAT names another" if data_format == "auto" else "DATA_FORMAT"
+                raise DataError(f"TRAIN_FILE {path!r} item {i}: {problem}. Fix the item, or set ON_BAD_ITEM=skip "
+                                f"to skip such items (read as the {fmt} format: {how}).")
             report.skipped[problem] = report.skipped.get(problem, 0) + 1
             continue
         items.append(item)

@@ -22,7 +22,8 @@ from hybrid_ds.config.batch_plan import BatchPlans
 from hybrid_ds.config.checks import batch_problems, file_problems, output_dir_problem, validate
 from hybrid_ds.config.load import build_config, normalise_paths, parse_override, read_config_file
 from hybrid_ds.config.schema import REWARD_KEY
-from hybrid_ds.data import DataReport, Example, load_items, tokenize_items
+from hybrid_ds.data import (DataReport, Example, chat_template_problem, load_items, prompt_template_problem,
+                            tokenize_items, use_chat_template)
 from hybrid_ds.engine.placement import launch_world_size, placement_problems, policy_world_size
 from hybrid_ds.optim import make_phase_schedules, schedule_warnings, validate_optim_config
 from hybrid_ds.rewards import validate_reward_spec
@@ -65,6 +66,8 @@ def config_problems(cfg: Config, *, check_files: bool = True, world_size: Option
     if not place:
         problems += batch_problems(cfg, policy_world_size(cfg.run.ref_placement, cfg.run.ref_ranks, launched))
     problems += validate_optim_config(cfg)
+    problems += [p for p in (prompt_template_problem(cfg.data.prompt_template, cfg.data.select_output),
+                             chat_template_problem(cfg.data.chat_template) if check_files else None) if p]
     if cfg.run.mode != "sft":
         problems += validate_reward_spec(cfg.reward, path=REWARD_KEY)
     if check_files:
@@ -77,9 +80,12 @@ def config_problems(cfg: Config, *, check_files: bool = True, world_size: Option
 def prepare_data(cfg: Config, tokenizer, seed: int, report: Optional[DataReport] = None) -> list[Example]:
     """The training items, read, filtered and tokenised exactly as training will see them."""
     d = cfg.data
+    report = report if report is not None else DataReport()
     items = load_items(cfg.run.train_file, d.select_output, split=d.split, shuffle=d.shuffle, seed=seed,
-                       percent=d.percent, num_samples=d.num_samples, on_bad_item=d.on_bad_item, report=report)
-    return tokenize_items(items, tokenizer, d.select_output, d.maxseq, report)
+                       percent=d.percent, num_samples=d.num_samples, on_bad_item=d.on_bad_item, report=report,
+                       data_format=d.data_format, prompt_template=d.prompt_template)
+    return tokenize_items(items, tokenizer, d.select_output, d.maxseq, report, data_format=report.data_format,
+                          prompt_template=d.prompt_template)
 
 
 @dataclass
@@ -118,6 +124,7 @@ def preflight(cfg: Config, seed: int) -> Preflight:
         problems.append(f"MODEL: {e}.")
     if problems:
         raise ConfigError(problems, "the model and tokenizer")
+    use_chat_template(tokenizer, cfg.data.chat_template)  # CHAT_TEMPLATE: rendering and stop ids follow it
 
     # 2. the data, through the tokenisation the run uses
     report = DataReport()

@@ -1,0 +1,144 @@
+"""``docs/data.md``: every data format with an example item and what the model sees, produced by the
+code's own rendering (``python -m hybrid_ds.data --docs``), so the page cannot drift from it.
+
+The chat-template examples use the builtin tokenizer with a small ChatML-like template
+(:func:`chatml_tokenizer`), which the tests use too.
+"""
+
+from __future__ import annotations
+
+import json
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
+
+_CHAT = [{"role": "system", "content": "Answer briefly."},
+         {"role": "user", "content": "Reverse: a b c"},
+         {"role": "assistant", "content": "c b a"},
+         {"role": "user", "content": "Now: x y"},
+         {"role": "assistant", "content": "y x"}]
+
+# (heading, config keys, item, explanation)
+EXAMPLES = [
+    ("fields (the seed template)", {}, {"task": "reverse", "input": "a b c", "output": "c b a"},
+     "SELECT_OUTPUT (`output`) is the target; every other field is one `key: value` line of the seed's "
+     "`### Prompt:` template. The target and EOS are labelled."),
+    ("fields with PROMPT_TEMPLATE", {"PROMPT_TEMPLATE": "Q: {question}\nA: "},
+     {"question": "What is 2+2?", "output": "4"},
+     "PROMPT_TEMPLATE fills plain `{field}` names from the item (lists joined by commas); attribute or "
+     "index lookups, conversions and format specs are refused, a field the item lacks names the item."),
+    ("text", {"SELECT_OUTPUT": "text"}, {"text": "The tower stands."},
+     "A text corpus (items holding only SELECT_OUTPUT): the seed template over the text, the text as the "
+     "target. Blank lines are filtered and counted."),
+    ("prompt_completion (text)", {}, {"prompt": "The capital of France is", "completion": " Paris."},
+     "TRL's standard prompt-completion: prompt and completion exactly as written (no chat template), the "
+     "completion and EOS labelled."),
+    ("prompt_completion (messages)", {},
+     {"prompt": [{"role": "user", "content": "Capital of France?"}],
+      "completion": [{"role": "assistant", "content": "Paris."}]},
+     "TRL's conversational prompt-completion: rendered as one conversation; only the completion's "
+     "assistant turns are labelled (an assistant turn inside the prompt is context)."),
+    ("messages", {}, {"messages": _CHAT},
+     "TRL's conversational format: one conversation is one SFT example whose labels cover every "
+     "assistant turn; system, user and tool turns and the template's scaffolding are not labelled. PPO "
+     "generates from the history before the last assistant turn; the reward compares with that turn."),
+]
+
+
+def builtin_tokenizer():
+    """The builtin tokenizer (hybrid_ds/assets/tiny-gpt2), which has EOS and its own pad token."""
+    from transformers import AutoTokenizer
+
+    from hybrid_ds.assets import TOKENIZER_DIR
+
+    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+
+
+def chatml_tokenizer():
+    """The builtin tokenizer with ``<|im_start|>``/``<|im_end|>`` added as special tokens and
+    :data:`CHATML_TEMPLATE` as its chat template."""
+    tok = builtin_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": CHATML_TOKENS})
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def marked(tokenizer, ids: list, labels: list) -> str:
+    """The sequence as text, each labelled run of tokens inside ``⟦ ⟧``."""
+    out, run, flag = [], [], None
+    for t, lab in zip(ids, labels):
+        f = lab != -100
+        if f != flag and run:
+            out.append(("⟦{}⟧" if flag else "{}").format(tokenizer.decode(run)))
+            run = []
+        run.append(t)
+        flag = f
+    if run:
+        out.append(("⟦{}⟧" if flag else "{}").format(tokenizer.decode(run)))
+    return "".join(out)
+
+
+def _block(text: str) -> str:
+    return "````text\n" + text + "\n````\n"  # four backticks: the seed template holds three
+
+
+def _rendering(item: dict, keys: dict, tokenizer, title: str) -> str:
+    from hybrid_ds.data.batches import tokenize_items
+    from hybrid_ds.data.formats import detect_format
+
+    out_field = keys.get("SELECT_OUTPUT", "output")
+    fmt = detect_format([item], out_field)
+    ex = tokenize_items([item], tokenizer, out_field, 1024, data_format=fmt,
+                        prompt_template=keys.get("PROMPT_TEMPLATE", ""))[0]
+    ids, labels = ex.sft_sequence()
+    return (f"{title}\n\nPrompt (what PPO generates from):\n\n{_block(ex.prompt)}\n"
+            f"SFT sequence, labelled tokens in ⟦ ⟧:\n\n{_block(marked(tokenizer, ids, labels))}\n"
+            f"Target (what the reward compares with): `{json.dumps(ex.target)}`\n")
+
+
+def data_reference_markdown() -> str:
+    from hybrid_ds.data.chat import PLAIN_HEADER, stop_token_ids
+    from hybrid_ds.data.formats import detect_format
+    plain, chat = builtin_tokenizer(), chatml_tokenizer()
+    parts = ["# Data formats\n",
+             "<!-- generated by `python -m hybrid_ds.data --docs` from hybrid_ds/data/reference.py; do not "
+             "edit by hand -->\n",
+             "`TRAIN_FILE` holds items of one format, detected per file (`DATA_FORMAT=auto`) or named with "
+             "`DATA_FORMAT` (`fields`, `text`, `prompt_completion`, `messages`). Auto-detection reads an item "
+             "with the output field (`SELECT_OUTPUT`) as `fields`, a file whose items hold only it as `text`, "
+             "an object with `messages` as `messages` and one with `prompt` and `completion` as "
+             "`prompt_completion`. A bad item stops the run naming the file, the item's index and the field "
+             "(or, with `ON_BAD_ITEM=skip`, is counted and skipped).\n",
+             "Conversations (`messages`, and `prompt_completion` with message lists) are rendered with the "
+             "tokenizer's chat template when it has one (or the Jinja file `CHAT_TEMPLATE` names; "
+             "`CHAT_TEMPLATE=none` forces the plain rendering). Roles are `system`, `user`, `assistant` and "
+             "`tool`; the last turn must be the assistant's. Without a template each turn is "
+             f"`{PLAIN_HEADER.strip().replace('{role}', '<Role>')}` (`### User:`, `### Assistant:` ...) on its "
+             "own line, then the content and a blank line; an assistant turn's content is followed by EOS, and content plus EOS are "
+             "labelled.\n",
+             "With a template, the assistant turn's content and the template's end-of-turn token (here "
+             "`<|im_end|>`) are labelled; role headers and the newline after the end of turn are not. "
+             "Generation stops at EOS or at that end-of-turn token, so a trained model ends its response where "
+             "the template ends a turn: with the example template the stop ids are "
+             f"{[chat.convert_ids_to_tokens(i) for i in stop_token_ids(chat)]} and without one "
+             f"{[plain.convert_ids_to_tokens(i) for i in stop_token_ids(plain)]}.\n",
+             "The examples below are rendered by the code itself with the builtin tokenizer; the chat-template "
+             "ones add `<|im_start|>`/`<|im_end|>` as special tokens and this ChatML-like template:\n",
+             "```jinja\n" + CHATML_TEMPLATE + "\n```\n"]
+    for heading, keys, item, why in EXAMPLES:
+        conversational = detect_format([item], keys.get("SELECT_OUTPUT", "output")) == "messages" or \
+            isinstance(item.get("prompt"), list)
+        parts.append(f"## {heading}\n")
+        parts.append(why + "\n")
+        if keys:
+            parts.append("Config: " + ", ".join(f"`{k}={json.dumps(v)}`" for k, v in keys.items()) + "\n")
+        parts.append("Item:\n\n```json\n" + json.dumps(item, indent=1) + "\n```\n")
+        if conversational:
+            parts.append(_rendering(item, keys, chat, "**With the chat template**"))
+            parts.append(_rendering(item, keys, plain, "**Without a chat template** (plain rendering)"))
+        else:
+            parts.append(_rendering(item, keys, plain, "**Rendered**"))
+    return "\n".join(parts)
