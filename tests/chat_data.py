@@ -37,7 +37,7 @@ def chat_model_dir(root: str | None = None, seed: int = 0) -> str:
     from transformers import AutoModelForCausalLM
 
     from hybrid_ds.data.reference import chatml_tokenizer
-    from tiny_models import _mkdir, family_config
+    from tiny_models import family_config
 
     root = root or os.path.join(tempfile.gettempdir(), f"hybrid_ds-tiny-{os.getuid()}")
     out = os.path.join(root, f"gpt2-chatml-s{seed}")
@@ -48,7 +48,8 @@ def chat_model_dir(root: str | None = None, seed: int = 0) -> str:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cfg)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=_mkdir(root))
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=root)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     try:

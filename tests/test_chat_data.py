@@ -64,7 +64,9 @@ def test_template_labels_every_assistant_turn_and_its_end_of_turn_only(chat):
     assert chat.decode(labelled) == "river apple<|im_end|>tree stone<|im_end|>"
     assert labelled.count(im_end) == 2 and sum(flags) == len(labelled)
     # the PPO prompt: the history up to the last assistant turn, as the template's generation prompt
-    assert chat.decode(ids[:last]) == chat.apply_chat_template(CONV[:-1], tokenize=False, add_generation_prompt=True)
+    gen_prompt = chat.apply_chat_template(CONV[:-1], tokenize=False, add_generation_prompt=True)
+    assert chat.decode(ids[:last]) == gen_prompt
+    assert ids[:last] == chat(gen_prompt, add_special_tokens=False)["input_ids"]  # as inference tokenises it
     assert last == len(want_ids) - len(by_hand(chat, [("tree stone", 1), (im_end, 1)])[0])
 
 
