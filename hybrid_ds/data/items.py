@@ -215,9 +215,9 @@ def load_items(path: str, output_field: str = "output", *, split: str = "train",
         problem = problem or format_problem(item, fmt, output_field, prompt_template)
         if problem:
             if on_bad_item == "error":
-                how = "detected; DATA_FORMAT names another" if data_format == "auto" else "DATA_FORMAT"
+                how = "detected; DATA_FORMAT names another" if data_format == "auto" else "from DATA_FORMAT"
                 raise DataError(f"TRAIN_FILE {path!r} item {i}: {problem}. Fix the item, or set ON_BAD_ITEM=skip "
-                                f"to skip such items (read as the {fmt} format: {how}).")
+                                f"to skip such items (read as the {fmt} format, {how}).")
             report.skipped[problem] = report.skipped.get(problem, 0) + 1
             continue
         items.append(item)
