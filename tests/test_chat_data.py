@@ -11,8 +11,9 @@ import torch
 from chat_data import chat_model_dir, conversations, write_jsonl
 from conftest import REPO
 from hybrid_ds.data import (IGNORE_INDEX, DataError, DataReport, collate_prompts, collate_sft, end_of_turn_id,
-                            load_items, stop_token_ids, tokenize_conversation, tokenize_items)
-from hybrid_ds.data.reference import builtin_tokenizer, chatml_tokenizer, data_reference_markdown
+                            load_items, stop_token_ids, to_sample, tokenize_conversation, tokenize_items,
+                            use_chat_template)
+from hybrid_ds.data.reference import CHATML_TEMPLATE, builtin_tokenizer, chatml_tokenizer, data_reference_markdown
 
 CONV = [{"role": "system", "content": "Be brief."},
         {"role": "user", "content": "apple river"},
@@ -103,8 +104,6 @@ def test_file_to_batch_one_example_per_conversation(tmp_path, chat, plain, templ
 
 def test_prompt_completion_messages_label_only_the_completion(chat):
     """An assistant turn inside the prompt (a few-shot example) is context, not a label."""
-    from hybrid_ds.data import to_sample
-
     item = {"prompt": CONV[:5], "completion": CONV[5:]}
     ex = tokenize_items([item], chat, "output", 256, data_format="prompt_completion")[0]
     ids, labels = ex.sft_sequence()
@@ -113,7 +112,7 @@ def test_prompt_completion_messages_label_only_the_completion(chat):
     assert s.first_labelled == 5 and ids == tokenize_conversation(CONV, 0, chat, stop_token_ids(chat))[0]
 
 
-def test_template_without_a_special_end_of_turn_gets_eos(plain):
+def test_template_without_a_special_end_of_turn_gets_eos():
     """A template that ends turns in plain text: the last turn's labels end with EOS, the only stop."""
     tok = builtin_tokenizer()
     tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -143,10 +142,7 @@ def test_truncation_and_drop_count_conversations(chat):
     assert report.dropped_too_long == 1
 
 
-def test_chat_template_setting(tmp_path, plain):
-    from hybrid_ds.data import use_chat_template
-    from hybrid_ds.data.reference import CHATML_TEMPLATE
-
+def test_chat_template_setting(tmp_path):
     tok = chatml_tokenizer()
     use_chat_template(tok, "none")
     assert tok.chat_template is None and stop_token_ids(tok) == [tok.eos_token_id]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hybrid_ds.data.formats import detect_format, format_problem
+
 PROMPT_HEAD = "### Prompt:\n\n```"
 PROMPT_TAIL = "```\n\n### Response:\n\n"
 _SCALARS = (str, int, float, bool)
