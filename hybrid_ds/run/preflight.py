@@ -110,10 +110,15 @@ def preflight(cfg: Config, seed: int) -> Preflight:
         problems.append(f"{tok_key}: the tokenizer of {tok_name!r} cannot be used "
                         f"({text.splitlines()[0] if text else type(e).__name__}).")
     try:
-        n_pos = max_positions(load_model_config(cfg.run.model))
+        model_config = load_model_config(cfg.run.model)
+        n_pos = max_positions(model_config)
         if n_pos and cfg.data.maxseq > n_pos:
             problems.append(f"MAXSEQ ({cfg.data.maxseq}) exceeds the {n_pos} positions of MODEL {cfg.run.model!r} "
                             f"(n_positions / max_position_embeddings); set MAXSEQ <= {n_pos}.")
+        if cfg.lora.r:
+            from hybrid_ds.models.lora import target_problems
+
+            problems += target_problems(cfg.lora, model_config, cfg.run.model)
     except ModelFileError as e:
         problems.append(f"MODEL: {e}.")
     if problems:
