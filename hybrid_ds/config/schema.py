@@ -297,10 +297,11 @@ class LoraConfig:
                                                          "layer but the LM head) or a list of module names "
                                                          "(e.g. [\"q_proj\", \"v_proj\"]).",
                                            key="LORA_TARGET_MODULES")
-    load_in_4bit: bool = opt(False, "QLoRA: load the frozen base quantised to 4-bit NF4 (bitsandbytes); needs LORA_R.",
+    load_in_4bit: bool = opt(False, "QLoRA: load the frozen base quantised to 4-bit NF4 (bitsandbytes); needs LORA_R, "
+                                    "not ZeRO-3. The outputs merge the adapters into the full-precision base.",
                              key="LOAD_IN_4BIT")
-    load_in_8bit: bool = opt(False, "Load the frozen base quantised to 8-bit (bitsandbytes LLM.int8); needs LORA_R.",
-                             key="LOAD_IN_8BIT")
+    load_in_8bit: bool = opt(False, "Load the frozen base quantised to 8-bit (bitsandbytes LLM.int8); needs LORA_R, "
+                                    "not ZeRO-3.", key="LOAD_IN_8BIT")
 
 
 @dataclass
