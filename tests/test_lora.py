@@ -13,18 +13,16 @@ QLoRA's 4-bit base trains on CPU (bitsandbytes quantises there) and merges into 
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from conftest import REPO, write_json
-from inproc import base
-from launch_utils import env, free_port, load_weights, metrics
+from inproc import base, make_run
+from launch_utils import BIN, env, free_port, load_weights, metrics
 from tiny_models import tiny_model_dir
 
 PROBE = os.path.join(REPO, "tests", "scripts", "lora_probe.py")
-BIN = os.path.dirname(sys.executable)
 
 
 def lora_cfg(out, **keys) -> dict:
@@ -215,7 +213,6 @@ def test_qlora_4bit_base_trains_on_cpu_and_merges_into_the_full_base(tmp_path):
 
     from hybrid_ds.run.checkpoint import finish
     from hybrid_ds.run.loop import train
-    from inproc import make_run
 
     cfg = lora_cfg(tmp_path, LOAD_IN_4BIT=True, MAX_STEPS=1)
     run = make_run(cfg)
@@ -236,9 +233,9 @@ def test_qlora_4bit_base_trains_on_cpu_and_merges_into_the_full_base(tmp_path):
 def test_gpt2_decode_fast_path_leaves_lora_layers_to_their_forward():
     """rollout/decode.Gpt2Step reads GPT-2's Conv1D weights itself: on LoRA-wrapped layers it would
     sample from the base, so such a model decodes through its forward (which adds the adapters)."""
+    from hybrid_ds.config.schema import LoraConfig
     from hybrid_ds.models.lora import add_adapters
     from hybrid_ds.models.policy_value import load_lm, load_tokenizer
-    from hybrid_ds.config.schema import LoraConfig
     from hybrid_ds.rollout.decode import Gpt2Step
 
     lm = load_lm("builtin:tiny-gpt2", load_tokenizer("builtin:tiny-gpt2")).eval()

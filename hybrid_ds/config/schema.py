@@ -287,7 +287,8 @@ class ModelConfig:
 @dataclass
 class LoraConfig:
     r: int = opt(0, "LoRA rank (peft; hybrid_ds/models/lora.py): train low-rank adapters on a frozen base instead of "
-                    "every weight; the reference is then the same model with its adapters disabled (REF_INIT=start only). 0 = off.",
+                    "every weight; the reference is then the same model with its adapters disabled (REF_INIT=start "
+                    "only). 0 = off.",
                  key="LORA_R", lo=0)
     alpha: float = opt(16.0, "LoRA scaling numerator: the adapter's update is scaled by LORA_ALPHA / LORA_R.",
                        key="LORA_ALPHA", lo=0.0, lo_open=True)

@@ -114,9 +114,10 @@ class TrainEngine:
             return loaded is not None
         result = self.module.load_state_dict(load(os.path.join(path, MODEL_FILE), self.dist.device), strict=not frozen)
         trainable = {n for n, p in self.module.named_parameters() if p.requires_grad}
-        if frozen and (result.unexpected_keys or trainable & set(result.missing_keys)):
+        missing = sorted(trainable & set(result.missing_keys))
+        if frozen and (result.unexpected_keys or missing):
             raise RuntimeError(f"{os.path.join(path, MODEL_FILE)} does not fit the model: unexpected "
-                               f"{result.unexpected_keys[:3]}, missing {sorted(trainable & set(result.missing_keys))[:3]}")
+                               f"{result.unexpected_keys[:3]}, missing {missing[:3]}")
         self.optimizer.load_state_dict(load(os.path.join(path, OPTIMIZER_FILE), self.dist.device))
         if self.scaler is not None and os.path.isfile(os.path.join(path, SCALER_FILE)):
             self.scaler.load_state_dict(load(os.path.join(path, SCALER_FILE), torch.device("cpu")))
