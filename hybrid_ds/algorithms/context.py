@@ -57,7 +57,8 @@ class PhaseContext(Protocol):
     dist: Dist
     tokenizer: object  # a transformers PreTrainedTokenizerBase
     engine: TrainEngine  # the policy/value model, trainable
-    ref: Optional[torch.nn.Module]  # the frozen reference on these ranks (None: own ranks, or SFT only)
+    ref: Optional[torch.nn.Module]  # the frozen reference on these ranks (None: own ranks, SFT only, or LoRA,
+    #                                  whose reference is engine.adapters_disabled())
     ref_client: Optional[RefClient]  # the reference on its own ranks (REF_PLACEMENT=separate)
     reward: Optional[Reward]
     kl_ctl: Optional[KLController]

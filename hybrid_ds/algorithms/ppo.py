@@ -7,6 +7,7 @@ distributed goes through ``ctx.dist`` (hybrid_ds/engine/).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, fields
 from typing import Optional
@@ -142,6 +143,12 @@ def forward_logprobs(model, ro: Rollout, temperature: float, chunk: int, with_va
         else:
             lps.append(lm_response_logprobs(model, ids[sl], att[sl], pos[sl], resp, temperature))
     return torch.cat(lps), (torch.cat(vals) if with_values else None)
+
+
+def reference_model(run: PhaseContext):
+    """Context giving the colocated reference: its own frozen model, or in a LoRA run (``run.ref`` is
+    None) the policy's base with the adapters disabled, the same weights with no second model."""
+    return contextlib.nullcontext(run.ref) if run.ref is not None else run.engine.adapters_disabled()
 
 
 def request_reference(run: PhaseContext, ro: Rollout):
@@ -281,7 +288,8 @@ def ppo_update(run: PhaseContext, examples: list[Example], ptx_examples: Optiona
     timer.mark("scoring")
     # 3. reference log-probs, then old policy log-probs and values (no dropout, no grad)
     if pending is None:
-        ro.ref_logprobs, _ = forward_logprobs(run.ref, ro, cfg.gen.temperature, chunk, with_values=False)
+        with reference_model(run) as ref:
+            ro.ref_logprobs, _ = forward_logprobs(ref, ro, cfg.gen.temperature, chunk, with_values=False)
     timer.mark("reference")
     if ro.logprobs is None:  # not the sampler's own (OLD_LOGPROBS)
         ro.logprobs, ro.values = forward_logprobs(run.engine, ro, cfg.gen.temperature, chunk, with_values=True)

@@ -72,6 +72,27 @@ def validate(cfg: Config) -> list[str]:
         problems.append("REF_PLACEMENT=separate with MODE=sft: SFT uses no reference model; use colocated.")
     if cfg.run.ref_placement == "separate" and cfg.hybrid.ref_init != "start":
         problems.append("REF_INIT=after_warmup needs the reference on the policy ranks (REF_PLACEMENT=colocated).")
+    problems += lora_problems(cfg)
+    return problems
+
+
+def lora_problems(cfg: Config) -> list[str]:
+    """The LoRA/QLoRA keys on their own (hybrid_ds/models/lora.py); whether LORA_TARGET_MODULES
+    matches the model's modules is checked at preflight, which reads the model's config."""
+    lo, problems = cfg.lora, []
+    t = lo.target_modules
+    if not (isinstance(t, str) and t.strip()
+            or isinstance(t, list) and t and all(isinstance(m, str) and m.strip() for m in t)):
+        problems.append(f'LORA_TARGET_MODULES: expected "all-linear" or a non-empty list of module names, got {t!r}.')
+    if lo.load_in_4bit and lo.load_in_8bit:
+        problems.append("LOAD_IN_4BIT and LOAD_IN_8BIT: choose one quantisation of the base, not both.")
+    quant = "LOAD_IN_4BIT" if lo.load_in_4bit else "LOAD_IN_8BIT" if lo.load_in_8bit else ""
+    if quant and lo.r == 0:
+        problems.append(f"{quant}: a quantised base cannot be trained itself; set LORA_R > 0 to train adapters on it.")
+    if lo.r and cfg.hybrid.ref_init == "after_warmup":
+        problems.append("REF_INIT=after_warmup with LORA_R > 0: the reference is the policy's base with its "
+                        "adapters disabled, which stays the starting model; use REF_INIT=start, or warm up in "
+                        "an SFT run and start the LoRA run from its inference_lm/.")
     return problems
 
 

@@ -18,7 +18,8 @@ _NO = {"no", "false", "0", "n", "off"}
 
 def type_name(tp) -> str:
     if get_origin(tp) is Union:
-        return " or ".join(type_name(a) for a in get_args(tp) if a is not type(None)) + " (or null)"
+        null = " (or null)" if type(None) in get_args(tp) else ""
+        return " or ".join(type_name(a) for a in get_args(tp) if a is not type(None)) + null
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string", dict: "an object",
             list: "a list"}.get(tp, str(tp))
 
@@ -26,9 +27,16 @@ def type_name(tp) -> str:
 def _coerce(key: str, value: Any, tp) -> tuple[Any, Optional[str]]:
     """Return (value, problem). Accepts ints for floats; yes/no strings for booleans."""
     if get_origin(tp) is Union:
-        if value is None:
+        kinds = [a for a in get_args(tp) if a is not type(None)]
+        if value is None and len(kinds) < len(get_args(tp)):
             return None, None
-        tp = next(a for a in get_args(tp) if a is not type(None))
+        if len(kinds) > 1:  # e.g. LORA_TARGET_MODULES: a string or a list, whichever the value is
+            for kind in kinds:
+                coerced, problem = _coerce(key, value, kind)
+                if problem is None:
+                    return coerced, None
+            return value, f"{key}: expected {type_name(tp)}, got {type(value).__name__} {value!r}."
+        tp = kinds[0]
     if tp is bool:
         if isinstance(value, bool):
             return value, None

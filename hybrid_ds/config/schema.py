@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Optional, get_type_hints
+from typing import Any, Optional, Union, get_type_hints
 
 # --------------------------------------------------------------------------------------
 # field helper
@@ -293,6 +293,27 @@ class ModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    r: int = opt(0, "LoRA rank (peft; hybrid_ds/models/lora.py): train low-rank adapters on a frozen base instead of "
+                    "every weight; the reference is then the same model with its adapters disabled (REF_INIT=start "
+                    "only). 0 = off.",
+                 key="LORA_R", lo=0)
+    alpha: float = opt(16.0, "LoRA scaling numerator: the adapter's update is scaled by LORA_ALPHA / LORA_R.",
+                       key="LORA_ALPHA", lo=0.0, lo_open=True)
+    dropout: float = opt(0.0, "Dropout on the adapters' input while training (0 keeps PPO's log-probs "
+                              "deterministic, docs/ppo.md).", key="LORA_DROPOUT", lo=0.0, hi=0.99)
+    target_modules: Union[str, list] = opt("all-linear", "Modules that get adapters: \"all-linear\" (every linear "
+                                                         "layer but the LM head) or a list of module names "
+                                                         "(e.g. [\"q_proj\", \"v_proj\"]).",
+                                           key="LORA_TARGET_MODULES")
+    load_in_4bit: bool = opt(False, "QLoRA: load the frozen base quantised to 4-bit NF4 (bitsandbytes); needs LORA_R, "
+                                    "not ZeRO-3. The outputs merge the adapters into the full-precision base.",
+                             key="LOAD_IN_4BIT")
+    load_in_8bit: bool = opt(False, "Load the frozen base quantised to 8-bit (bitsandbytes LLM.int8); needs LORA_R, "
+                                    "not ZeRO-3.", key="LOAD_IN_8BIT")
+
+
+@dataclass
 class Config:
     """The whole run configuration (see docs/config.md for every key)."""
 
@@ -303,6 +324,7 @@ class Config:
     hybrid: HybridConfig = field(default_factory=HybridConfig)
     gen: GenConfig = field(default_factory=GenConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     reward: dict = field(default_factory=lambda: {"type": "cosine_sts"})
@@ -319,7 +341,7 @@ class Config:
         return out
 
 
-SECTIONS = ("run", "data", "sft", "ppo", "hybrid", "gen", "model", "optim", "sched")
+SECTIONS = ("run", "data", "sft", "ppo", "hybrid", "gen", "model", "lora", "optim", "sched")
 ALIASES = {"ETA_MIN": "MIN_LR", "T_0": "T0"}  # other spellings: the seed configs' (examples/seed/), torch's argument names
 REWARD_KEY = "REWARD"
 

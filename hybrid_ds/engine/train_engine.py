@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from hybrid_ds.models.lora import adapters_disabled
 from hybrid_ds.optim import set_optimizer_hparams
 
 MODEL_FILE, OPTIMIZER_FILE, SCALER_FILE = "model.pt", "optimizer.pt", "scaler.pt"  # save_state without DeepSpeed
@@ -63,14 +64,42 @@ class TrainEngine:
         else:
             loss.backward()
 
+    @property
+    def has_frozen(self) -> bool:
+        """Whether part of the model is frozen (a LoRA base, models/lora.py): checkpoints then hold only
+        the trainable parameters, and the frozen ones come from MODEL again on resume."""
+        return any(not p.requires_grad for p in self.module.parameters())
+
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[torch.nn.Module]:
+        """The policy's causal LM with its LoRA adapters off, i.e. the frozen base: the reference of
+        a LoRA run, computed by the policy's own (under ZeRO-3 partitioned) weights, no second model."""
+        with adapters_disabled(self.module.lm) as lm:
+            yield lm
+
+    def trainable_state_dict(self) -> Optional[dict]:
+        """The trainable parameters, whole, on CPU, on the main process (None elsewhere); under ZeRO-3
+        only these are gathered (collective: every rank calls it)."""
+        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        gather = contextlib.nullcontext()
+        if self.dist.zero_stage == 3:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
+        with gather:
+            return {n: p.detach().cpu().clone() for n, p in named} if self.dist.is_main else None
+
     def save_state(self, path: str, tag: str) -> None:
         """Weights and optimizer state into directory ``path`` (collective: every rank calls it).
         DeepSpeed writes its shards under ``path/tag``; without it the main rank writes
-        ``model.pt`` and ``optimizer.pt``."""
+        ``model.pt`` and ``optimizer.pt``. A frozen base is left out (:attr:`has_frozen`)."""
         if self.dist.uses_deepspeed:
-            self.wrapped.save_checkpoint(path, tag=tag, save_latest=False)
+            self.wrapped.save_checkpoint(path, tag=tag, save_latest=False, exclude_frozen_parameters=self.has_frozen)
         elif self.dist.is_main:
-            torch.save(self.module.state_dict(), os.path.join(path, MODEL_FILE))
+            sd = self.module.state_dict()
+            if self.has_frozen:
+                sd = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+            torch.save(sd, os.path.join(path, MODEL_FILE))
             torch.save(self.optimizer.state_dict(), os.path.join(path, OPTIMIZER_FILE))
             if self.scaler is not None:
                 torch.save(self.scaler.state_dict(), os.path.join(path, SCALER_FILE))
@@ -78,11 +107,17 @@ class TrainEngine:
     def load_state(self, path: str, tag: str, load: Callable[[str, torch.device], dict]) -> bool:
         """Restore what :meth:`save_state` wrote; ``load(file, device)`` reads our own files (the
         caller's verified loader). False when DeepSpeed found nothing to load."""
+        frozen = self.has_frozen
         if self.dist.uses_deepspeed:
             loaded, _ = self.wrapped.load_checkpoint(path, tag=tag, load_optimizer_states=True,
-                                                     load_lr_scheduler_states=False)
+                                                     load_lr_scheduler_states=False, load_module_strict=not frozen)
             return loaded is not None
-        self.module.load_state_dict(load(os.path.join(path, MODEL_FILE), self.dist.device))
+        result = self.module.load_state_dict(load(os.path.join(path, MODEL_FILE), self.dist.device), strict=not frozen)
+        trainable = {n for n, p in self.module.named_parameters() if p.requires_grad}
+        missing = sorted(trainable & set(result.missing_keys))
+        if frozen and (result.unexpected_keys or missing):
+            raise RuntimeError(f"{os.path.join(path, MODEL_FILE)} does not fit the model: unexpected "
+                               f"{result.unexpected_keys[:3]}, missing {missing[:3]}")
         self.optimizer.load_state_dict(load(os.path.join(path, OPTIMIZER_FILE), self.dist.device))
         if self.scaler is not None and os.path.isfile(os.path.join(path, SCALER_FILE)):
             self.scaler.load_state_dict(load(os.path.join(path, SCALER_FILE), torch.device("cpu")))

@@ -113,13 +113,14 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def load_lm(name: str, tokenizer, dtype: torch.dtype = torch.float32):
-    """A causal LM from a local dir, a hub name, or a builtin; its embeddings resized to the tokenizer."""
+def load_lm(name: str, tokenizer, dtype: torch.dtype = torch.float32, **from_pretrained):
+    """A causal LM from a local dir, a hub name, or a builtin; its embeddings resized to the tokenizer.
+    ``from_pretrained``: more arguments of transformers' loader (models/lora.py: a quantisation config)."""
     from transformers import AutoModelForCausalLM
 
     from hybrid_ds.assets import resolve_model
 
-    lm = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype)
+    lm = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype, **from_pretrained)
     if lm.get_input_embeddings().weight.shape[0] < len(tokenizer):
         lm.resize_token_embeddings(len(tokenizer))
     lm.config.pad_token_id = tokenizer.pad_token_id

@@ -137,6 +137,8 @@ class Gpt2Step:
         return (type(model).__name__ == "GPT2LMHeadModel" and not model.training
                 and getattr(cfg, "_attn_implementation", None) == "sdpa" and not cfg.add_cross_attention
                 and all(hasattr(blk.attn, "scaling") for blk in model.transformer.h)  # transformers >= 5
+                # LoRA layers (models/lora.py) wrap the Conv1Ds as ``base_layer``: only their forward adds the adapter
+                and not any(hasattr(m, "base_layer") for m in model.modules())
                 # ZeRO-3 partitions left in place (not gathered): only the module hooks can fetch them
                 and all(p.numel() > 0 for p in model.parameters()))
 

@@ -5,7 +5,8 @@ On disk, under ``OUTPUT_DIR/checkpoints/``::
     latest                      name of the newest complete checkpoint (rewritten atomically)
     step-0000004/               after hybrid cycle 4 (SFT step / PPO update 4 in sft / ppo mode)
       COMPLETE                  written last: a directory without it is never resumed
-      engine/                   DeepSpeed: the engine as ``save_checkpoint`` shards it (weights, optimizer)
+      engine/                   DeepSpeed: the engine as ``save_checkpoint`` shards it (weights, optimizer);
+                                with LoRA only the trainable adapters and value head (the base is MODEL's)
       model.pt, optimizer.pt    without DeepSpeed: the model and optimizer state dicts (rank 0)
       scaler.pt                 without DeepSpeed, FP16: the loss scaler's state
       schedules.pt              the phases' learning-rate schedules

@@ -21,7 +21,9 @@ def export(ckpt: str, out_dir: str, with_value_head: bool = False) -> str:
     """Write checkpoint ``ckpt`` (or a run directory's latest) as plain HF weights + tokenizer in ``out_dir``.
 
     DeepSpeed checkpoints are consolidated with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``
-    (fp32 master weights, whatever the training precision)."""
+    (fp32 master weights, whatever the training precision). A LoRA checkpoint holds only the adapters and
+    the value head: they are merged into the run's MODEL, which must still be where the run found it, and
+    the peft adapter goes to ``out_dir/adapter``."""
     import torch
     from transformers import (
         AutoConfig,
@@ -37,6 +39,14 @@ def export(ckpt: str, out_dir: str, with_value_head: bool = False) -> str:
     point = read_point(ckpt)
     state = saved_weights(ckpt, ENGINE_TAG, deepspeed=point.state["engine"] == "deepspeed")
     hf = os.path.join(ckpt, "hf")
+    if point.config.get("LORA_R"):  # only the adapters and the value head were saved: merge into MODEL
+        from hybrid_ds.config.load import build_config
+        from hybrid_ds.run.outputs import save_lora_outputs
+
+        cfg, _ = build_config(point.config)
+        save_lora_outputs(cfg, AutoTokenizer.from_pretrained(hf), point.seed, state, out_dir,
+                          dirs={".": with_value_head})
+        return out_dir
     with torch.device("meta"):  # a skeleton for save_pretrained's naming and tied-weight handling
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf))
     model.generation_config = GenerationConfig.from_pretrained(hf)

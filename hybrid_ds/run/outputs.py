@@ -1,17 +1,26 @@
-"""What a run leaves for its users besides checkpoints: merged weights and the resolved config."""
+"""What a run leaves for its users besides checkpoints: merged weights (and a LoRA run's adapter) and the
+resolved config."""
 
 from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 from hybrid_ds.config import Config
-from hybrid_ds.models.policy_value import save_policy_value
+from hybrid_ds.models.lora import ADAPTER_DIR, merged_lm, save_merged
+from hybrid_ds.models.policy_value import PolicyValue, save_policy_value
 
 
 def save_outputs(run) -> None:
-    """``inference_lm/`` (plain causal LM + tokenizer) and, for RL modes, ``ppo_full/`` (+ value head).
-    Collective under ZeRO-3: every rank calls it."""
+    """``inference_lm/`` (plain causal LM + tokenizer) and, for RL modes, ``ppo_full/`` (+ value head);
+    with LoRA also ``adapter/`` (:func:`save_lora_outputs`). Collective under ZeRO-3: every rank calls it."""
+    if run.cfg.lora.r:
+        state = run.engine.trainable_state_dict()
+        if run.dist.is_main:
+            save_lora_outputs(run.cfg, run.tokenizer, run.seed, state, run.cfg.run.output_dir)
+        run.dist.barrier()
+        return
     state = run.dist.full_state_dict(run.engine)
     if run.dist.is_main:
         out = run.cfg.run.output_dir
@@ -21,6 +30,23 @@ def save_outputs(run) -> None:
             save_policy_value(state, run.engine.module, run.tokenizer, os.path.join(out, "ppo_full"),
                               with_value_head=True)
     run.dist.barrier()
+
+
+def save_lora_outputs(cfg: Config, tokenizer, seed: int, state: dict, out: str,
+                      dirs: Optional[dict[str, bool]] = None) -> None:
+    """A LoRA run's outputs from its trainable ``state`` (PolicyValue names: the adapters under 'lm.',
+    the value head under 'v_head.'): ``out/adapter/`` (peft's adapter, for ``PeftModel.from_pretrained``
+    on MODEL) and, as for a full run, ``dirs`` (name -> with value head; default ``inference_lm`` and,
+    for RL modes, ``ppo_full``) holding the adapters merged into MODEL's full-precision weights."""
+    if dirs is None:
+        dirs = {"inference_lm": False, **({"ppo_full": True} if cfg.run.mode != "sft" else {})}
+    adapter = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
+    peft_model = merged_lm(cfg.run.model, tokenizer, seed, cfg.lora, adapter)
+    merged = PolicyValue(save_merged(peft_model, tokenizer, os.path.join(out, ADAPTER_DIR)))
+    merged_state = {**{f"lm.{k}": v for k, v in merged.lm.state_dict().items()},
+                    **{k: v for k, v in state.items() if k.startswith("v_head.")}}
+    for name, with_value_head in dirs.items():
+        save_policy_value(merged_state, merged, tokenizer, os.path.join(out, name), with_value_head=with_value_head)
 
 
 def write_resolved_config(cfg: Config, seed: int, path: str) -> None:

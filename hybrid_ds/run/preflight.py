@@ -68,6 +68,7 @@ def config_problems(cfg: Config, *, check_files: bool = True, world_size: Option
     problems += validate_optim_config(cfg)
     problems += [p for p in (prompt_template_problem(cfg.data.prompt_template, cfg.data.select_output),
                              chat_template_problem(cfg.data.chat_template) if check_files else None) if p]
+    problems += quantized_base_problems(cfg)
     if cfg.run.mode != "sft":
         problems += validate_reward_spec(cfg.reward, path=REWARD_KEY)
     if check_files:
@@ -75,6 +76,25 @@ def config_problems(cfg: Config, *, check_files: bool = True, world_size: Option
         if cfg.run.output_dir and not output_dir_problem(cfg.run.output_dir):
             problems += resume_problems(cfg)  # a run already there: resumed, refused or moved aside (RESUME)
     return problems
+
+
+def quantized_base_problems(cfg: Config) -> list[str]:
+    """LOAD_IN_4BIT/LOAD_IN_8BIT under ZeRO-3 (from the config or the launcher): ZeRO-3 partitions every
+    weight at load, and bitsandbytes' quantised weights cannot be partitioned that way; ZeRO-2 and
+    plain torch/DDP keep the quantised base whole on every rank."""
+    key = "LOAD_IN_4BIT" if cfg.lora.load_in_4bit else "LOAD_IN_8BIT" if cfg.lora.load_in_8bit else ""
+    if not key:
+        return []
+    from hybrid_ds.engine.dist import plan_launch
+
+    try:
+        stage = plan_launch(cfg).zero_stage
+    except (OSError, ValueError):  # an unreadable DS_CONFIG: file_problems names it
+        return []
+    if stage == 3:
+        return [f"{key} with ZeRO stage 3: a bitsandbytes-quantised base cannot be partitioned; use ZeRO-2 "
+                f"(ZERO_STAGE=2) or no DeepSpeed, which keep the quantised base whole on each rank."]
+    return []
 
 
 def prepare_data(cfg: Config, tokenizer, seed: int, report: Optional[DataReport] = None) -> list[Example]:
@@ -116,10 +136,15 @@ def preflight(cfg: Config, seed: int) -> Preflight:
         problems.append(f"{tok_key}: the tokenizer of {tok_name!r} cannot be used "
                         f"({text.splitlines()[0] if text else type(e).__name__}).")
     try:
-        n_pos = max_positions(load_model_config(cfg.run.model))
+        model_config = load_model_config(cfg.run.model)
+        n_pos = max_positions(model_config)
         if n_pos and cfg.data.maxseq > n_pos:
             problems.append(f"MAXSEQ ({cfg.data.maxseq}) exceeds the {n_pos} positions of MODEL {cfg.run.model!r} "
                             f"(n_positions / max_position_embeddings); set MAXSEQ <= {n_pos}.")
+        if cfg.lora.r:
+            from hybrid_ds.models.lora import target_problems
+
+            problems += target_problems(cfg.lora, model_config, cfg.run.model)
     except ModelFileError as e:
         problems.append(f"MODEL: {e}.")
     if problems:

@@ -11,6 +11,7 @@ from hybrid_ds.algorithms.registry import MODES, PHASES
 from hybrid_ds.config import Config
 from hybrid_ds.config.batch_plan import BatchPlans
 from hybrid_ds.data import BatchStream
+from hybrid_ds.models.lora import add_adapters, load_base
 from hybrid_ds.models.policy_value import PolicyValue, build_param_groups, load_lm
 from hybrid_ds.optim import build_optimizer
 from hybrid_ds.rewards import make_reward
@@ -35,10 +36,15 @@ def build_run(cfg: Config, dist, seed: int, ref_client=None, pre: Optional[Prefl
     phases = [PHASES[name] for name in MODES[cfg.run.mode]]
     rl = any(p.needs_reward for p in phases)
 
-    # 2. models: policy+value trunk (trainable), reference (frozen copy of the start)
-    lm = load_lm(cfg.run.model, tokenizer)  # under ZeRO-3, Accelerate's DeepSpeed plugin partitions it at load
+    # 2. models: policy+value trunk (trainable), reference (frozen copy of the start). With LoRA the
+    #    trunk is a frozen base with adapters, and the reference is that base, adapters off (models/lora.py).
+    if cfg.lora.r:
+        lm = add_adapters(load_base(cfg.run.model, tokenizer, seed, cfg.lora, dist.device), cfg.lora)
+    else:
+        lm = load_lm(cfg.run.model, tokenizer)  # under ZeRO-3, Accelerate's DeepSpeed plugin partitions it at load
     model = PolicyValue(lm, seed=seed)
-    colocated_ref = any(p.needs_reference for p in phases) and ref_client is None  # else on its own ranks
+    colocated_ref = (any(p.needs_reference for p in phases) and ref_client is None  # else on its own ranks
+                     and not cfg.lora.r)
     ref = load_lm(cfg.run.model, tokenizer) if colocated_ref else None
     optimizer = build_optimizer(build_param_groups(model, cfg.optim.weight_decay), cfg, cfg.sft.lr,
                                 ds_config=dist.ds_config)
