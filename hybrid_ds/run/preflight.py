@@ -23,6 +23,7 @@ from hybrid_ds.config.checks import batch_problems, file_problems, output_dir_pr
 from hybrid_ds.config.load import build_config, normalise_paths, parse_override, read_config_file
 from hybrid_ds.config.schema import REWARD_KEY
 from hybrid_ds.data import DataReport, Example, load_items, tokenize_items
+from hybrid_ds.engine.dist import plan_launch
 from hybrid_ds.engine.placement import launch_world_size, placement_problems, policy_world_size
 from hybrid_ds.optim import make_phase_schedules, schedule_warnings, validate_optim_config
 from hybrid_ds.rewards import validate_reward_spec
@@ -68,10 +69,23 @@ def config_problems(cfg: Config, *, check_files: bool = True, world_size: Option
     if cfg.run.mode != "sft":
         problems += validate_reward_spec(cfg.reward, path=REWARD_KEY)
     if check_files:
+        problems += launch_dtype_problems(cfg)
         problems += file_problems(cfg)
         if cfg.run.output_dir and not output_dir_problem(cfg.run.output_dir):
             problems += resume_problems(cfg)  # a run already there: resumed, refused or moved aside (RESUME)
     return problems
+
+
+def launch_dtype_problems(cfg: Config) -> list[str]:
+    """TORCH_DTYPE against the precision and DeepSpeed use the launch resolves to (config + launcher)."""
+    from hybrid_ds.models.policy_value import dtype_problem
+
+    try:
+        plan = plan_launch(cfg)
+    except (OSError, ValueError):  # an unreadable DS_CONFIG: file_problems names it
+        return []
+    p = dtype_problem(cfg.model.torch_dtype, plan.mixed_precision, plan.zero_stage > 0)
+    return [p] if p else []
 
 
 def prepare_data(cfg: Config, tokenizer, seed: int, report: Optional[DataReport] = None) -> list[Example]:
@@ -97,7 +111,9 @@ class Preflight:
 
 def preflight(cfg: Config, seed: int) -> Preflight:
     """The checks of step 2 (module docstring); ``load_config`` has run step 1."""
-    from hybrid_ds.models.policy_value import ModelFileError, load_model_config, load_tokenizer, max_positions
+    from hybrid_ds.assets import resolve_model
+    from hybrid_ds.models.policy_value import (ModelFileError, attention_problem, load_model_config, load_tokenizer,
+                                                max_positions, value_head_problem)
 
     # 1. tokenizer and the model's config
     problems = []
@@ -110,10 +126,13 @@ def preflight(cfg: Config, seed: int) -> Preflight:
         problems.append(f"{tok_key}: the tokenizer of {tok_name!r} cannot be used "
                         f"({text.splitlines()[0] if text else type(e).__name__}).")
     try:
-        n_pos = max_positions(load_model_config(cfg.run.model))
+        model_config = load_model_config(cfg.run.model)
+        n_pos = max_positions(model_config)
         if n_pos and cfg.data.maxseq > n_pos:
             problems.append(f"MAXSEQ ({cfg.data.maxseq}) exceeds the {n_pos} positions of MODEL {cfg.run.model!r} "
                             f"(n_positions / max_position_embeddings); set MAXSEQ <= {n_pos}.")
+        problems += [p for p in [attention_problem(model_config, cfg.model.attn_implementation),
+                                 value_head_problem(resolve_model(cfg.run.model), model_config)] if p]
     except ModelFileError as e:
         problems.append(f"MODEL: {e}.")
     if problems:

@@ -11,7 +11,9 @@ from hybrid_ds.algorithms.registry import MODES, PHASES
 from hybrid_ds.config import Config
 from hybrid_ds.config.batch_plan import BatchPlans
 from hybrid_ds.data import BatchStream
-from hybrid_ds.models.policy_value import PolicyValue, build_param_groups, load_lm
+from hybrid_ds.assets import resolve_model
+from hybrid_ds.models.policy_value import (PolicyValue, build_param_groups, load_dtype, load_lm,
+                                            load_value_head)
 from hybrid_ds.optim import build_optimizer
 from hybrid_ds.rewards import make_reward
 from hybrid_ds.run.metrics import MetricsLogger
@@ -36,10 +38,19 @@ def build_run(cfg: Config, dist, seed: int, ref_client=None, pre: Optional[Prefl
     rl = any(p.needs_reward for p in phases)
 
     # 2. models: policy+value trunk (trainable), reference (frozen copy of the start)
-    lm = load_lm(cfg.run.model, tokenizer)  # under ZeRO-3, Accelerate's DeepSpeed plugin partitions it at load
+    dtype = load_dtype(cfg.model.torch_dtype, dist.plan.mixed_precision, dist.uses_deepspeed)
+    # under ZeRO-3, Accelerate's DeepSpeed plugin partitions the weights as they load
+    lm = load_lm(cfg.run.model, tokenizer, dtype, cfg.model.attn_implementation)
+    if cfg.model.gradient_checkpointing:
+        # Non-reentrant checkpointing: the recomputation follows autograd, so it needs no input that
+        # requires grad (frozen embeddings under LoRA) and composes with ZeRO-3's parameter hooks.
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = PolicyValue(lm, seed=seed)
+    head = load_value_head(model, resolve_model(cfg.run.model))  # MODEL is a ppo_full/: RL continues
+    if head and dist.is_main:
+        print(f"[hybrid_ds] value head loaded from {head}")
     colocated_ref = any(p.needs_reference for p in phases) and ref_client is None  # else on its own ranks
-    ref = load_lm(cfg.run.model, tokenizer) if colocated_ref else None
+    ref = load_lm(cfg.run.model, tokenizer, dtype, cfg.model.attn_implementation) if colocated_ref else None
     optimizer = build_optimizer(build_param_groups(model, cfg.optim.weight_decay), cfg, cfg.sft.lr,
                                 ds_config=dist.ds_config)
     engine = dist.prepare_trainable(model, optimizer)
