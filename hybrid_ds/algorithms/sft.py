@@ -73,7 +73,7 @@ def sft_step(engine, examples: list[Example], *, accum: int, lr: float, pad_id: 
             ce_sum, values = labelled_ce_sum(engine, b, dist.device, with_values=True)
             # 0 x values: every parameter takes part in the graph, so ZeRO sees a (zero) value-head
             # gradient rather than a missing one; the value head itself stays unchanged (lr 0).
-            loss = ce_sum * dist.world / n_tokens + 0.0 * values.sum()
+            loss = ce_sum * dist.world / n_tokens + (0.0 * values.sum() if values is not None else 0.0)
             engine.backward(loss, boundary)
         ce_total += ce_sum.detach()
     # 3. optimizer step

@@ -70,6 +70,9 @@ def validate(cfg: Config) -> list[str]:
                         f"bounds prompt + response, so PPO prompts keep their last MAXSEQ - MAX_NEW_TOKENS tokens.")
     if cfg.run.ref_placement == "separate" and cfg.run.mode == "sft":
         problems.append("REF_PLACEMENT=separate with MODE=sft: SFT uses no reference model; use colocated.")
+    if cfg.ppo.advantage in ("grpo", "rloo") and cfg.ppo.num_generations < 2 and cfg.run.mode != "sft":
+        problems.append(f"ADVANTAGE={cfg.ppo.advantage} compares the responses of one prompt: set NUM_GENERATIONS "
+                        f">= 2 (got {cfg.ppo.num_generations}; 4 to 16 is usual).")
     if cfg.run.ref_placement == "separate" and cfg.hybrid.ref_init != "start":
         problems.append("REF_INIT=after_warmup needs the reference on the policy ranks (REF_PLACEMENT=colocated).")
     return problems

@@ -150,6 +150,21 @@ class PPOConfig:
     ptx_coef: float = opt(0.0, "PPO-ptx: add this times the SFT loss on a labelled batch to every PPO "
                                "optimizer step (DeepSpeed-Chat's mixture training); 0 = off.", key="PTX_COEF",
                           lo=0.0)
+    advantage: str = opt("gae", "Advantage estimator: gae (value head + GAE), grpo (group-normalised scores), rloo "
+                                "(leave-one-out group baseline) or reinforce_pp (batch-whitened returns); the last "
+                                "three need no value head, which is then not built. See docs/ppo.md.",
+                         key="ADVANTAGE", choices=("gae", "grpo", "rloo", "reinforce_pp"))
+    num_generations: int = opt(1, "Responses sampled per prompt (a group, for grpo and rloo: at least 2); "
+                                  "PPO_BATCH and PPO_MINI count prompts.", key="NUM_GENERATIONS", lo=1)
+    group_std: bool = opt(True, "grpo: divide by the group's standard deviation (false: Dr. GRPO).",
+                          key="GROUP_STD")
+    loss_agg: str = opt("token_mean", "How token losses add up: token_mean (each token of a minibatch counts the "
+                                      "same), seq_mean (each sequence's mean, averaged) or dr_grpo (sums over "
+                                      "sequences x MAX_NEW_TOKENS).", key="LOSS_AGG",
+                        choices=("token_mean", "seq_mean", "dr_grpo"))
+    kl_in: str = opt("reward", "Where the KL to the reference acts: reward (a per-token penalty in the reward, "
+                               "INIT_KL_COEF x KL_ESTIMATOR) or loss (beta x the k3 KL in the loss, as GRPO).",
+                     key="KL_IN", choices=("reward", "loss"))
 
 
 @dataclass

@@ -156,12 +156,12 @@ def sequence_inputs(query_ids, query_mask, response_ids, response_mask):
     return ids, att, pos
 
 
-def policy_response_outputs(model, ids, att, pos, T: int):
-    """The policy/value model's logits ``(B, T, V)`` and values ``(B, T)`` at the positions that predict
-    the ``T`` response tokens (the last prompt token .. the second-to-last token); the LM head runs
-    on those ``T + 1`` last positions only."""
-    logits, values = model(ids, att, position_ids=pos, with_values=True, keep_last=T + 1)
-    return logits[:, :T], values[:, :T]
+def policy_response_outputs(model, ids, att, pos, T: int, with_values: bool = True):
+    """The policy/value model's logits ``(B, T, V)`` and values ``(B, T)`` (None without ``with_values``)
+    at the positions that predict the ``T`` response tokens (the last prompt token .. the
+    second-to-last token); the LM head runs on those ``T + 1`` last positions only."""
+    logits, values = model(ids, att, position_ids=pos, with_values=with_values, keep_last=T + 1)
+    return logits[:, :T], (values[:, :T] if values is not None else None)
 
 
 def lm_response_logprobs(lm, ids, att, pos, response_ids, temperature: float):

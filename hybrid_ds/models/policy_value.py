@@ -17,13 +17,16 @@ VALUE_HEAD_FILE = "value_head.pt"
 
 
 class PolicyValue(nn.Module):
-    """``lm``: a Hugging Face causal LM; ``v_head``: hidden state -> scalar value, initialised near zero."""
+    """``lm``: a Hugging Face causal LM; ``v_head``: hidden state -> scalar value, initialised near zero
+    (None with ``value_head=False``: the forward then returns no values)."""
 
-    def __init__(self, lm: nn.Module, v_head: Optional[nn.Linear] = None, seed: int = 0):
+    def __init__(self, lm: nn.Module, v_head: Optional[nn.Linear] = None, seed: int = 0, value_head: bool = True):
         super().__init__()
         self.lm = lm
         hidden = lm.config.hidden_size if hasattr(lm.config, "hidden_size") else lm.config.n_embd
-        if v_head is None:
+        if not value_head:  # a critic-free estimator (ADVANTAGE): no value head, no memory for one
+            v_head = None
+        elif v_head is None:
             v_head = nn.Linear(hidden, 1)
             g = torch.Generator().manual_seed(seed)
             with torch.no_grad():
@@ -44,7 +47,7 @@ class PolicyValue(nn.Module):
                       output_hidden_states=with_values, use_cache=False, **logits_to_keep(self.lm, keep_last))
         logits = out.logits[:, -keep_last:] if keep_last else out.logits  # (a model without logits_to_keep)
         values = None
-        if with_values:
+        if with_values and self.v_head is not None:
             h = out.hidden_states[-1]
             h = h[:, -keep_last:] if keep_last else h
             values = self.v_head(h.to(self.v_head.weight.dtype)).squeeze(-1).float()
@@ -275,7 +278,7 @@ def save_policy_value(lm_state: dict, model: PolicyValue, tokenizer, out_dir: st
     lm_sd = {k[len("lm."):]: v for k, v in lm_state.items() if k.startswith("lm.")}
     model.lm.save_pretrained(out_dir, state_dict=lm_sd, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    if with_value_head:
+    if with_value_head and model.v_head is not None:
         vh = {k[len("v_head."):]: v.clone() for k, v in lm_state.items() if k.startswith("v_head.")}
         torch.save(vh, os.path.join(out_dir, VALUE_HEAD_FILE))
 
@@ -301,7 +304,7 @@ def load_value_head(model: PolicyValue, path: str) -> Optional[str]:
     """Load ``value_head.pt`` from a ``ppo_full`` dir, if ``path`` is one (to continue RL); returns the
     file loaded, or None. A head of another shape is a ModelFileError naming the file."""
     f = os.path.join(path, VALUE_HEAD_FILE)
-    if not os.path.isfile(f):
+    if not os.path.isfile(f) or model.v_head is None:  # a critic-free run has no head to load
         return None
     try:
         state = torch.load(f, map_location="cpu", weights_only=True)

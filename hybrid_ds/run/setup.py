@@ -45,7 +45,9 @@ def build_run(cfg: Config, dist, seed: int, ref_client=None, pre: Optional[Prefl
         # Non-reentrant checkpointing: the recomputation follows autograd, so it needs no input that
         # requires grad (frozen embeddings under LoRA) and composes with ZeRO-3's parameter hooks.
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = PolicyValue(lm, seed=seed)
+    # The critic-free estimators train no value head: none is built (SFT keeps one, so its checkpoints
+    # and ppo_full/ continue into PPO with GAE).
+    model = PolicyValue(lm, seed=seed, value_head=cfg.run.mode == "sft" or cfg.ppo.advantage == "gae")
     head = load_value_head(model, resolve_model(cfg.run.model))  # MODEL is a ppo_full/: RL continues
     if head and dist.is_main:
         print(f"[hybrid_ds] value head loaded from {head}")
