@@ -73,6 +73,8 @@ def validate(cfg: Config) -> list[str]:
     if cfg.ppo.advantage in ("grpo", "rloo") and cfg.ppo.num_generations < 2 and cfg.run.mode != "sft":
         problems.append(f"ADVANTAGE={cfg.ppo.advantage} compares the responses of one prompt: set NUM_GENERATIONS "
                         f">= 2 (got {cfg.ppo.num_generations}; 4 to 16 is usual).")
+    if cfg.ppo.adaptive_kl and cfg.ppo.kl_controller == "pi" and cfg.ppo.init_kl_coef <= 0:
+        problems.append("KL_CONTROLLER=pi scales INIT_KL_COEF, which is 0: set INIT_KL_COEF > 0 (e.g. 0.05).")
     if cfg.run.ref_placement == "separate" and cfg.hybrid.ref_init != "start":
         problems.append("REF_INIT=after_warmup needs the reference on the policy ranks (REF_PLACEMENT=colocated).")
     return problems

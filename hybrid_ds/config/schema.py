@@ -130,6 +130,12 @@ class PPOConfig:
     adaptive_kl: bool = opt(True, "Adapt beta toward TARGET_KL (Ziegler et al. 2019); false keeps it fixed.",
                             key="ADAPTIVE_KL")
     kl_horizon: int = opt(10000, "Horizon of the adaptive KL controller, in samples.", key="KL_HORIZON", lo=1)
+    kl_controller: str = opt("ziegler", "Adaptive KL rule: ziegler (beta moves by at most 0.2 x samples / KL_HORIZON "
+                                        "per update) or pi (PI control of log beta on log(KL / TARGET_KL): reaches "
+                                        "the target within tens of updates; docs/ppo.md section 8).",
+                             key="KL_CONTROLLER", choices=("ziegler", "pi"))
+    kl_kp: float = opt(0.5, "KL_CONTROLLER=pi: proportional gain.", key="KL_KP", lo=0.0)
+    kl_ki: float = opt(0.2, "KL_CONTROLLER=pi: integral gain.", key="KL_KI", lo=0.0)
     kl_estimator: str = opt("k1", "Per-token KL estimator in the reward: k1 (unbiased) or k3 (low variance).",
                             key="KL_ESTIMATOR", choices=("k1", "k2", "k3"))
     clip_range: float = opt(0.2, "PPO ratio clip.", key="CLIP_RANGE", lo=0.0, lo_open=True)

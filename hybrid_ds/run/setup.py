@@ -62,7 +62,8 @@ def build_run(cfg: Config, dist, seed: int, ref_client=None, pre: Optional[Prefl
     if rl:
         reward = make_reward(cfg.reward, device=str(dist.device), all_reduce_sum=dist.all_reduce_sum)
         kl_ctl = make_kl_controller(cfg.ppo.init_kl_coef, cfg.ppo.target_kl, cfg.ppo.kl_horizon,
-                                    adaptive=cfg.ppo.adaptive_kl)
+                                    adaptive=cfg.ppo.adaptive_kl, kind=cfg.ppo.kl_controller,
+                                    gains=(cfg.ppo.kl_kp, cfg.ppo.kl_ki))
     # 4. logger and data streams
     total = plan.cycles or plan.sft_steps or plan.ppo_updates
     logger = MetricsLogger(cfg.run.output_dir, enabled=dist.is_main, total=total, desc=cfg.run.mode)
