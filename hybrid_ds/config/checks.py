@@ -75,6 +75,12 @@ def validate(cfg: Config) -> list[str]:
                         f">= 2 (got {cfg.ppo.num_generations}; 4 to 16 is usual).")
     if cfg.ppo.adaptive_kl and cfg.ppo.kl_controller == "pi" and cfg.ppo.init_kl_coef <= 0:
         problems.append("KL_CONTROLLER=pi scales INIT_KL_COEF, which is 0: set INIT_KL_COEF > 0 (e.g. 0.05).")
+    if cfg.hybrid.ref_sync_every and cfg.run.mode != "hybrid":
+        problems.append(f"REF_SYNC_EVERY ({cfg.hybrid.ref_sync_every}) counts hybrid cycles: it applies to "
+                        f"MODE=hybrid only.")
+    if cfg.hybrid.ref_sync_every and cfg.run.ref_placement == "separate":
+        problems.append("REF_SYNC_EVERY needs the reference on the policy ranks (REF_PLACEMENT=colocated): weights "
+                        "are not sent to reference ranks yet.")
     if cfg.run.ref_placement == "separate" and cfg.hybrid.ref_init != "start":
         problems.append("REF_INIT=after_warmup needs the reference on the policy ranks (REF_PLACEMENT=colocated).")
     return problems
