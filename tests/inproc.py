@@ -42,7 +42,7 @@ def prepared_rollout(run, examples):
     """Steps 1-4 of ``ppo.ppo_update`` (rollout, scores, reference and old log-probs, advantages)."""
     cfg = run.cfg
     ro = ppo.generate(run, examples)
-    ppo.score(run, ro, examples)
+    ppo.score(run, ro, [e for e in examples for _ in range(cfg.ppo.num_generations)])
     ro.ref_logprobs, _ = ppo.forward_logprobs(run.ref, ro, cfg.gen.temperature, 64, with_values=False)
     if ro.logprobs is None:
         ro.logprobs, ro.values = ppo.forward_logprobs(run.engine, ro, cfg.gen.temperature, 64, with_values=True)

@@ -36,7 +36,7 @@ class Counters:
     sft_step: int = 0  # SFT optimizer steps done (warm-up included)
     ppo_update: int = 0  # PPO updates done
     cycle: int = 0  # hybrid cycles done
-    ref_snapshot: int = 0  # 1 once REF_INIT=after_warmup copied the policy into the reference
+    ref_snapshot: int = 0  # 1 once the reference is not the start (REF_INIT=after_warmup, REF_SYNC_EVERY)
     nan_streak: int = 0  # non-finite losses in a row (MAX_NAN_STEPS stops the run)
     nonfinite_total: int = 0  # non-finite losses in the whole run
 

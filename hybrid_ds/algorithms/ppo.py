@@ -1,5 +1,9 @@
 """The PPO phase: one update = rollout -> score -> reference -> advantages -> PPO epochs.
 
+The same update serves the critic-free estimators (ADVANTAGE grpo, rloo, reinforce_pp;
+hybrid_ds/algorithms/estimators.py): they sample NUM_GENERATIONS responses per prompt, replace the
+value head and GAE at step 4, and train no value head.
+
 Each step is its own function, numbered as in the algorithm (Ziegler et al. 2019; Huang et al.
 2024, "The N Implementation Details of RLHF with PPO"). The math is in ppo_math.py; everything
 distributed goes through ``ctx.dist`` (hybrid_ds/engine/).
@@ -14,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from hybrid_ds.algorithms import estimators as est
 from hybrid_ds.algorithms import ppo_math as pm
 from hybrid_ds.algorithms.context import NextBatch, PhaseContext, PhaseTimer
 from hybrid_ds.data import Example, collate_prompts, collate_sft, micro_batches, stop_token_ids
@@ -31,14 +36,15 @@ class Rollout:
     response_mask: torch.Tensor  # (B, T) float, 1 up to and including the first EOS
     ended: torch.Tensor  # (B,) bool, an EOS was generated
     texts: list  # B decoded responses (EOS and pads stripped)
+    group: Optional[torch.Tensor] = None  # (B,) long, global id of the prompt each response answers
     scores: Optional[torch.Tensor] = None  # (B,) task reward
     logprobs: Optional[torch.Tensor] = None  # (B, T) old policy log-probs at TEMPERATURE
     ref_logprobs: Optional[torch.Tensor] = None  # (B, T) reference log-probs at TEMPERATURE
-    values: Optional[torch.Tensor] = None  # (B, T) old values
+    values: Optional[torch.Tensor] = None  # (B, T) old values (ADVANTAGE=gae only)
     rewards: Optional[torch.Tensor] = None  # (B, T) KL-shaped per-token rewards
     kl: Optional[torch.Tensor] = None  # (B, T) per-token KL estimate
-    advantages: Optional[torch.Tensor] = None  # (B, T) whitened GAE advantages
-    returns: Optional[torch.Tensor] = None  # (B, T) value targets
+    advantages: Optional[torch.Tensor] = None  # (B, T) whitened GAE advantages, or the estimator's
+    returns: Optional[torch.Tensor] = None  # (B, T) value targets (gae), discounted returns (reinforce_pp)
 
     def select(self, idx: torch.Tensor) -> dict:
         """The tensors of rows ``idx`` (for minibatches)."""
@@ -50,16 +56,25 @@ class Rollout:
 # 1. rollout
 
 
+def has_critic(run: PhaseContext) -> bool:
+    """Whether the policy carries a value head (ADVANTAGE=gae; the critic-free estimators build none)."""
+    return run.engine.module.v_head is not None
+
+
 @torch.no_grad()
 def generate(run: PhaseContext, examples: list[Example]) -> Rollout:
-    """Sample one response per prompt with the config's sampling settings, stopping at EOS or at the
-    chat template's end of turn (``stop_token_ids``, hybrid_ds/data/chat.py)."""
+    """Sample NUM_GENERATIONS responses per prompt (rows ``i*K .. i*K+K-1`` answer prompt ``i``) with
+    the config's sampling settings, stopping at EOS or at the chat template's end of turn
+    (``stop_token_ids``, hybrid_ds/data/chat.py)."""
     cfg, tok, dev = run.cfg, run.tokenizer, run.dist.device
     stops = stop_token_ids(tok)
     eos = stops[0] if len(stops) == 1 else stops
     max_prompt = max(1, cfg.data.maxseq - cfg.gen.max_new_tokens)
+    K = cfg.ppo.num_generations
     q_ids, q_mask = collate_prompts(examples, tok.pad_token_id, max_prompt)
-    q_ids, q_mask = q_ids.to(dev), q_mask.to(dev)
+    q_ids, q_mask = q_ids.repeat_interleave(K, 0).to(dev), q_mask.repeat_interleave(K, 0).to(dev)
+    # A prompt's group id is global (rank-major): group statistics add up across ranks (estimators.py).
+    group = (run.dist.rank * len(examples) + torch.arange(len(examples), device=dev)).repeat_interleave(K)
     g = cfg.gen
     kwargs = dict(do_sample=True, top_p=g.top_p, top_k=g.top_k, temperature=g.temperature,
                   no_repeat_ngram_size=g.no_repeat_ngram_size, repetition_penalty=g.repetition_penalty,
@@ -76,22 +91,23 @@ def generate(run: PhaseContext, examples: list[Example]) -> Rollout:
 
             st = SamplingSettings.from_gen_config(g, eos, tok.pad_token_id)
             v_head = run.engine.module.v_head  # whole here, also under ZeRO-3 (gathered with the LM)
-            value_fn = (lambda h: v_head(h.to(v_head.weight.dtype))) if old_from_rollout(run) else None
+            own_old = old_from_rollout(run)
+            value_fn = (lambda h: v_head(h.to(v_head.weight.dtype))) if own_old and v_head is not None else None
             out = sample(lm, q_ids, q_mask, st, hf_rng=g.sampler == "lean_exact", value_fn=value_fn)
             resp = out.response_ids
-            if value_fn is not None:
+            if own_old:
                 logprobs, values = out.logprobs, out.values
         else:
             resp = lm.generate(input_ids=q_ids, attention_mask=q_mask, **kwargs)[:, q_ids.shape[1]:]
     if resp.shape[1] == 0:  # degenerate: nothing generated at all
-        resp = torch.full((len(examples), 1), tok.eos_token_id, dtype=torch.long, device=dev)
+        resp = torch.full((q_ids.shape[0], 1), tok.eos_token_id, dtype=torch.long, device=dev)
     # Up to and including the first EOS, whatever the ids: a pad id the policy sampled mid-response is
     # a token it conditioned on (not padding), so the recomputed forwards must attend to it as well.
     mask, ended = pm.mask_after_eos(resp, stops)
     resp = torch.where(mask.bool(), resp, torch.full_like(resp, tok.pad_token_id))
     texts = tok.batch_decode(resp.masked_fill(torch.isin(resp, torch.tensor(stops, device=dev)), tok.pad_token_id),
                              skip_special_tokens=True)
-    return Rollout(q_ids, q_mask, resp, mask, ended, texts, logprobs=logprobs, values=values)
+    return Rollout(q_ids, q_mask, resp, mask, ended, texts, group=group, logprobs=logprobs, values=values)
 
 
 def old_from_rollout(run: PhaseContext) -> bool:
@@ -112,7 +128,8 @@ def old_from_rollout(run: PhaseContext) -> bool:
 
 
 def score(run: PhaseContext, ro: Rollout, examples: list[Example]) -> None:
-    """Task scores ``(B,)`` from the reward on (response, target, prompt, item) for the whole batch."""
+    """Task scores ``(B,)`` from the reward on (response, target, prompt, item) for the whole batch;
+    ``examples`` has one entry per rollout row (a prompt repeated NUM_GENERATIONS times)."""
     s = run.reward.score_batch(ro.texts, [e.target for e in examples], [e.prompt for e in examples],
                                [e.item for e in examples])
     s = torch.as_tensor(s, dtype=torch.float32, device=run.dist.device).reshape(-1)
@@ -130,19 +147,21 @@ def score(run: PhaseContext, ro: Rollout, examples: list[Example]) -> None:
 @torch.no_grad()
 def forward_logprobs(model, ro: Rollout, temperature: float, chunk: int, with_values: bool):
     """Log-probs (and values) ``(B, T)`` of the rollout under ``model``, ``chunk`` rows at a time:
-    the policy/value model when ``with_values``, a plain causal LM (the reference) otherwise."""
+    the policy engine when ``with_values`` (values None without a value head), a plain causal LM (the
+    reference) otherwise."""
     ids, att, pos = sequence_inputs(ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask)
     T = ro.response_ids.shape[1]
     lps, vals = [], []
     for s in range(0, ids.shape[0], chunk):
         sl, resp = slice(s, s + chunk), ro.response_ids[s:s + chunk]
         if with_values:
-            logits, v = policy_response_outputs(model, ids[sl], att[sl], pos[sl], T)
+            critic = model.module.v_head is not None
+            logits, v = policy_response_outputs(model, ids[sl], att[sl], pos[sl], T, with_values=critic)
             lps.append(logprobs_from_logits(logits, resp, temperature))
             vals.append(v)
         else:
             lps.append(lm_response_logprobs(model, ids[sl], att[sl], pos[sl], resp, temperature))
-    return torch.cat(lps), (torch.cat(vals) if with_values else None)
+    return torch.cat(lps), (torch.cat(vals) if vals and vals[0] is not None else None)
 
 
 def reference_model(run: PhaseContext):
@@ -163,11 +182,31 @@ def request_reference(run: PhaseContext, ro: Rollout):
 
 
 def compute_advantages(run: PhaseContext, ro: Rollout) -> None:
-    """KL-shaped rewards, GAE, and advantages whitened with statistics of all ranks."""
+    """Per-token rewards (the score on the last token; the KL penalty on every token when KL_IN=reward),
+    then ADVANTAGE's estimator, every statistic over all ranks:
+
+    * gae: GAE on the value head's values, advantages whitened;
+    * grpo / rloo: each sequence's summed reward against its group (estimators.group_advantages),
+      the same advantage on every token of the sequence;
+    * reinforce_pp: discounted returns whitened over the batch.
+    """
     c, m = run.cfg.ppo, ro.response_mask
-    ro.rewards, ro.kl = pm.shape_rewards(ro.scores, ro.logprobs, ro.ref_logprobs, m, run.kl_ctl.value,
+    beta = run.kl_ctl.value if c.kl_in == "reward" else 0.0
+    ro.rewards, ro.kl = pm.shape_rewards(ro.scores, ro.logprobs, ro.ref_logprobs, m, beta,
                                          estimator=c.kl_estimator, missing_eos_penalty=c.missing_eos_penalty,
                                          ended_with_eos=ro.ended)
+    if c.advantage in est.GROUP_ESTIMATORS:
+        seq = ro.rewards.sum(1)
+        n_groups = (ro.group.shape[0] // c.num_generations) * run.dist.world
+        table = run.dist.all_reduce_sum(est.group_sums(seq, ro.group, n_groups))
+        adv = est.group_advantages(seq, ro.group, table, c.advantage, scale_std=c.group_std)
+        ro.advantages = adv[:, None] * m
+        return
+    if c.advantage == "reinforce_pp":
+        ro.returns = est.discounted_returns(ro.rewards, m, c.discount)
+        stats = pm.moments_from_sums(run.dist.all_reduce_sum(pm.moment_sums(ro.returns, m)))
+        ro.advantages = pm.whiten(ro.returns, m, shift_mean=True, stats=stats)
+        return
     if c.whiten_rewards:
         stats = pm.moments_from_sums(run.dist.all_reduce_sum(pm.moment_sums(ro.rewards, m)))
         ro.rewards = pm.whiten(ro.rewards, m, shift_mean=False, stats=stats)
@@ -196,6 +235,7 @@ def ppo_epochs(run: PhaseContext, ro: Rollout, ptx_examples: Optional[list[Examp
     minis = [p[k * per_mini:(k + 1) * per_mini] for p in perms for k in range(n_mini)]
     local_tokens = torch.stack([ro.response_mask[idx].sum() for idx in minis]).double()
     global_tokens = dist.all_reduce_sum(local_tokens).clamp(min=1.0) / dist.world
+    critic, kl_in_loss = has_critic(run), c.kl_in == "loss"
     T = ro.response_ids.shape[1]
     stats: dict[str, list] = {}
     grad_norms, skipped, kept, ptx_losses = [], torch.zeros((), device=dist.device), [], []
@@ -208,20 +248,31 @@ def ppo_epochs(run: PhaseContext, ro: Rollout, ptx_examples: Optional[list[Examp
             with engine.no_sync(boundary):
                 ids, att, pos = sequence_inputs(b["query_ids"], b["query_mask"], b["response_ids"],
                                                 b["response_mask"])
-                logits, values = policy_response_outputs(engine, ids, att, pos, T)
+                logits, values = policy_response_outputs(engine, ids, att, pos, T, with_values=critic)
                 logp = logprobs_from_logits(logits, b["response_ids"], cfg.gen.temperature)
                 m, n = b["response_mask"], global_tokens[step_i]
+                # LOSS_AGG: token_mean is the token sum over the minibatch's count; the others weigh tokens
+                w = None if c.loss_agg == "token_mean" else est.token_weights(
+                    m, c.loss_agg, per_mini, n, cfg.gen.max_new_tokens)
                 guard = pm.ratio_guard(logp.detach(), b["logprobs"], m, c.ratio_guard)
                 # An exploding micro-batch contributes exactly zero gradient: its losses read detached
                 # model outputs (torch.where hands the branch it did not select a zero gradient; a
                 # loss times 0 would not, as inf * 0 is NaN and one such micro-batch would make the
                 # whole step non-finite). The other micro-batches of the step still count.
-                logp, values = _cut_if(guard, logp), _cut_if(guard, values)
-                pg, pg_stats = pm.policy_loss(logp, b["logprobs"], b["advantages"], m, c.clip_range, num_tokens=n)
-                vf, vf_stats = pm.value_loss(values, b["values"], b["returns"], m, c.clip_range_value, num_tokens=n)
-                loss = pg + c.vf_coef * vf
+                logp = _cut_if(guard, logp)
+                pg, pg_stats = pm.policy_loss(logp, b["logprobs"], b["advantages"], m, c.clip_range, num_tokens=n,
+                                              weights=w)
+                loss, shares = pg, {"loss/policy": pg}
+                if critic:
+                    vf, vf_stats = pm.value_loss(_cut_if(guard, values), b["values"], b["returns"], m,
+                                                 c.clip_range_value, num_tokens=n, weights=w)
+                    loss, shares["loss/value"] = loss + c.vf_coef * vf, vf
+                    pg_stats = {**pg_stats, **vf_stats}
+                if kl_in_loss:  # GRPO's KL term: beta x k3(pi, ref), aggregated as the policy loss
+                    kl = pm._token_mean(est.kl_k3(logp, b["ref_logprobs"]), m, n, w)
+                    loss, shares["loss/kl"] = loss + run.kl_ctl.value * kl, kl
                 if c.entropy_coef > 0:
-                    ent = pm.masked_sum(entropy_from_logits(_cut_if(guard, logits), cfg.gen.temperature), m) / n
+                    ent = pm._token_mean(entropy_from_logits(_cut_if(guard, logits), cfg.gen.temperature), m, n, w)
                     loss = loss - c.entropy_coef * ent
                 loss = torch.where(guard, torch.zeros_like(loss), loss)
                 skipped += guard.float()
@@ -234,8 +285,8 @@ def ppo_epochs(run: PhaseContext, ro: Rollout, ptx_examples: Optional[list[Examp
             # pg and vf are this micro-batch's share of the minibatch loss (token sums over the
             # minibatch's count): times the micro-batches per step, their mean is the step's loss,
             # whatever PPO_GRAD_ACCUM (tests/test_ppo_update.py).
-            shares = {"loss/policy": pg.detach() * len(micros), "loss/value": vf.detach() * len(micros)}
-            for k, val in {**pg_stats, **vf_stats, **shares}.items():
+            shares = {k: v.detach() * len(micros) for k, v in shares.items()}
+            for k, val in {**pg_stats, **shares}.items():
                 val = val.detach().float()
                 stats.setdefault(k, []).append(torch.where(guard, torch.zeros_like(val), val))
         sched = run.schedules["ppo"]
@@ -283,8 +334,8 @@ def ppo_update(run: PhaseContext, examples: list[Example], ptx_examples: Optiona
     timer.mark("rollout")
     # (separate reference ranks start on the reference log-probs now, while this rank scores)
     pending = request_reference(run, ro) if run.ref_client is not None else None
-    # 2. task scores
-    score(run, ro, examples)
+    # 2. task scores (each prompt's item once per response)
+    score(run, ro, [e for e in examples for _ in range(cfg.ppo.num_generations)])
     timer.mark("scoring")
     # 3. reference log-probs, then old policy log-probs and values (no dropout, no grad)
     if pending is None:
@@ -303,13 +354,14 @@ def ppo_update(run: PhaseContext, examples: list[Example], ptx_examples: Optiona
     timer.mark("update")
     # 6. KL controller, on the global mean KL per sequence
     metrics = {**dist.mean_metrics({**rollout_metrics(run, ro), **m}), **dist.memory_metrics(run.engine)}
-    if all(math.isfinite(metrics[k]) for k in ("ppo/loss/policy", "ppo/loss/value")):
-        run.kl_ctl.update(metrics["objective/kl"], cfg.ppo.batch)
+    n_seqs = cfg.ppo.batch * cfg.ppo.num_generations
+    if all(math.isfinite(v) for k, v in metrics.items() if k.startswith("ppo/loss/")):
+        run.kl_ctl.update(metrics["objective/kl"], n_seqs)
     metrics.update(timer.metrics())
-    gen_tokens = metrics["ppo/response_len"] * cfg.ppo.batch
+    gen_tokens = metrics["ppo/response_len"] * n_seqs
     metrics["perf/rollout_tokens_per_s"] = gen_tokens / max(metrics["time/rollout_s"], 1e-9)
     metrics["perf/ppo_update_s"] = timer.total
-    metrics["perf/ppo_samples_per_s"] = cfg.ppo.batch / timer.total
+    metrics["perf/ppo_samples_per_s"] = n_seqs / timer.total
     metrics["ppo/lr"] = run.schedules["ppo"].lr
     metrics["objective/kl_coef"] = run.kl_ctl.value
     return metrics
@@ -336,6 +388,6 @@ def rollout_metrics(run: PhaseContext, ro: Rollout) -> dict[str, float]:
         "ppo/eos_frac": float(ro.ended.float().mean()),
         "ppo/empty_frac": float((lengths <= 1).float().mean()),  # collapse watch: EOS at once
         "ppo/advantage_mean": float(pm.masked_mean(ro.advantages, m)),
-        "ppo/return_mean": float(pm.masked_mean(ro.returns, m)),
-        "ppo/value_mean_old": float(pm.masked_mean(ro.values, m)),
+        **({"ppo/return_mean": float(pm.masked_mean(ro.returns, m))} if ro.returns is not None else {}),
+        **({"ppo/value_mean_old": float(pm.masked_mean(ro.values, m))} if ro.values is not None else {}),
     }

@@ -289,8 +289,12 @@ def gae(
 # ----------------------------------------------------------------------------------------------
 # Losses
 # ----------------------------------------------------------------------------------------------
-def _token_mean(x: Tensor, mask: Tensor, num_tokens: Optional[Union[Tensor, Number]]) -> Tensor:
-    """Masked mean, or masked sum / ``num_tokens`` when a global token count is given."""
+def _token_mean(x: Tensor, mask: Tensor, num_tokens: Optional[Union[Tensor, Number]],
+                weights: Optional[Tensor] = None) -> Tensor:
+    """Masked mean, or masked sum / ``num_tokens`` when a global token count is given, or the
+    masked sum of ``x * weights`` when per-token weights are (LOSS_AGG, algorithms/estimators.py)."""
+    if weights is not None:
+        return masked_sum(x * weights, mask)
     if num_tokens is None:
         return masked_mean(x, mask)
     return masked_sum(x, mask) / num_tokens
@@ -303,6 +307,7 @@ def policy_loss(
     mask: Tensor,
     clip_range: float = 0.2,
     num_tokens: Optional[Union[Tensor, Number]] = None,
+    weights: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Clipped surrogate policy loss ([PPO] eq. 7), averaged over real tokens.
 
@@ -312,7 +317,8 @@ def policy_loss(
 
     Reduction: masked mean over the tokens of this batch; with ``num_tokens`` the masked *sum*
     divided by ``num_tokens`` instead (pass the token count of the whole minibatch so that
-    gradient accumulation over micro-batches gives the same update as one big batch).
+    gradient accumulation over micro-batches gives the same update as one big batch); with
+    ``weights`` ``(B, T)`` the masked sum of the per-token losses times them (LOSS_AGG).
 
     ``stats`` (detached 0-d tensors, no host sync):
     ``clipfrac`` fraction of tokens where the clipped term is active; ``approx_kl`` the k3
@@ -326,7 +332,7 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = _token_mean(torch.maximum(unclipped, clipped), m, num_tokens)
+    loss = _token_mean(torch.maximum(unclipped, clipped), m, num_tokens, weights)
     with torch.no_grad():
         ratio_d = ratio.detach()
         stats = {
@@ -345,13 +351,14 @@ def value_loss(
     mask: Tensor,
     clip_range: Optional[float] = 0.2,
     num_tokens: Optional[Union[Tensor, Number]] = None,
+    weights: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Clipped value loss (docs/ppo.md §11; PPO2 baselines), averaged over real tokens.
 
     ``v_clip = old + clip(v - old, -c, c)``; per token ``0.5 * max((v - R)**2, (v_clip - R)**2)``.
     ``clip_range=None`` gives the plain ``0.5 * (v - R)**2``. Shapes: ``values`` (with grad),
-    ``old_values``, ``returns``, ``mask`` ``(B, T)`` -> ``(loss 0-d, stats)``. ``num_tokens`` as in
-    :func:`policy_loss`.
+    ``old_values``, ``returns``, ``mask`` ``(B, T)`` -> ``(loss 0-d, stats)``. ``num_tokens`` and
+    ``weights`` as in :func:`policy_loss`.
 
     ``stats`` (detached 0-d): ``vf_clipfrac`` fraction of tokens where the clip acts
     (``|v - old| > c``) and the clipped term is the larger;
@@ -370,7 +377,7 @@ def value_loss(
         # Inside the range v_clip is v only up to rounding (old + (v - old) is inexact when v and old
         # differ in sign or scale), so a token counts as clipped only where the clip acts.
         active = (values - old_values).abs() > clip_range
-    loss = 0.5 * _token_mean(torch.maximum(unclipped, clipped), m, num_tokens)
+    loss = 0.5 * _token_mean(torch.maximum(unclipped, clipped), m, num_tokens, weights)
     with torch.no_grad():
         v = values.detach()
         var_r = masked_var(returns, m)

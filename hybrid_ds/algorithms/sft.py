@@ -12,18 +12,27 @@ import time
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from hybrid_ds.algorithms.context import NextBatch, PhaseContext
 from hybrid_ds.data import IGNORE_INDEX, Example, collate_sft, micro_batches
+from hybrid_ds.models.logprobs import logprobs_from_logits
 
 
 def token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over labelled positions. logits ``(B, L, V)``, labels ``(B, L)``."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    """Summed next-token cross-entropy over labelled positions. logits ``(B, L, V)``, labels ``(B, L)``.
+
+    ``-log p(label)`` through :func:`hybrid_ds.models.logprobs.logprobs_from_logits`, whose
+    logsumexp runs in fp32 blocks of at most 2**24 elements, forward and backward: no fp32
+    ``(B, L, V)`` copy of half-precision logits is made (``F.cross_entropy`` on ``logits.float()``
+    would make one, gigabytes at a 150 k vocabulary). Equal to ``F.cross_entropy(..., reduction="sum")``
+    to float32 rounding (tests/test_model.py).
+    """
+    # Position t predicts label t + 1; the last position predicts nothing. Shifting the labels, not
+    # slicing the logits, lets the backward write the logits' gradient without a sliced copy.
+    nxt = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], 1)
+    keep = nxt != IGNORE_INDEX
+    logp = logprobs_from_logits(logits, nxt.masked_fill(~keep, 0))
+    return -(logp * keep).sum()
 
 
 def labelled_tail(labels: torch.Tensor) -> int:
@@ -64,7 +73,7 @@ def sft_step(engine, examples: list[Example], *, accum: int, lr: float, pad_id: 
             ce_sum, values = labelled_ce_sum(engine, b, dist.device, with_values=True)
             # 0 x values: every parameter takes part in the graph, so ZeRO sees a (zero) value-head
             # gradient rather than a missing one; the value head itself stays unchanged (lr 0).
-            loss = ce_sum * dist.world / n_tokens + 0.0 * values.sum()
+            loss = ce_sum * dist.world / n_tokens + (0.0 * values.sum() if values is not None else 0.0)
             engine.backward(loss, boundary)
         ce_total += ce_sum.detach()
     # 3. optimizer step

@@ -70,6 +70,17 @@ def validate(cfg: Config) -> list[str]:
                         f"bounds prompt + response, so PPO prompts keep their last MAXSEQ - MAX_NEW_TOKENS tokens.")
     if cfg.run.ref_placement == "separate" and cfg.run.mode == "sft":
         problems.append("REF_PLACEMENT=separate with MODE=sft: SFT uses no reference model; use colocated.")
+    if cfg.ppo.advantage in ("grpo", "rloo") and cfg.ppo.num_generations < 2 and cfg.run.mode != "sft":
+        problems.append(f"ADVANTAGE={cfg.ppo.advantage} compares the responses of one prompt: set NUM_GENERATIONS "
+                        f">= 2 (got {cfg.ppo.num_generations}; 4 to 16 is usual).")
+    if cfg.ppo.adaptive_kl and cfg.ppo.kl_controller == "pi" and cfg.ppo.init_kl_coef <= 0:
+        problems.append("KL_CONTROLLER=pi scales INIT_KL_COEF, which is 0: set INIT_KL_COEF > 0 (e.g. 0.05).")
+    if cfg.hybrid.ref_sync_every and cfg.run.mode != "hybrid":
+        problems.append(f"REF_SYNC_EVERY ({cfg.hybrid.ref_sync_every}) counts hybrid cycles: it applies to "
+                        f"MODE=hybrid only.")
+    if cfg.hybrid.ref_sync_every and cfg.run.ref_placement == "separate":
+        problems.append("REF_SYNC_EVERY needs the reference on the policy ranks (REF_PLACEMENT=colocated): weights "
+                        "are not sent to reference ranks yet.")
     if cfg.run.ref_placement == "separate" and cfg.hybrid.ref_init != "start":
         problems.append("REF_INIT=after_warmup needs the reference on the policy ranks (REF_PLACEMENT=colocated).")
     problems += lora_problems(cfg)
@@ -93,6 +104,9 @@ def lora_problems(cfg: Config) -> list[str]:
         problems.append("REF_INIT=after_warmup with LORA_R > 0: the reference is the policy's base with its "
                         "adapters disabled, which stays the starting model; use REF_INIT=start, or warm up in "
                         "an SFT run and start the LoRA run from its inference_lm/.")
+    if lo.r and cfg.hybrid.ref_sync_every:
+        problems.append("REF_SYNC_EVERY with LORA_R > 0: the reference is the policy's base with its adapters "
+                        "disabled, so it cannot follow the policy; set REF_SYNC_EVERY=0.")
     return problems
 
 

@@ -138,6 +138,12 @@ class PPOConfig:
     adaptive_kl: bool = opt(True, "Adapt beta toward TARGET_KL (Ziegler et al. 2019); false keeps it fixed.",
                             key="ADAPTIVE_KL")
     kl_horizon: int = opt(10000, "Horizon of the adaptive KL controller, in samples.", key="KL_HORIZON", lo=1)
+    kl_controller: str = opt("ziegler", "Adaptive KL rule: ziegler (beta moves by at most 0.2 x samples / KL_HORIZON "
+                                        "per update) or pi (PI control of log beta on log(KL / TARGET_KL): reaches "
+                                        "the target within tens of updates; docs/ppo.md section 8).",
+                             key="KL_CONTROLLER", choices=("ziegler", "pi"))
+    kl_kp: float = opt(0.5, "KL_CONTROLLER=pi: proportional gain.", key="KL_KP", lo=0.0)
+    kl_ki: float = opt(0.2, "KL_CONTROLLER=pi: integral gain.", key="KL_KI", lo=0.0)
     kl_estimator: str = opt("k1", "Per-token KL estimator in the reward: k1 (unbiased) or k3 (low variance).",
                             key="KL_ESTIMATOR", choices=("k1", "k2", "k3"))
     clip_range: float = opt(0.2, "PPO ratio clip.", key="CLIP_RANGE", lo=0.0, lo_open=True)
@@ -158,6 +164,21 @@ class PPOConfig:
     ptx_coef: float = opt(0.0, "PPO-ptx: add this times the SFT loss on a labelled batch to every PPO "
                                "optimizer step (DeepSpeed-Chat's mixture training); 0 = off.", key="PTX_COEF",
                           lo=0.0)
+    advantage: str = opt("gae", "Advantage estimator: gae (value head + GAE), grpo (group-normalised scores), rloo "
+                                "(leave-one-out group baseline) or reinforce_pp (batch-whitened returns); the last "
+                                "three need no value head, which is then not built. See docs/ppo.md.",
+                         key="ADVANTAGE", choices=("gae", "grpo", "rloo", "reinforce_pp"))
+    num_generations: int = opt(1, "Responses sampled per prompt (a group, for grpo and rloo: at least 2); "
+                                  "PPO_BATCH and PPO_MINI count prompts.", key="NUM_GENERATIONS", lo=1)
+    group_std: bool = opt(True, "grpo: divide by the group's standard deviation (false: Dr. GRPO).",
+                          key="GROUP_STD")
+    loss_agg: str = opt("token_mean", "How token losses add up: token_mean (each token of a minibatch counts the "
+                                      "same), seq_mean (each sequence's mean, averaged) or dr_grpo (sums over "
+                                      "sequences x MAX_NEW_TOKENS).", key="LOSS_AGG",
+                        choices=("token_mean", "seq_mean", "dr_grpo"))
+    kl_in: str = opt("reward", "Where the KL to the reference acts: reward (a per-token penalty in the reward, "
+                               "INIT_KL_COEF x KL_ESTIMATOR) or loss (beta x the k3 KL in the loss, as GRPO).",
+                     key="KL_IN", choices=("reward", "loss"))
 
 
 @dataclass
@@ -178,6 +199,12 @@ class HybridConfig:
                                  "a snapshot of the policy after SFT_WARMUP_STEPS (use it when MODEL is not yet "
                                  "able to do the task, e.g. builtin:tiny-gpt2).", key="REF_INIT",
                         choices=("start", "after_warmup"))
+    ref_sync_every: int = opt(0, "Every N hybrid cycles, after the cycle's SFT steps, move the reference to the "
+                                 "policy (REF_SYNC_ALPHA), so the KL is measured from where SFT took it; 0 = never.",
+                              key="REF_SYNC_EVERY", lo=0)
+    ref_sync_alpha: float = opt(1.0, "Reference sync: ref = alpha x policy + (1 - alpha) x ref (1 = copy; < 1 = an "
+                                     "exponential moving average, as TR-DPO).", key="REF_SYNC_ALPHA", lo=0.0, hi=1.0,
+                                lo_open=True)
 
 
 @dataclass

@@ -285,8 +285,9 @@ class Dist:
             yield
 
     @torch.no_grad()
-    def copy_weights(self, src: torch.nn.Module, dst: torch.nn.Module) -> None:
-        """Overwrite ``dst``'s weights with ``src``'s (same architecture), e.g. policy -> reference.
+    def copy_weights(self, src: torch.nn.Module, dst: torch.nn.Module, alpha: float = 1.0) -> None:
+        """Overwrite ``dst``'s weights with ``src``'s (same architecture), e.g. policy -> reference;
+        ``alpha < 1`` mixes instead: ``dst = alpha * src + (1 - alpha) * dst`` (in ``dst``'s dtype).
 
         Under ZeRO-3 both are partitioned the same way over the same ranks, so each rank copies its
         own partitions and nothing is gathered."""
@@ -294,10 +295,11 @@ class Dist:
         src_p = dict(src.named_parameters())
         for name, p in dst_module.named_parameters():
             s = src_p[name]
-            if hasattr(p, "ds_tensor"):
-                p.ds_tensor.data.copy_(s.ds_tensor.data)
+            d, new = (p.ds_tensor.data, s.ds_tensor.data) if hasattr(p, "ds_tensor") else (p.data, s.data)
+            if alpha == 1.0:
+                d.copy_(new.to(d.dtype))
             else:
-                p.data.copy_(s.data.to(p.dtype))
+                d.copy_((alpha * new.float() + (1.0 - alpha) * d.float()).to(d.dtype))
 
     @contextlib.contextmanager
     def generation_model(self, engine: "TrainEngine") -> Iterator[torch.nn.Module]:

@@ -49,41 +49,51 @@ def _as_3d(logits: Tensor) -> Tensor:
     return logits.reshape(-1, *logits.shape[-2:])
 
 
-class _BlockedLogSumExp(torch.autograd.Function):
-    """``logsumexp(logits / temperature, -1)`` in float32, block by block.
+def _blocked_logsumexp(logits: Tensor, temperature: float) -> Tensor:
+    """``logsumexp(logits / temperature, -1)`` ``(B, T, V) -> (B, T)`` in float32, one block at a time."""
+    out = torch.empty(logits.shape[:2], dtype=torch.float32, device=logits.device)
+    for bs, ts in _blocks(logits.shape):
+        block = logits[bs, ts].float()
+        if temperature != 1.0:
+            block = block / temperature
+        out[bs, ts] = torch.logsumexp(block, dim=-1)
+    return out
 
-    Forward materialises one fp32 block at a time; backward recomputes the softmax block by block
-    from the saved (original-dtype) logits instead of keeping fp32 activations alive, so neither
-    pass holds a full fp32 ``(B, T, V)`` copy besides the gradient itself (which has the logits'
-    dtype).
+
+class _BlockedTokenLogProb(torch.autograd.Function):
+    """``log_softmax(logits / temperature)`` at ``tokens``, in float32, block by block.
+
+    Forward: the picked logit minus a float32 logsumexp per block. Backward writes
+    ``(onehot(token) - softmax) * grad / temperature`` into one gradient buffer of the logits' dtype,
+    block by block: one (B, T, V) tensor for the whole backward, where gather + logsumexp as two
+    autograd nodes would each make their own and sum them.
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, temperature: float) -> Tensor:  # (B, T, V) -> (B, T)
-        out = torch.empty(logits.shape[:2], dtype=torch.float32, device=logits.device)
-        for bs, ts in _blocks(logits.shape):
-            block = logits[bs, ts].float()
-            if temperature != 1.0:
-                block = block / temperature
-            out[bs, ts] = torch.logsumexp(block, dim=-1)
-        ctx.save_for_backward(logits, out)
+    def forward(ctx, logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:  # (B, T, V), (B, T) -> (B, T)
+        lse = _blocked_logsumexp(logits, temperature)
+        picked = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1).float()
+        if temperature != 1.0:
+            picked = picked / temperature
+        ctx.save_for_backward(logits, tokens, lse)
         ctx.temperature = temperature
-        return out
+        return picked - lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):  # (B, T) -> (B, T, V)
-        logits, lse = ctx.saved_tensors
+        logits, tokens, lse = ctx.saved_tensors
         t = ctx.temperature
         grad = torch.empty_like(logits)
         for bs, ts in _blocks(logits.shape):
             block = logits[bs, ts].float()
             if t != 1.0:
                 block = block / t
-            # d logsumexp(l / t) / d l = softmax(l / t) / t
-            probs = torch.exp(block - lse[bs, ts].unsqueeze(-1))
-            grad[bs, ts] = (probs * (grad_out[bs, ts] / t).unsqueeze(-1)).to(grad.dtype)
-        return grad, None
+            g = (grad_out[bs, ts] / t).unsqueeze(-1)
+            out = torch.exp(block - lse[bs, ts].unsqueeze(-1)).mul_(-g)  # -softmax * g
+            out.scatter_add_(-1, tokens[bs, ts].unsqueeze(-1), g)  # + onehot * g
+            grad[bs, ts] = out.to(grad.dtype)
+        return grad, None, None
 
 
 def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
@@ -97,17 +107,15 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.
 
     Computed as ``gathered_logit / T - logsumexp(logits / T)`` with the logsumexp done in float32
     over blocks of at most 2**24 elements; a custom autograd function recomputes the softmax in
-    backward, so no full fp32 ``(B, T, V)`` copy of bf16/fp16 logits is ever materialised. Ids
-    must be valid indices ``[0, V)`` everywhere, including padding positions (mask afterwards).
+    backward, so no full fp32 ``(B, T, V)`` copy of bf16/fp16 logits is ever materialised, and the
+    backward makes one gradient buffer of the logits' dtype. Ids must be valid indices ``[0, V)``
+    everywhere, including padding positions (mask afterwards).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    tokens = tokens.long()
-    picked = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1).float()
-    if temperature != 1.0:
-        picked = picked / temperature
-    lse = _BlockedLogSumExp.apply(_as_3d(logits), float(temperature))
-    return picked - lse.reshape(tokens.shape)
+    logits3 = _as_3d(logits)
+    out = _BlockedTokenLogProb.apply(logits3, tokens.long().reshape(logits3.shape[:2]), float(temperature))
+    return out.reshape(tokens.shape)
 
 
 def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -148,12 +156,12 @@ def sequence_inputs(query_ids, query_mask, response_ids, response_mask):
     return ids, att, pos
 
 
-def policy_response_outputs(model, ids, att, pos, T: int):
-    """The policy/value model's logits ``(B, T, V)`` and values ``(B, T)`` at the positions that predict
-    the ``T`` response tokens (the last prompt token .. the second-to-last token); the LM head runs
-    on those ``T + 1`` last positions only."""
-    logits, values = model(ids, att, position_ids=pos, with_values=True, keep_last=T + 1)
-    return logits[:, :T], values[:, :T]
+def policy_response_outputs(model, ids, att, pos, T: int, with_values: bool = True):
+    """The policy/value model's logits ``(B, T, V)`` and values ``(B, T)`` (None without ``with_values``)
+    at the positions that predict the ``T`` response tokens (the last prompt token .. the
+    second-to-last token); the LM head runs on those ``T + 1`` last positions only."""
+    logits, values = model(ids, att, position_ids=pos, with_values=with_values, keep_last=T + 1)
+    return logits[:, :T], (values[:, :T] if values is not None else None)
 
 
 def lm_response_logprobs(lm, ids, att, pos, response_ids, temperature: float):

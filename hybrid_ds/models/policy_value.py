@@ -17,13 +17,16 @@ VALUE_HEAD_FILE = "value_head.pt"
 
 
 class PolicyValue(nn.Module):
-    """``lm``: a Hugging Face causal LM; ``v_head``: hidden state -> scalar value, initialised near zero."""
+    """``lm``: a Hugging Face causal LM; ``v_head``: hidden state -> scalar value, initialised near zero
+    (None with ``value_head=False``: the forward then returns no values)."""
 
-    def __init__(self, lm: nn.Module, v_head: Optional[nn.Linear] = None, seed: int = 0):
+    def __init__(self, lm: nn.Module, v_head: Optional[nn.Linear] = None, seed: int = 0, value_head: bool = True):
         super().__init__()
         self.lm = lm
         hidden = lm.config.hidden_size if hasattr(lm.config, "hidden_size") else lm.config.n_embd
-        if v_head is None:
+        if not value_head:  # a critic-free estimator (ADVANTAGE): no value head, no memory for one
+            v_head = None
+        elif v_head is None:
             v_head = nn.Linear(hidden, 1)
             g = torch.Generator().manual_seed(seed)
             with torch.no_grad():
@@ -44,7 +47,7 @@ class PolicyValue(nn.Module):
                       output_hidden_states=with_values, use_cache=False, **logits_to_keep(self.lm, keep_last))
         logits = out.logits[:, -keep_last:] if keep_last else out.logits  # (a model without logits_to_keep)
         values = None
-        if with_values:
+        if with_values and self.v_head is not None:
             h = out.hidden_states[-1]
             h = h[:, -keep_last:] if keep_last else h
             values = self.v_head(h.to(self.v_head.weight.dtype)).squeeze(-1).float()
@@ -113,14 +116,88 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def load_lm(name: str, tokenizer, dtype: torch.dtype = torch.float32, **from_pretrained):
-    """A causal LM from a local dir, a hub name, or a builtin; its embeddings resized to the tokenizer.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_dtype(torch_dtype: str, mixed_precision: str, deepspeed: bool) -> torch.dtype:
+    """The dtype the weights load in for TORCH_DTYPE under a launch's precision ("no"/"bf16"/"fp16").
+
+    ``auto`` loads in the mixed-precision dtype where DeepSpeed trains in it anyway (DeepSpeed's
+    fp32 master copies are made from the half-precision weights either way, so loading in half
+    changes no number and halves the load's memory), float32 otherwise: without DeepSpeed, BF16/FP16
+    mean autocast over float32 weights."""
+    if torch_dtype != "auto":
+        return DTYPES[torch_dtype]
+    if deepspeed and mixed_precision in ("bf16", "fp16"):
+        return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return torch.float32
+
+
+def dtype_problem(torch_dtype: str, mixed_precision: str, deepspeed: bool, frozen_base: bool = False) -> Optional[str]:
+    """Why TORCH_DTYPE cannot train under this launch, or None.
+
+    Under DeepSpeed, half-precision weights need the matching BF16/FP16 mode (DeepSpeed then keeps
+    fp32 master weights and steps those). Without DeepSpeed, float16 weights that train cannot:
+    the gradient scaler refuses float16 gradients, and an optimizer stepping float16 weights loses
+    small updates; bfloat16 weights train as they are (pure bf16, no fp32 master copy), as in
+    TRL/Transformers' Trainer. ``frozen_base``: only adapters train (LoRA), the base may be any dtype."""
+    half = {"bfloat16": "bf16", "float16": "fp16"}.get(torch_dtype)
+    if half is None:
+        return None
+    if deepspeed and mixed_precision != half:
+        flag = half.upper()
+        return (f"TORCH_DTYPE={torch_dtype} under DeepSpeed needs {flag}=true (DeepSpeed keeps fp32 master weights in "
+                f"that mode; got precision {mixed_precision!r}); set {flag}=true or TORCH_DTYPE=auto.")
+    if not deepspeed and half == "fp16" and not frozen_base:
+        return ("TORCH_DTYPE=float16 without DeepSpeed cannot train the weights (float16 updates underflow); use "
+                "TORCH_DTYPE=auto with FP16=true (autocast over float32 weights), bfloat16, or DeepSpeed.")
+    return None
+
+
+# what an attention implementation needs of the model class
+_ATTN_SUPPORT = {"sdpa": "_supports_sdpa", "flex_attention": "_supports_flex_attn"}
+
+
+def attention_problem(model_config, impl: str) -> Optional[str]:
+    """Why ATTN_IMPLEMENTATION ``impl`` cannot serve the model of ``model_config``, or None.
+
+    Checked on the model class and the installed kernels, without building the model: the names
+    transformers registers (plus ``eager``, and ``org/repo`` kernels from the hub), whether the
+    class declares support, and whether flash-attn is installed for the ``flash_attention_*`` ones."""
+    if not impl:
+        return None
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = ["eager", *(k for k in ALL_ATTENTION_FUNCTIONS.keys() if "|" not in k)]
+    if impl not in known and "/" not in impl:
+        return f"ATTN_IMPLEMENTATION: {impl!r} is not an attention implementation; choose from {', '.join(known)}."
+    cls = AutoModelForCausalLM._model_mapping.get(type(model_config), None)
+    name = cls.__name__ if cls is not None else type(model_config).__name__
+    attr = "_supports_flash_attn" if impl.startswith("flash_attention") else _ATTN_SUPPORT.get(impl)
+    if cls is not None and attr and not getattr(cls, attr, False):
+        return f"ATTN_IMPLEMENTATION: {name} does not support {impl!r}; use sdpa or eager."
+    if impl.startswith("flash_attention"):
+        import importlib.util
+
+        pkg = {"flash_attention_3": "flash_attn_interface", "flash_attention_4": "flash_attn.cute"}.get(impl, "flash_attn")
+        if importlib.util.find_spec(pkg.split(".")[0]) is None or not torch.cuda.is_available():
+            return (f"ATTN_IMPLEMENTATION: {impl!r} needs a CUDA GPU and the {pkg.split('.')[0]!r} package "
+                    f"(pip install flash-attn); use sdpa here.")
+    return None
+
+
+def load_lm(name: str, tokenizer, dtype: torch.dtype = torch.float32, attn_implementation: str = "",
+            **from_pretrained):
+    """A causal LM from a local dir, a hub name, or a builtin, its weights in ``dtype`` and its attention
+    ``attn_implementation`` (empty: transformers' default); embeddings resized to the tokenizer.
     ``from_pretrained``: more arguments of transformers' loader (models/lora.py: a quantisation config)."""
     from transformers import AutoModelForCausalLM
 
     from hybrid_ds.assets import resolve_model
 
-    lm = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype, **from_pretrained)
+    attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    lm = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype, **attn, **from_pretrained)
     if lm.get_input_embeddings().weight.shape[0] < len(tokenizer):
         lm.resize_token_embeddings(len(tokenizer))
     lm.config.pad_token_id = tokenizer.pad_token_id
@@ -203,15 +280,38 @@ def save_policy_value(lm_state: dict, model: PolicyValue, tokenizer, out_dir: st
     lm_sd = {k[len("lm."):]: v for k, v in lm_state.items() if k.startswith("lm.")}
     model.lm.save_pretrained(out_dir, state_dict=lm_sd, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    if with_value_head:
+    if with_value_head and model.v_head is not None:
         vh = {k[len("v_head."):]: v.clone() for k, v in lm_state.items() if k.startswith("v_head.")}
         torch.save(vh, os.path.join(out_dir, VALUE_HEAD_FILE))
 
 
-def load_value_head(model: PolicyValue, path: str) -> bool:
-    """Load ``value_head.pt`` from a ``ppo_full`` dir if there is one (to continue RL)."""
+def value_head_problem(path: str, model_config) -> Optional[str]:
+    """Why a ``ppo_full`` dir's ``value_head.pt`` cannot serve as this model's value head, or None
+    (also None when ``path`` has none: the head then starts fresh)."""
     f = os.path.join(path, VALUE_HEAD_FILE)
-    if os.path.isfile(f):
-        model.v_head.load_state_dict(torch.load(f, map_location="cpu", weights_only=True))
-        return True
-    return False
+    if not os.path.isfile(f):
+        return None
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+        shape = tuple(state["weight"].shape)
+    except Exception as e:  # noqa: BLE001 - a user's file: name it and give the loader's reason
+        return f"MODEL: {f} cannot be read as a value head ({_first_line(e)}); remove it to start a fresh value head."
+    if shape != (1, model_config.hidden_size) or tuple(state.get("bias", torch.zeros(1)).shape) != (1,):
+        return (f"MODEL: {f} holds a value head of shape {shape}, the model's hidden size is "
+                f"{model_config.hidden_size}; remove it to start a fresh value head.")
+    return None
+
+
+def load_value_head(model: PolicyValue, path: str) -> Optional[str]:
+    """Load ``value_head.pt`` from a ``ppo_full`` dir, if ``path`` is one (to continue RL); returns the
+    file loaded, or None. A head of another shape is a ModelFileError naming the file."""
+    f = os.path.join(path, VALUE_HEAD_FILE)
+    if not os.path.isfile(f) or model.v_head is None:  # a critic-free run has no head to load
+        return None
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+        model.v_head.load_state_dict({k: v.to(model.v_head.weight.dtype) for k, v in state.items()})
+    except Exception as e:  # noqa: BLE001 - a user's file: name it and give the loader's reason
+        raise ModelFileError(f"{f}: not a value head of this model ({_first_line(e)}); remove it to start a fresh "
+                             f"value head") from None
+    return f

@@ -10,7 +10,7 @@ import torch
 from hybrid_ds.config import Config
 from hybrid_ds.config.batch_plan import BatchPlans
 from hybrid_ds.engine.dist import peak_rss_mb
-from hybrid_ds.models.policy_value import load_lm, load_tokenizer
+from hybrid_ds.models.policy_value import load_dtype, load_lm, load_tokenizer
 from hybrid_ds.reference.protocol import RefServer, model_logprob_fn
 
 
@@ -19,8 +19,11 @@ def serve_reference(cfg: Config, placement, bridge) -> int:
     dev = torch.device("cuda", placement.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    dtype = torch.bfloat16 if cfg.run.bf16 else torch.float16 if cfg.run.fp16 else torch.float32
-    ref = load_lm(cfg.run.model, load_tokenizer(cfg.run.tokenizer or cfg.run.model), dtype=dtype)
+    # Inference only: the reference computes in the run's precision (no autocast, no master weights here).
+    precision = "bf16" if cfg.run.bf16 else "fp16" if cfg.run.fp16 else "no"
+    dtype = load_dtype(cfg.model.torch_dtype, precision, deepspeed=True)
+    ref = load_lm(cfg.run.model, load_tokenizer(cfg.run.tokenizer or cfg.run.model), dtype,
+                  cfg.model.attn_implementation)
     ref = ref.to(dev).eval().requires_grad_(False)
     # One request per client, each a training micro-batch at most: the same activation bound as colocated.
     chunk = len(bridge.clients) * BatchPlans.from_config(cfg, placement.policy_world).ppo.forward_chunk

@@ -58,7 +58,8 @@ def export(ckpt: str, out_dir: str, with_value_head: bool = False) -> str:
         from hybrid_ds.models.policy_value import VALUE_HEAD_FILE
 
         vh = {k[len("v_head."):]: v.float().clone() for k, v in state.items() if k.startswith("v_head.")}
-        torch.save(vh, os.path.join(out_dir, VALUE_HEAD_FILE))
+        if vh:  # a critic-free run (ADVANTAGE) has none
+            torch.save(vh, os.path.join(out_dir, VALUE_HEAD_FILE))
     return out_dir
 
 

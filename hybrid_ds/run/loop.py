@@ -54,6 +54,14 @@ def train(run: Run) -> None:
         mix = {"curriculum/sft_steps": n_sft, "curriculum/ppo_updates": n_rl}
         for _ in range(n_sft):
             _log(run, c.sft_step + 1, sft.name, {**phase_step(run, sft), **mix}, advance=False)
+        every = cfg.hybrid.ref_sync_every
+        if every and (c.cycle + 1) % every == 0:  # 1b. the reference follows the policy SFT moved
+            run.dist.copy_weights(run.engine.module.lm, run.ref, alpha=cfg.hybrid.ref_sync_alpha)
+            c.ref_snapshot = 1  # checkpoints from now on carry the reference
+            _log(run, c.cycle + 1, "ref", {"ref/synced": 1.0, "ref/alpha": cfg.hybrid.ref_sync_alpha}, advance=False)
+            if run.dist.is_main:
+                print(f"[hybrid_ds] cycle {c.cycle + 1}: reference synced to the policy "
+                      f"(alpha {cfg.hybrid.ref_sync_alpha})", flush=True)
         for _ in range(n_rl):
             _log(run, getattr(c, rl.counter) + 1, rl.name, {**phase_step(run, rl), **mix}, advance=False)
         c.cycle += 1

@@ -28,7 +28,7 @@ def save_outputs(run) -> None:
                           with_value_head=False)
         if run.cfg.run.mode != "sft":
             save_policy_value(state, run.engine.module, run.tokenizer, os.path.join(out, "ppo_full"),
-                              with_value_head=True)
+                              with_value_head=run.engine.module.v_head is not None)
     run.dist.barrier()
 
 

@@ -24,6 +24,7 @@ from hybrid_ds.config.load import build_config, normalise_paths, parse_override,
 from hybrid_ds.config.schema import REWARD_KEY
 from hybrid_ds.data import (DataReport, Example, chat_template_problem, load_items, prompt_template_problem,
                             tokenize_items, use_chat_template)
+from hybrid_ds.engine.dist import plan_launch
 from hybrid_ds.engine.placement import launch_world_size, placement_problems, policy_world_size
 from hybrid_ds.optim import make_phase_schedules, schedule_warnings, validate_optim_config
 from hybrid_ds.rewards import validate_reward_spec
@@ -72,6 +73,7 @@ def config_problems(cfg: Config, *, check_files: bool = True, world_size: Option
     if cfg.run.mode != "sft":
         problems += validate_reward_spec(cfg.reward, path=REWARD_KEY)
     if check_files:
+        problems += launch_dtype_problems(cfg)
         problems += file_problems(cfg)
         if cfg.run.output_dir and not output_dir_problem(cfg.run.output_dir):
             problems += resume_problems(cfg)  # a run already there: resumed, refused or moved aside (RESUME)
@@ -85,8 +87,6 @@ def quantized_base_problems(cfg: Config) -> list[str]:
     key = "LOAD_IN_4BIT" if cfg.lora.load_in_4bit else "LOAD_IN_8BIT" if cfg.lora.load_in_8bit else ""
     if not key:
         return []
-    from hybrid_ds.engine.dist import plan_launch
-
     try:
         stage = plan_launch(cfg).zero_stage
     except (OSError, ValueError):  # an unreadable DS_CONFIG: file_problems names it
@@ -95,6 +95,18 @@ def quantized_base_problems(cfg: Config) -> list[str]:
         return [f"{key} with ZeRO stage 3: a bitsandbytes-quantised base cannot be partitioned; use ZeRO-2 "
                 f"(ZERO_STAGE=2) or no DeepSpeed, which keep the quantised base whole on each rank."]
     return []
+
+
+def launch_dtype_problems(cfg: Config) -> list[str]:
+    """TORCH_DTYPE against the precision and DeepSpeed use the launch resolves to (config + launcher)."""
+    from hybrid_ds.models.policy_value import dtype_problem
+
+    try:
+        plan = plan_launch(cfg)
+    except (OSError, ValueError):  # an unreadable DS_CONFIG: file_problems names it
+        return []
+    p = dtype_problem(cfg.model.torch_dtype, plan.mixed_precision, plan.zero_stage > 0, frozen_base=cfg.lora.r > 0)
+    return [p] if p else []
 
 
 def prepare_data(cfg: Config, tokenizer, seed: int, report: Optional[DataReport] = None) -> list[Example]:
@@ -123,7 +135,9 @@ class Preflight:
 
 def preflight(cfg: Config, seed: int) -> Preflight:
     """The checks of step 2 (module docstring); ``load_config`` has run step 1."""
-    from hybrid_ds.models.policy_value import ModelFileError, load_model_config, load_tokenizer, max_positions
+    from hybrid_ds.assets import resolve_model
+    from hybrid_ds.models.policy_value import (ModelFileError, attention_problem, load_model_config, load_tokenizer,
+                                                max_positions, value_head_problem)
 
     # 1. tokenizer and the model's config
     problems = []
@@ -145,6 +159,8 @@ def preflight(cfg: Config, seed: int) -> Preflight:
             from hybrid_ds.models.lora import target_problems
 
             problems += target_problems(cfg.lora, model_config, cfg.run.model)
+        problems += [p for p in [attention_problem(model_config, cfg.model.attn_implementation),
+                                 value_head_problem(resolve_model(cfg.run.model), model_config)] if p]
     except ModelFileError as e:
         problems.append(f"MODEL: {e}.")
     if problems:

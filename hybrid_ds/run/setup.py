@@ -11,8 +11,10 @@ from hybrid_ds.algorithms.registry import MODES, PHASES
 from hybrid_ds.config import Config
 from hybrid_ds.config.batch_plan import BatchPlans
 from hybrid_ds.data import BatchStream
+from hybrid_ds.assets import resolve_model
 from hybrid_ds.models.lora import add_adapters, load_base
-from hybrid_ds.models.policy_value import PolicyValue, build_param_groups, load_lm
+from hybrid_ds.models.policy_value import (PolicyValue, build_param_groups, load_dtype, load_lm,
+                                           load_value_head)
 from hybrid_ds.optim import build_optimizer
 from hybrid_ds.rewards import make_reward
 from hybrid_ds.run.metrics import MetricsLogger
@@ -38,14 +40,25 @@ def build_run(cfg: Config, dist, seed: int, ref_client=None, pre: Optional[Prefl
 
     # 2. models: policy+value trunk (trainable), reference (frozen copy of the start). With LoRA the
     #    trunk is a frozen base with adapters, and the reference is that base, adapters off (models/lora.py).
+    dtype = load_dtype(cfg.model.torch_dtype, dist.plan.mixed_precision, dist.uses_deepspeed)
+    load = dict(dtype=dtype, attn_implementation=cfg.model.attn_implementation)
     if cfg.lora.r:
-        lm = add_adapters(load_base(cfg.run.model, tokenizer, seed, cfg.lora, dist.device), cfg.lora)
+        lm = add_adapters(load_base(cfg.run.model, tokenizer, seed, cfg.lora, dist.device, **load), cfg.lora)
     else:
-        lm = load_lm(cfg.run.model, tokenizer)  # under ZeRO-3, Accelerate's DeepSpeed plugin partitions it at load
-    model = PolicyValue(lm, seed=seed)
+        lm = load_lm(cfg.run.model, tokenizer, **load)  # under ZeRO-3, Accelerate's DeepSpeed plugin partitions it at load
+    if cfg.model.gradient_checkpointing:
+        # Non-reentrant checkpointing: the recomputation follows autograd, so it needs no input that
+        # requires grad (frozen embeddings under LoRA) and composes with ZeRO-3's parameter hooks.
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # The critic-free estimators train no value head: none is built (SFT keeps one, so its checkpoints
+    # and ppo_full/ continue into PPO with GAE).
+    model = PolicyValue(lm, seed=seed, value_head=cfg.run.mode == "sft" or cfg.ppo.advantage == "gae")
+    head = load_value_head(model, resolve_model(cfg.run.model))  # MODEL is a ppo_full/: RL continues
+    if head and dist.is_main:
+        print(f"[hybrid_ds] value head loaded from {head}")
     colocated_ref = (any(p.needs_reference for p in phases) and ref_client is None  # else on its own ranks
                      and not cfg.lora.r)
-    ref = load_lm(cfg.run.model, tokenizer) if colocated_ref else None
+    ref = load_lm(cfg.run.model, tokenizer, **load) if colocated_ref else None
     optimizer = build_optimizer(build_param_groups(model, cfg.optim.weight_decay), cfg, cfg.sft.lr,
                                 ds_config=dist.ds_config)
     engine = dist.prepare_trainable(model, optimizer)
@@ -55,7 +68,8 @@ def build_run(cfg: Config, dist, seed: int, ref_client=None, pre: Optional[Prefl
     if rl:
         reward = make_reward(cfg.reward, device=str(dist.device), all_reduce_sum=dist.all_reduce_sum)
         kl_ctl = make_kl_controller(cfg.ppo.init_kl_coef, cfg.ppo.target_kl, cfg.ppo.kl_horizon,
-                                    adaptive=cfg.ppo.adaptive_kl)
+                                    adaptive=cfg.ppo.adaptive_kl, kind=cfg.ppo.kl_controller,
+                                    gains=(cfg.ppo.kl_kp, cfg.ppo.kl_ki))
     # 4. logger and data streams
     total = plan.cycles or plan.sft_steps or plan.ppo_updates
     logger = MetricsLogger(cfg.run.output_dir, enabled=dist.is_main, total=total, desc=cfg.run.mode)
