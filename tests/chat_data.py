@@ -4,8 +4,6 @@ hybrid_ds.data.reference.chatml_tokenizer), shared by the chat-data tests."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 
 WORDS = ["apple", "river", "stone", "cloud", "tree", "lamp", "bird", "road"]
 
@@ -33,27 +31,7 @@ def write_jsonl(path, rows) -> str:
 def chat_model_dir(root: str | None = None, seed: int = 0) -> str:
     """A saved tiny GPT-2 whose vocabulary covers the ChatML tokens, with the ChatML tokenizer (its
     template saved alongside), loadable as MODEL; built once per root."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from hybrid_ds.data.reference import chatml_tokenizer
-    from tiny_models import family_config
+    from tiny_models import tiny_model_dir
 
-    root = root or os.path.join(tempfile.gettempdir(), f"hybrid_ds-tiny-{os.getuid()}")
-    out = os.path.join(root, f"gpt2-chatml-s{seed}")
-    if os.path.isfile(os.path.join(out, "config.json")):
-        return out
-    tok = chatml_tokenizer()
-    cfg = family_config("gpt2", len(tok), eos=tok.eos_token_id, pad=tok.pad_token_id)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(cfg)
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=root)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    try:
-        os.rename(tmp, out)  # atomic: parallel test processes race harmlessly
-    except OSError:
-        pass
-    return out
+    return tiny_model_dir("gpt2", root, seed, make_tokenizer=chatml_tokenizer, tag="-chatml")

@@ -46,18 +46,19 @@ def family_config(family: str, vocab_size: int, *, eos: int, pad: int):
     raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
 
 
-def tiny_model_dir(family: str, root: str | None = None, seed: int = 0) -> str:
-    """A saved tiny ``family`` model + the builtin tokenizer, loadable as ``MODEL``; built once per root."""
+def tiny_model_dir(family: str, root: str | None = None, seed: int = 0, make_tokenizer=None, tag: str = "") -> str:
+    """A saved tiny ``family`` model + the builtin tokenizer (or ``make_tokenizer()``'s, named by ``tag``),
+    loadable as ``MODEL``; built once per root."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hybrid_ds.assets import TOKENIZER_DIR
 
     root = root or os.path.join(tempfile.gettempdir(), f"hybrid_ds-tiny-{os.getuid()}")
-    out = os.path.join(root, f"{family}-s{seed}")
+    out = os.path.join(root, f"{family}{tag}-s{seed}")
     if os.path.isfile(os.path.join(out, "config.json")):
         return out
-    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    tok = make_tokenizer() if make_tokenizer else AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     cfg = family_config(family, len(tok), eos=tok.eos_token_id, pad=tok.pad_token_id)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
