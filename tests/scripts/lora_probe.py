@@ -91,6 +91,7 @@ def main():
         diff = max((a_state[k] - b_state[k]).abs().max().item() for k in a_state)
         torch.save({"policy_logprobs": pol_lp, "batch": batch}, os.path.join(cfg.run.output_dir, "probe.pt"))
         print("PROBE " + json.dumps({
+            "gradient_checkpointing": run.engine.module.lm.is_gradient_checkpointing,
             "ref_is_none": run.ref is None, "causal_lms": lms,
             "ref_equals_base": float((ref_lp - base_lp).abs().max()),
             "policy_vs_base": float((pol_lp - base_lp).abs().max()),
