@@ -162,6 +162,8 @@ def _read_with_datasets(path: str, split: str, config: str = "", key: str = "TRA
     except Exception as e:  # noqa: BLE001 - whatever the file holds, the user gets its name and the reason
         text = str(e).strip()
         reason = " ".join(text.split("\n")[:2]) if text else type(e).__name__
+        cause = str(e.__cause__ or "").strip()  # datasets wraps a builder's error in a generic one
+        reason += f": {cause.splitlines()[0]}" if cause else ""
         what = "a hub dataset id (no such local path)" if hub else "the datasets library cannot load it"
         hint = f"; DATASET_CONFIG selects a configuration, {SPLIT_KEYS.get(key, 'SPLIT')} a split" if hub or \
             os.path.isdir(path) else ""
