@@ -16,7 +16,9 @@ Every rank evaluates its shard (items ``rank, rank + world, ...``) and the sums 
 Collectives are the same on every rank whatever its shard: the loss forwards run in as many chunks on
 every rank (a rank with fewer items runs its last ones on a dummy item whose result it drops: under
 ZeRO-3 each forward gathers parameters with every rank), generation runs inside one
-``dist.generation_model`` (one gather under ZeRO-3, then no collective per token), the reward is
+``dist.generation_model`` (one gather under ZeRO-3, then no collective per token: ``generate``'s
+``synced_gpus``, on by default under ZeRO-3, is turned off, as ranks generate for shards of different
+sizes), the reward is
 called once per rank, and one all-reduce sums the results.
 """
 
@@ -71,7 +73,7 @@ def greedy_responses(ctx: PhaseContext, examples: list[Example], chunk: int) -> 
                               max_new_tokens=g.max_new_tokens, min_new_tokens=g.min_new_tokens,
                               no_repeat_ngram_size=g.no_repeat_ngram_size, repetition_penalty=g.repetition_penalty,
                               eos_token_id=stops[0] if len(stops) == 1 else stops, pad_token_id=tok.pad_token_id,
-                              use_cache=True)
+                              use_cache=True, synced_gpus=False)  # whole weights: no per-token collective
             resp = out[:, q_ids.shape[1]:]
             if resp.shape[1] == 0:
                 resp = torch.full((q_ids.shape[0], 1), tok.eos_token_id, dtype=torch.long, device=dev)
