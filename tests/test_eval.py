@@ -87,11 +87,18 @@ def test_eval_reward_is_greedy_and_leaves_the_reward_state(hybrid):
     assert again["eval/reward_mean"] == pytest.approx(sum(scores) / len(scores), abs=1e-6)
 
 
-def test_sft_mode_evaluates_the_loss_only_at_the_end(tmp_path):
-    run = make_run(base(tmp_path, "sft", EVAL_FILE=_eval_file(tmp_path, 3), MAX_STEPS=2, SFT_BATCH=4))
+def test_sft_mode_evaluates_the_loss_only_and_trains_as_without(tmp_path):
+    keys = dict(MAX_STEPS=2, SFT_BATCH=4)
+    run = make_run(base(tmp_path / "a", "sft", EVAL_FILE=_eval_file(tmp_path, 3), EVAL_EVERY=1, **keys))
     train(run)
     run.logger.close()
     rows = read_metrics(run.cfg.run.output_dir, "eval")
-    assert [r["step"] for r in rows] == [2] and rows[0]["eval/items"] == 3
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["eval/items"] == 3
     assert not any(k.startswith("eval/reward") for k in rows[0])
-
+    plain = make_run(base(tmp_path / "b", "sft", **keys))  # no evaluation: the same training, bit for bit
+    train(plain)
+    plain.logger.close()
+    a, b = run.engine.module.state_dict(), plain.engine.module.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["sft/loss"] for r in read_metrics(run.cfg.run.output_dir, "sft")] == \
+        [r["sft/loss"] for r in read_metrics(plain.cfg.run.output_dir, "sft")]
