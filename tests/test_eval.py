@@ -75,9 +75,10 @@ def test_eval_reward_is_greedy_and_leaves_the_reward_state(hybrid):
     texts = []
     with torch.no_grad():
         for ex in run.eval_examples:
-            out = lm.generate(input_ids=torch.tensor([ex.prompt_ids]), do_sample=False, max_new_tokens=g.max_new_tokens,
-                              min_new_tokens=g.min_new_tokens, no_repeat_ngram_size=g.no_repeat_ngram_size,
-                              repetition_penalty=g.repetition_penalty, eos_token_id=stops, pad_token_id=tok.pad_token_id)
+            out = lm.generate(input_ids=torch.tensor([ex.prompt_ids]), do_sample=False,
+                              max_new_tokens=g.max_new_tokens, min_new_tokens=g.min_new_tokens,
+                              no_repeat_ngram_size=g.no_repeat_ngram_size, repetition_penalty=g.repetition_penalty,
+                              eos_token_id=stops, pad_token_id=tok.pad_token_id)
             resp = out[0, len(ex.prompt_ids):].tolist()
             cut = next((i for i, t in enumerate(resp) if t in stops), len(resp))
             texts.append(tok.decode(resp[:cut], skip_special_tokens=True))

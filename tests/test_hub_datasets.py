@@ -21,7 +21,8 @@ FORMATS = {
     "pc_messages": ("output", "prompt_completion",
                     [{"prompt": CHAT[:1], "completion": [{"role": "assistant", "content": f"b a {i}"}]}
                      for i in range(3)], [{"prompt": CHAT[:1], "completion": CHAT[1:]}]),
-    "messages": ("output", "messages", [{"messages": [{"role": "system", "content": f"s{i}"}] + CHAT} for i in range(3)],
+    "messages": ("output", "messages",
+                 [{"messages": [{"role": "system", "content": f"s{i}"}] + CHAT} for i in range(3)],
                  [{"messages": CHAT}]),
 }
 
