@@ -84,7 +84,18 @@ def validate(cfg: Config) -> list[str]:
     if cfg.run.ref_placement == "separate" and cfg.hybrid.ref_init != "start":
         problems.append("REF_INIT=after_warmup needs the reference on the policy ranks (REF_PLACEMENT=colocated).")
     problems += lora_problems(cfg)
+    problems += eval_problems(cfg)
     return problems
+
+
+def eval_problems(cfg: Config) -> list[str]:
+    """The evaluation keys on their own (hybrid_ds/algorithms/evaluate.py)."""
+    d = cfg.data
+    if d.eval_file:
+        return []
+    return [f"{key} ({value}) applies to evaluation: set EVAL_FILE to held-out data."
+            for key, value in (("EVAL_EVERY", d.eval_every), ("EVAL_SPLIT", d.eval_split),
+                               ("EVAL_NUM_SAMPLES", d.eval_num_samples)) if value]
 
 
 def lora_problems(cfg: Config) -> list[str]:
@@ -133,18 +144,13 @@ _BUILTIN_DATA = ("builtin:demo-tasks",)
 
 def file_problems(cfg: Config) -> list[str]:
     """The files the config names: data, model and tokenizer, OUTPUT_DIR, DS_CONFIG, reward models."""
-    out = []
-    tf = cfg.run.train_file
-    if tf and tf not in _BUILTIN_DATA:
-        if tf.startswith("builtin:"):
-            out.append(f"TRAIN_FILE: unknown builtin dataset {tf!r}; available: {', '.join(_BUILTIN_DATA)}.")
-        elif not os.path.exists(tf):
-            out.append(f"TRAIN_FILE: {tf!r} does not exist (working directory {os.getcwd()}).")
-        elif not (os.path.isfile(tf) or os.path.isdir(tf)):
-            out.append(f"TRAIN_FILE: {tf!r} is not a regular file (a FIFO, socket or device); give a JSON/JSONL "
-                       f"file, a datasets file or a save_to_disk directory.")
-        elif os.path.isfile(tf) and not os.access(tf, os.R_OK):
-            out.append(f"TRAIN_FILE: {tf!r} is not readable.")
+    out = [p for key, path in (("TRAIN_FILE", cfg.run.train_file), ("EVAL_FILE", cfg.data.eval_file))
+           for p in [data_path_problem(key, path)] if p]
+    data = [p for p in (cfg.run.train_file, cfg.data.eval_file) if p]
+    if cfg.data.dataset_config and not any(takes_dataset_config(p) for p in data):
+        out.append(f"DATASET_CONFIG ({cfg.data.dataset_config!r}) selects a configuration of a dataset directory or "
+                   f"hub dataset id, and neither TRAIN_FILE nor EVAL_FILE is one (a single file or a save_to_disk "
+                   f"directory has none); remove DATASET_CONFIG.")
     for key, name in (("MODEL", cfg.run.model), ("TOKENIZER", cfg.run.tokenizer)):
         if name:
             p = model_problem(key, name, BUILTIN_MODELS)
@@ -161,6 +167,69 @@ def file_problems(cfg: Config) -> list[str]:
         out += ds_config_problems(launcher_ds, "deepspeed_config_file (accelerate config)")
     out += reward_path_problems(cfg.reward) if cfg.run.mode != "sft" else []
     return out
+
+
+# A data file's extensions (hybrid_ds/data/items.py reads them); a missing path with one is a missing file.
+_DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".tsv", ".txt", ".parquet", ".arrow")
+
+
+def hub_dataset_id(path: str) -> bool:
+    """Whether TRAIN_FILE/EVAL_FILE ``path`` names a hub dataset (``org/name`` or ``name``): no local
+    path of that name, and not shaped like a path or a data file name."""
+    return (not os.path.exists(path) and not path.startswith((".", "/", "~", "builtin:"))
+            and not path.lower().endswith(_DATA_EXTENSIONS) and path.count("/") <= 1
+            and bool(_HUB_NAME.match(path)))
+
+
+def takes_dataset_config(path: str) -> bool:
+    """Whether DATASET_CONFIG applies to ``path``: a hub dataset id or a directory ``load_dataset`` reads
+    (not a save_to_disk one, whose configuration was chosen when it was saved)."""
+    if hub_dataset_id(path):
+        return True
+    return os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f))
+                                           for f in ("dataset_info.json", "dataset_dict.json"))
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "0").strip().lower() not in ("0", "", "false", "no", "off")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _hub_dataset_cached(name: str) -> bool:
+    """Whether the hub dataset ``name`` has files in the local caches (the hub's download cache, or the
+    datasets library's prepared cache), which ``load_dataset`` reads in offline mode."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    datasets_cache = os.environ.get("HF_DATASETS_CACHE") or os.path.join(constants.HF_HOME, "datasets")
+    return (os.path.isdir(os.path.join(constants.HF_HUB_CACHE, "datasets--" + name.replace("/", "--")))
+            or os.path.isdir(os.path.join(datasets_cache, name.replace("/", "___"))))
+
+
+def data_path_problem(key: str, path: str) -> Optional[str]:
+    """Why data ``path`` (TRAIN_FILE or EVAL_FILE) cannot be read, or None; nothing is opened. A hub
+    dataset id is accepted online (``load_dataset`` fetches it at preflight) and, offline, when cached."""
+    if not path or path in _BUILTIN_DATA:
+        return None
+    if path.startswith("builtin:"):
+        return f"{key}: unknown builtin dataset {path!r}; available: {', '.join(_BUILTIN_DATA)}."
+    if hub_dataset_id(path):
+        if not _hub_offline() or _hub_dataset_cached(path):
+            return None
+        return (f"{key}: {path!r} is not a local file or directory, so it would be loaded from the Hugging Face hub "
+                f"as a dataset id, but the hub is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) and the dataset "
+                f"is not in the local cache. Where the hub is reachable, save it with "
+                f"datasets.load_dataset({path!r}).save_to_disk(DIR) (or download its files) and set {key} to that "
+                f"directory; or give a local JSON/JSONL/parquet file or dataset directory.")
+    if not os.path.exists(path):
+        return f"{key}: {path!r} does not exist (working directory {os.getcwd()})."
+    if not (os.path.isfile(path) or os.path.isdir(path)):
+        return (f"{key}: {path!r} is not a regular file (a FIFO, socket or device); give a JSON/JSONL file, a "
+                f"datasets file or directory, or a save_to_disk directory.")
+    if os.path.isfile(path) and not os.access(path, os.R_OK):
+        return f"{key}: {path!r} is not readable."
+    return None
 
 
 def output_dir_problem(path: str) -> Optional[str]:

@@ -50,8 +50,8 @@ class RunConfig:
     model: str = opt("", "Base model: a local directory, a hub name, or builtin:tiny-gpt2 (shipped, no download).",
                      required=True)
     tokenizer: str = opt("", "Tokenizer to load; empty means the MODEL's own.")
-    train_file: str = opt("", "Training data: JSON list, JSONL, a local datasets file/dir, or builtin:demo-tasks.",
-                          required=True)
+    train_file: str = opt("", "Training data: JSON list, JSONL, a local datasets file/dir, a Hugging Face hub dataset "
+                              "id (org/name; docs/data.md), or builtin:demo-tasks.", required=True)
     output_dir: str = opt("", "Where everything is written; a directory that already holds a run is resumed.",
                           required=True)
     seed: Optional[int] = opt(None, "Random seed; drawn from the OS when absent and recorded in config.json.",
@@ -105,6 +105,9 @@ class DataConfig:
                             "SFT examples are truncated (and counted), PPO prompts keep their last MAXSEQ - "
                             "MAX_NEW_TOKENS tokens.", lo=8)
     split: str = opt("train", "Split to use when TRAIN_FILE is loaded with the datasets library.")
+    dataset_config: str = opt("", "The configuration (subset) of a dataset directory or hub dataset id in TRAIN_FILE "
+                                  "or EVAL_FILE (datasets.load_dataset's name); empty = its default one.",
+                              key="DATASET_CONFIG")
     on_bad_item: str = opt("error", "A malformed data item: error (name it and stop) or skip (count and log).",
                            choices=("error", "skip"))
     data_format: str = opt("auto", "Shape of the items (docs/data.md): fields (SELECT_OUTPUT is the target, the "
@@ -115,6 +118,17 @@ class DataConfig:
                                    "### Prompt: template.")
     chat_template: str = opt("", "Conversations: a Jinja chat template file to render them with; none = the plain "
                                  "### Role: rendering; empty = the tokenizer's own template if it has one.")
+    # -- evaluation on held-out data (hybrid_ds/algorithms/evaluate.py, docs/data.md) --
+    eval_file: str = opt("", "Held-out data, evaluated (eval/loss, and eval/reward_mean of greedy responses outside "
+                             "MODE=sft) at EVAL_EVERY and at the end: the same formats and loaders as TRAIN_FILE; "
+                             "empty = no evaluation.", key="EVAL_FILE")
+    eval_split: str = opt("", "Split of EVAL_FILE when the datasets library loads it; empty = SPLIT.",
+                          key="EVAL_SPLIT")
+    eval_every: int = opt(0, "Evaluate every N steps (hybrid cycles in hybrid mode, SFT steps in sft mode, PPO "
+                             "updates in ppo mode); 0 = only at the end. A run with EVAL_FILE is always evaluated "
+                             "when it completes.", key="EVAL_EVERY", lo=0)
+    eval_num_samples: int = opt(0, "Evaluate on the first N items of EVAL_FILE (file order); 0 = all.",
+                                key="EVAL_NUM_SAMPLES", lo=0)
 
 
 @dataclass

@@ -80,20 +80,26 @@ def item_problem(item: Any, output_field: str) -> Optional[str]:
 # loading
 
 
-def read_items(path: str, split: str = "train") -> list:
-    """Raw items from a JSON list, JSONL, builtin:demo-tasks, or anything ``datasets`` loads locally."""
+# The split key of each data key, for messages.
+SPLIT_KEYS = {"TRAIN_FILE": "SPLIT", "EVAL_FILE": "EVAL_SPLIT"}
+
+
+def read_items(path: str, split: str = "train", config: str = "", key: str = "TRAIN_FILE") -> list:
+    """Raw items from a JSON list, JSONL, builtin:demo-tasks, or anything ``datasets`` loads: a datasets
+    file, a save_to_disk directory, a directory of data files or a hub dataset id (with its configuration
+    ``config``, DATASET_CONFIG). ``key`` names the setting in messages (TRAIN_FILE, EVAL_FILE)."""
     if path == "builtin:demo-tasks":
         from hybrid_ds.assets import DEMO_TASKS
         path = DEMO_TASKS
     problem = unreadable_data_file(path)
     if problem:
-        raise DataError(f"TRAIN_FILE {path!r}: {problem}")
+        raise DataError(f"{key} {path!r}: {problem}")
     if os.path.isfile(path) and path.endswith((".json", ".jsonl")):
         try:
             with open(path, encoding="utf-8-sig") as f:
                 text = f.read()
         except UnicodeDecodeError as e:
-            raise DataError(f"TRAIN_FILE {path!r}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+            raise DataError(f"{key} {path!r}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
                             f"{e.start}); re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8).") from None
         try:
             data = json.loads(text)
@@ -115,7 +121,7 @@ def read_items(path: str, split: str = "train") -> list:
                     raise DataError(f"{path}: line {n} is not valid JSON ({e.msg}); expected a JSON list or "
                                     f"JSON Lines.") from None
         return items
-    return _read_with_datasets(path, split)
+    return _read_with_datasets(path, split, config, key)
 
 
 # File extensions read by the datasets library, and its builder for each.
@@ -138,9 +144,10 @@ def unreadable_data_file(path: str) -> Optional[str]:
             f".jsonl, {', '.join('.' + e for e in DATASETS_BUILDERS)} or a datasets save_to_disk directory.")
 
 
-def _read_with_datasets(path: str, split: str) -> list:
+def _read_with_datasets(path: str, split: str, config: str = "", key: str = "TRAIN_FILE") -> list:
     import datasets
 
+    hub = not os.path.exists(path)  # a hub dataset id (config/checks.py: hub_dataset_id)
     try:
         if os.path.isdir(path) and os.path.isfile(os.path.join(path, "dataset_info.json")) or \
                 os.path.isfile(os.path.join(path, "dataset_dict.json")):
@@ -148,14 +155,22 @@ def _read_with_datasets(path: str, split: str) -> list:
         elif os.path.isfile(path):
             ext = os.path.splitext(path)[1].lstrip(".").lower()
             ds = datasets.load_dataset(DATASETS_BUILDERS[ext], data_files=path)
-        else:
-            ds = datasets.load_dataset(path)
+        elif hub:  # only the split asked for is downloaded and prepared
+            ds = datasets.load_dataset(path, config or None, split=split)
+        else:  # a local directory: its splits are cheap to list, so a wrong SPLIT names the others
+            ds = datasets.load_dataset(path, config or None)
     except Exception as e:  # noqa: BLE001 - whatever the file holds, the user gets its name and the reason
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"TRAIN_FILE {path!r}: the datasets library cannot load it ({reason}).") from None
+        text = str(e).strip()
+        reason = " ".join(text.split("\n")[:2]) if text else type(e).__name__
+        cause = str(e.__cause__ or "").strip()  # datasets wraps a builder's error in a generic one
+        reason += f": {cause.splitlines()[0]}" if cause else ""
+        what = "a hub dataset id (no such local path)" if hub else "the datasets library cannot load it"
+        hint = f"; DATASET_CONFIG selects a configuration, {SPLIT_KEYS.get(key, 'SPLIT')} a split" if hub or \
+            os.path.isdir(path) else ""
+        raise DataError(f"{key} {path!r}: {what} ({reason}){hint}.") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise DataError(f"{path}: no split {split!r} (has {', '.join(ds)}); set SPLIT.")
+            raise DataError(f"{path}: no split {split!r} (has {', '.join(ds)}); set {SPLIT_KEYS.get(key, 'SPLIT')}.")
         ds = ds[split]
     return [dict(r) for r in ds]
 
@@ -191,16 +206,17 @@ class DataReport:
 def load_items(path: str, output_field: str = "output", *, split: str = "train", shuffle: bool = True,
                seed: int = 0, percent: float = 100.0, num_samples: int = 0, on_bad_item: str = "error",
                report: Optional[DataReport] = None, data_format: str = "auto",
-               prompt_template: str = "") -> list[dict]:
-    """Read, check (as ``data_format``, detected per file when ``auto``: hybrid_ds.data.formats), shuffle
-    (with ``seed``) and subset the items. Raises DataError on a bad item; its format lands in ``report``."""
+               prompt_template: str = "", config: str = "", key: str = "TRAIN_FILE") -> list[dict]:
+    """Read (:func:`read_items`), check (as ``data_format``, detected per file when ``auto``:
+    hybrid_ds.data.formats), shuffle (with ``seed``) and subset the items. Raises DataError on a bad item,
+    naming the setting ``key``; the format lands in ``report``."""
     report = report if report is not None else DataReport()
-    raw = read_items(path, split)
+    raw = read_items(path, split, config, key)
     report.total = len(raw)
     fmt = detect_format(raw, output_field) if data_format == "auto" else data_format
     report.data_format, report.detected = fmt, data_format == "auto"
     if prompt_template and fmt != "fields":
-        raise DataError(f"PROMPT_TEMPLATE applies to the fields format; TRAIN_FILE {path!r} is read as {fmt} "
+        raise DataError(f"PROMPT_TEMPLATE applies to the fields format; {key} {path!r} is read as {fmt} "
                         f"({'detected' if data_format == 'auto' else 'DATA_FORMAT'}). Remove PROMPT_TEMPLATE, "
                         f"or set DATA_FORMAT=fields.")
     text_only = bool(raw) and all(isinstance(r, dict) and set(r) == {output_field} for r in raw)
@@ -217,13 +233,13 @@ def load_items(path: str, output_field: str = "output", *, split: str = "train",
         if problem:
             if on_bad_item == "error":
                 how = "detected; DATA_FORMAT names another" if data_format == "auto" else "from DATA_FORMAT"
-                raise DataError(f"TRAIN_FILE {path!r} item {i}: {problem}. Fix the item, or set ON_BAD_ITEM=skip "
+                raise DataError(f"{key} {path!r} item {i}: {problem}. Fix the item, or set ON_BAD_ITEM=skip "
                                 f"to skip such items (read as the {fmt} format, {how}).")
             report.skipped[problem] = report.skipped.get(problem, 0) + 1
             continue
         items.append(item)
     if not items:
-        raise DataError(f"TRAIN_FILE {path!r}: no usable items (of {len(raw)}).")
+        raise DataError(f"{key} {path!r}: no usable items (of {len(raw)}).")
     if shuffle:
         random.Random(seed).shuffle(items)
     n = num_samples if num_samples > 0 else max(1, math.ceil(len(items) * percent / 100.0))

@@ -13,6 +13,7 @@ from hybrid_ds.assets import TOKENIZER_DIR
 from hybrid_ds.data.batches import tokenize_items
 from hybrid_ds.data.chat import PLAIN_HEADER, stop_token_ids
 from hybrid_ds.data.formats import detect_format
+from hybrid_ds.data.items import DATASETS_BUILDERS
 
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -99,6 +100,50 @@ def _rendering(item: dict, keys: dict, tokenizer, title: str) -> str:
             f"Target (what the reward compares with): `{json.dumps(ex.target)}`\n")
 
 
+def _sources_and_eval() -> list[str]:
+    """Where items come from (files, dataset directories, hub ids) and the held-out set (EVAL_FILE)."""
+    hub = {"TRAIN_FILE": "org/name", "DATASET_CONFIG": "en", "SPLIT": "train", "EVAL_FILE": "org/name",
+           "EVAL_SPLIT": "test", "EVAL_EVERY": 10}
+    return [
+        "## Where items come from\n",
+        "`TRAIN_FILE` (and `EVAL_FILE`, read the same way) is one of:\n",
+        "- a `.json` file (a list of items, or an object with a `data`, `train` or `items` list) or a `.jsonl` "
+        f"file, read directly;\n- a {', '.join('`.' + e + '`' for e in DATASETS_BUILDERS)} file, read with "
+        "`datasets.load_dataset`;\n- a directory saved with `Dataset.save_to_disk` or `DatasetDict.save_to_disk` "
+        "(`SPLIT` picks a split of a `DatasetDict`), read with `datasets.load_from_disk`;\n- a directory of data "
+        "files laid out as on the hub (splits by file name, or configurations and splits declared in its "
+        "`README.md`; one file type per directory), read with `datasets.load_dataset(path, DATASET_CONFIG)` and "
+        "its split `SPLIT`;\n- a Hugging Face hub dataset id (`org/name` or `name`: no local path of that name), "
+        "read with `datasets.load_dataset(id, DATASET_CONFIG, split=SPLIT)`, which downloads only that split;\n"
+        "- `builtin:demo-tasks`, the shipped demo data.\n",
+        "Every format above applies to every source: a dataset's rows are items, detected per file "
+        "(`DATA_FORMAT=auto`) or named. `DATASET_CONFIG` (the dataset's configuration or subset, datasets' "
+        "`name`) applies to a dataset directory or hub id, and is refused when neither file is one. "
+        "Offline (`HF_HUB_OFFLINE=1` or `HF_DATASETS_OFFLINE=1`) a hub id that is not in the local cache is "
+        "refused when the config is validated (`--dry-run` too, exit 2): save the dataset where the hub is "
+        "reachable (`datasets.load_dataset(id).save_to_disk(DIR)`) and point `TRAIN_FILE` at `DIR`.\n",
+        "Config:\n\n```json\n" + json.dumps(hub, indent=1) + "\n```\n",
+        "## Evaluation (EVAL_FILE)\n",
+        "With `EVAL_FILE`, the policy is evaluated on held-out items every `EVAL_EVERY` steps (the unit of "
+        "`MAX_STEPS` and `SAVE_EVERY`: hybrid cycles, SFT steps in `MODE=sft`, PPO updates in `MODE=ppo`) and "
+        "when the run completes (`EVAL_EVERY=0`: only then). `EVAL_SPLIT` is its split (empty: `SPLIT`), "
+        "`EVAL_NUM_SAMPLES` keeps its first items (file order, never shuffled); the formats, `SELECT_OUTPUT`, "
+        "`PROMPT_TEMPLATE`, `CHAT_TEMPLATE`, `MAXSEQ` and `ON_BAD_ITEM` apply as to `TRAIN_FILE`. A warning "
+        "says when `EVAL_FILE` is `TRAIN_FILE` with the same split.\n",
+        "Each evaluation writes one `metrics.jsonl` row (and TensorBoard scalars) of phase `eval` at that step "
+        "(hybrid_ds/algorithms/evaluate.py):\n",
+        "- `eval/loss`: the SFT loss on the held-out items, response (labelled) tokens only, no gradient: the "
+        "cross-entropy summed over all items' labelled tokens divided by their count (`eval/tokens`, "
+        "`eval/items`), the same number on any number of processes;\n- `eval/reward_mean`, `eval/reward_std`: "
+        "the run's `REWARD` on greedy responses to the held-out prompts (deterministic; `MAX_NEW_TOKENS`, "
+        "`MIN_NEW_TOKENS`, `NO_REPEAT_NGRAM_SIZE` and `REPETITION_PENALTY` apply), with `eval/response_len`, "
+        "`eval/eos_frac` and `eval/reward_faults`. Not in `MODE=sft`, which builds no reward. A reward with "
+        "state (`ema_normalize`) is restored after scoring, so evaluation changes no training score.\n",
+        "Every process evaluates its share of the items and the sums are added up across processes; nothing "
+        "is trained and no random state is drawn, so a run with evaluation trains exactly as one without.\n",
+    ]
+
+
 def data_reference_markdown() -> str:
     """docs/data.md: the formats, then each example item with its prompt, labels and target."""
     plain, chat = builtin_tokenizer(), chatml_tokenizer()
@@ -140,4 +185,4 @@ def data_reference_markdown() -> str:
             parts.append(_rendering(item, keys, plain, "**Without a chat template** (plain rendering)"))
         else:
             parts.append(_rendering(item, keys, plain, "**Rendered**"))
-    return "\n".join(parts)
+    return "\n".join(parts + _sources_and_eval())

@@ -106,17 +106,55 @@ def nll_to_reward(mean_nll: float, mode: str) -> float:
     return math.exp(mean_nll)
 
 
-def lm_sequence(tok, response: str, prompt: str | None, max_length: int) -> tuple[list[int], int]:
+def lm_sequence(tok, response: str, prompt: str | None, max_length: int, item=None) -> tuple[list[int], int]:
     """Token ids to score and the number of leading context ids that are not scored.
 
     Context = BOS (when the tokenizer has one) + the prompt (when given); the response is kept
-    whole up to ``max_length`` and the context is cut from the left to fit."""
-    context = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    if prompt:
-        context += tok(prompt, add_special_tokens=False)["input_ids"]
+    whole up to ``max_length`` and the context is cut from the left to fit. A tokenizer with a chat
+    template conditions on the conversation instead (:func:`chat_texts`): the context is the rendered
+    history up to the assistant's generation prompt, the scored ids the response's own."""
+    chat = chat_texts(tok, prompt, response, item) if prompt or item is not None else None
+    if chat is not None:
+        context = tok(chat[0], add_special_tokens=False)["input_ids"] if chat[0] else []
+        if not context and tok.bos_token_id is not None:
+            context = [tok.bos_token_id]
+    else:
+        context = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        if prompt:
+            context += tok(prompt, add_special_tokens=False)["input_ids"]
     resp = tok(response, add_special_tokens=False)["input_ids"][:max_length]
     context = context[max(0, len(context) + len(resp) - max_length):]
     return context + resp, len(context)
+
+
+def chat_history(prompt: str | None, item) -> list[dict]:
+    """The conversation a response answers, for a scorer that renders it with its own chat template.
+
+    A conversational item (docs/data.md) gives its own turns before the last assistant turn (``messages``,
+    or ``prompt`` + ``completion`` as message lists), so the policy's rendering of them (the PPO prompt
+    text) is not templated a second time; any other item gives the prompt as one user turn. Empty when
+    there is neither."""
+    if isinstance(item, dict):
+        msgs = item.get("messages")
+        p, c = item.get("prompt"), item.get("completion")
+        if not isinstance(msgs, list) and isinstance(p, list) and isinstance(c, list):
+            msgs = p + c
+        if isinstance(msgs, list) and msgs and all(isinstance(m, dict) for m in msgs):
+            return [{"role": m["role"], "content": m["content"]} for m in msgs[:-1]]
+    return [{"role": "user", "content": prompt}] if prompt else []
+
+
+def chat_texts(tok, prompt: str | None, response: str, item) -> tuple[str, str] | None:
+    """``(context, whole)`` when ``tok`` has a chat template, else None: the conversation before the
+    response rendered with the assistant's generation prompt, and the conversation with ``response`` as
+    the assistant turn (as TRL's and OpenRLHF's reward models see it). The rendered text holds the
+    template's own special tokens, so it is tokenised without adding more."""
+    if not getattr(tok, "chat_template", None):
+        return None
+    history = chat_history(prompt, item)
+    whole = tok.apply_chat_template(history + [{"role": "assistant", "content": response}], tokenize=False)
+    context = tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True) if history else ""
+    return context, whole
 
 
 def mean_token_nll(model, seqs: list[tuple[list[int], int]], device) -> list[float]:
@@ -155,11 +193,12 @@ def build_perplexity(p: dict, ctx) -> BatchFn:
     model = AutoModelForCausalLM.from_pretrained(name).to(device).eval()
 
     def score(responses, targets, prompts, items):
-        pairs = list(zip(responses, prompts))
+        pairs = list(zip(responses, prompts, items))
 
         def run(part):
-            seqs = [lm_sequence(tok, r, q if p["condition_on_prompt"] else None, p["max_length"])
-                    for r, q in part]
+            cond = p["condition_on_prompt"]
+            seqs = [lm_sequence(tok, r, q if cond else None, p["max_length"], it if cond else None)
+                    for r, q, it in part]
             return [nll_to_reward(n, p["mode"]) if not math.isnan(n) else n
                     for n in mean_token_nll(model, seqs, device)]
         return score_in_chunks(run, pairs, p["batch_size"])
@@ -335,8 +374,10 @@ def build_cosine_sts(p: dict, ctx) -> BatchFn:
 
 
 def build_reward_model(p: dict, ctx) -> BatchFn:
-    """Score of a sequence-classification reward model on ``prompt + separator + response``:
-    the logit at ``label_index`` (through a sigmoid when ``sigmoid``)."""
+    """Score of a sequence-classification reward model on ``prompt + separator + response``, or, when
+    its tokenizer has a chat template, on the conversation rendered with it (:func:`chat_texts`: the
+    prompt as the user turn, the response as the assistant turn; ``separator`` is then unused): the
+    logit at ``label_index`` (through a sigmoid when ``sigmoid``)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -357,13 +398,18 @@ def build_reward_model(p: dict, ctx) -> BatchFn:
     if not -n_labels <= index < n_labels:
         raise ValueError(f"reward_model: label_index={index} out of range for {n_labels} outputs")
 
+    templated = bool(getattr(tok, "chat_template", None))
+
     def run(texts):
-        enc = tok(list(texts), return_tensors="pt", padding=True, truncation=True,
-                  max_length=p["max_length"]).to(device)
+        enc = tok(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=p["max_length"],
+                  add_special_tokens=not templated).to(device)
         logit = model(**enc).logits[:, index].float()
         return (torch.sigmoid(logit) if p["sigmoid"] else logit).tolist()
 
     def score(responses, targets, prompts, items):
-        texts = [(q + p["separator"] if q else "") + r for r, q in zip(responses, prompts)]
+        if templated:
+            texts = [chat_texts(tok, q, r, it)[1] for r, q, it in zip(responses, prompts, items)]
+        else:
+            texts = [(q + p["separator"] if q else "") + r for r, q in zip(responses, prompts)]
         return score_in_chunks(run, texts, p["batch_size"])
     return score

@@ -160,7 +160,8 @@ _TYPES = (
                "-nll in (-inf, 0]; 'raw': ppl in [1, inf), lower = better",
                choices=("inverse", "neg_log", "raw")),
          Param("condition_on_prompt", "bool", False, "score the response given the prompt "
-               "(only response tokens count)"),
+               "(only response tokens count; a chat template in the LM's tokenizer renders the prompt as "
+               "the user turn and the assistant's generation prompt)"),
          ) + _model_params(None, "causal LM: local dir or hub name; in a run's REWARD it defaults to "
                            "the policy's MODEL", batch_size=8, max_length=1024),
         "(0, 1] (inverse)", "higher = lower perplexity (inverse, neg_log); raw: lower = better",
@@ -232,11 +233,12 @@ _TYPES = (
         needs_model=True),
     RewardType(
         "reward_model", "Score of a sequence-classification reward model on prompt + separator "
-        "+ response.",
+        "+ response; with a chat template in its tokenizer, on the conversation it renders (the prompt, "
+        "or a conversational item's turns, then the response as the assistant turn).",
         (Param("label_index", "int", None, "output column (default: 0 for one-output models)",
                nullable=True),
          Param("sigmoid", "bool", False, "apply a sigmoid to the logit"),
-         Param("separator", "str", "", "text between prompt and response"),
+         Param("separator", "str", "", "text between prompt and response (unused with a chat template)"),
          Param("truncation_side", "str", "left", "which end to cut when too long",
                choices=("left", "right")),
          ) + _model_params(None, "sequence classifier: local dir or hub name"),

@@ -3,12 +3,15 @@
 Read top to bottom: :func:`train` runs the MODE's phases (:data:`hybrid_ds.algorithms.registry.MODES`)
 from the counters (restored on resume) to the plan's end; each step is :func:`phase_step`, one
 call into the phase's module; after each step :func:`hybrid_ds.run.checkpoint.at_boundary`
-writes SAVE_EVERY checkpoints and, after SIGTERM/SIGINT, stops all ranks together.
+writes SAVE_EVERY checkpoints and, after SIGTERM/SIGINT, stops all ranks together. With EVAL_FILE,
+:func:`maybe_evaluate` evaluates the policy every EVAL_EVERY steps (the unit of MAX_STEPS and
+SAVE_EVERY) and when the run completes (:mod:`hybrid_ds.algorithms.evaluate`).
 Building the run is :mod:`hybrid_ds.run.setup`; the CLI that drives both is :mod:`hybrid_ds.run.cli`.
 """
 
 from __future__ import annotations
 
+from hybrid_ds.algorithms.evaluate import evaluate
 from hybrid_ds.algorithms.registry import MODES, PHASES, Phase
 from hybrid_ds.run import curriculum
 from hybrid_ds.run.checkpoint import at_boundary
@@ -34,8 +37,10 @@ def train(run: Run) -> None:
         while getattr(c, phase.counter) < total:
             m = phase_step(run, phase)
             _log(run, getattr(c, phase.counter), phase.name, m)
+            maybe_evaluate(run, getattr(c, phase.counter))
             if at_boundary(run):
                 return
+        maybe_evaluate(run, total, final=True)
         run.dist.barrier()
         return
     sft, rl = phases
@@ -66,11 +71,27 @@ def train(run: Run) -> None:
             _log(run, getattr(c, rl.counter) + 1, rl.name, {**phase_step(run, rl), **mix}, advance=False)
         c.cycle += 1
         run.logger.advance()
+        maybe_evaluate(run, c.cycle)
         if cfg.run.cleanse:
             run.dist.cleanse()
         if at_boundary(run):
             return
+    maybe_evaluate(run, plan.cycles, final=True)
     run.dist.barrier()
+
+
+def maybe_evaluate(run: Run, step: int, final: bool = False) -> None:
+    """Evaluate on EVAL_FILE after ``step`` (cycles, SFT steps or PPO updates) when EVAL_EVERY divides it,
+    and at the end of the run (``final``) unless that step was just evaluated; logged as phase ``eval``."""
+    every = run.cfg.data.eval_every
+    due = bool(every) and step % every == 0
+    if not run.eval_examples or not (due or final) or (final and due):
+        return
+    m = evaluate(run, run.eval_examples)
+    run.logger.log(step, "eval", m)
+    if run.dist.is_main:
+        shown = ", ".join(f"{k.split('/', 1)[1]} {m[k]:.4g}" for k in ("eval/loss", "eval/reward_mean") if k in m)
+        print(f"[hybrid_ds] eval at step {step} on {int(m['eval/items'])} items: {shown}", flush=True)
 
 
 def _log(run: Run, step: int, phase: str, metrics: dict, advance: bool = True) -> None:

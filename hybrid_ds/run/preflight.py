@@ -14,7 +14,7 @@ Each user-caused problem raises ConfigError or DataError: the CLI prints it and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from hybrid_ds.config import Config, ConfigError
@@ -115,9 +115,33 @@ def prepare_data(cfg: Config, tokenizer, seed: int, report: Optional[DataReport]
     report = report if report is not None else DataReport()
     items = load_items(cfg.run.train_file, d.select_output, split=d.split, shuffle=d.shuffle, seed=seed,
                        percent=d.percent, num_samples=d.num_samples, on_bad_item=d.on_bad_item, report=report,
-                       data_format=d.data_format, prompt_template=d.prompt_template)
+                       data_format=d.data_format, prompt_template=d.prompt_template, config=d.dataset_config)
     return tokenize_items(items, tokenizer, d.select_output, d.maxseq, report, data_format=report.data_format,
                           prompt_template=d.prompt_template)
+
+
+def prepare_eval_data(cfg: Config, tokenizer, report: Optional[DataReport] = None) -> list[Example]:
+    """The EVAL_FILE items (none without it), read and tokenised as the training items are, in file order
+    (the first EVAL_NUM_SAMPLES when set)."""
+    d = cfg.data
+    if not d.eval_file:
+        return []
+    report = report if report is not None else DataReport()
+    items = load_items(d.eval_file, d.select_output, split=d.eval_split or d.split, shuffle=False,
+                       num_samples=d.eval_num_samples, on_bad_item=d.on_bad_item, report=report,
+                       data_format=d.data_format, prompt_template=d.prompt_template, config=d.dataset_config,
+                       key="EVAL_FILE")
+    return tokenize_items(items, tokenizer, d.select_output, d.maxseq, report, data_format=report.data_format,
+                          prompt_template=d.prompt_template)
+
+
+def eval_warnings(cfg: Config) -> list[str]:
+    """EVAL_FILE naming the very data trained on: allowed, but its numbers then measure no generalisation."""
+    d = cfg.data
+    if d.eval_file and d.eval_file == cfg.run.train_file and (d.eval_split or d.split) == d.split:
+        return [f"EVAL_FILE is TRAIN_FILE with the same split ({d.split!r}): evaluation runs on training items; "
+                f"set EVAL_SPLIT (e.g. test) or another EVAL_FILE for held-out numbers."]
+    return []
 
 
 @dataclass
@@ -131,6 +155,8 @@ class Preflight:
     plan: Schedule
     schedules: dict  # phase -> optim.PhaseSchedule
     warnings: list[str]  # valid but probably unintended settings, with their numbers
+    eval_examples: list[Example] = field(default_factory=list)  # EVAL_FILE's, tokenised (none without it)
+    eval_report: DataReport = field(default_factory=DataReport)
 
 
 def preflight(cfg: Config, seed: int) -> Preflight:
@@ -187,8 +213,10 @@ def preflight(cfg: Config, seed: int) -> Preflight:
     except ValueError as e:
         raise ConfigError([str(e).replace("\n", " ")], "the run's schedule") from None
     steps = {"LR_SFT": plan.sft_steps, "LR_PPO": plan.ppo_optimizer_steps}
-    warnings = schedule_warnings(cfg, {k: v for k, v in steps.items() if v > 0})
-    return Preflight(seed, tokenizer, examples, report, plan, schedules, warnings)
+    warnings = schedule_warnings(cfg, {k: v for k, v in steps.items() if v > 0}) + eval_warnings(cfg)
+    eval_report = DataReport()
+    eval_examples = prepare_eval_data(cfg, tokenizer, eval_report)
+    return Preflight(seed, tokenizer, examples, report, plan, schedules, warnings, eval_examples, eval_report)
 
 
 def describe_plan(cfg: Config, pre: Preflight) -> str:
@@ -198,6 +226,12 @@ def describe_plan(cfg: Config, pre: Preflight) -> str:
     lines = [f"mode: {cfg.run.mode}", f"model: {cfg.run.model}", f"processes: {world}",
              f"seed: {cfg.run.seed if cfg.run.seed is not None else 'drawn from the OS at start'}"]
     lines += [f"data: {x}" for x in pre.report.lines()]
+    if cfg.data.eval_file:
+        unit = {"hybrid": "cycles", "sft": "SFT steps", "ppo": "PPO updates"}[cfg.run.mode]
+        every = f"every {cfg.data.eval_every} {unit} and " if cfg.data.eval_every else ""
+        lines.append(f"eval: {len(pre.eval_examples)} items of {cfg.data.eval_file}, {every}at the end "
+                     f"({'loss' if cfg.run.mode == 'sft' else 'loss and reward of greedy responses'})")
+        lines += [f"eval data: {x}" for x in pre.eval_report.lines()]
     lines += [f"warning: {x}" for x in pre.warnings]
     if plan.sft_steps or cfg.ppo.ptx_coef:
         lines.append("SFT batch: " + batches.sft.describe())

@@ -42,6 +42,8 @@ from hybrid_ds.run.output_lock import RESUME_JOURNAL, lock_output_dir, output_di
 # Keys that steer the run but not its math: they may always differ on resume.
 SAFE_KEYS = frozenset({"EPOCHS", "MAX_STEPS", "SAVE_EVERY", "KEEP_LAST", "LOG_EVERY", "RESUME",
                        "ALLOW_CONFIG_CHANGE", "MAX_NAN_STEPS", "DIST_TIMEOUT_S", "CLEANSE", "OUTPUT_DIR"})
+# Evaluation reads the policy and changes nothing of training (tests/test_eval.py), so its keys may too.
+SAFE_KEYS |= {"EVAL_FILE", "EVAL_SPLIT", "EVAL_EVERY", "EVAL_NUM_SAMPLES"}
 
 
 def resolve_resume(cfg) -> tuple[Optional[ResumePoint], list[str]]:

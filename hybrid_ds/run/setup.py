@@ -35,6 +35,8 @@ def build_run(cfg: Config, dist, seed: int, ref_client=None, pre: Optional[Prefl
             print(f"[hybrid_ds] data: {line}")
         for line in pre.warnings:
             print(f"[hybrid_ds] warning: {line}")
+        for line in pre.eval_report.lines() if cfg.data.eval_file else []:
+            print(f"[hybrid_ds] eval data: {line}")
     phases = [PHASES[name] for name in MODES[cfg.run.mode]]
     rl = any(p.needs_reward for p in phases)
 
@@ -74,7 +76,8 @@ def build_run(cfg: Config, dist, seed: int, ref_client=None, pre: Optional[Prefl
     total = plan.cycles or plan.sft_steps or plan.ppo_updates
     logger = MetricsLogger(cfg.run.output_dir, enabled=dist.is_main, total=total, desc=cfg.run.mode)
     run = Run(cfg, dist, tokenizer, examples, engine, ref, reward, schedules, kl_ctl, logger, plan,
-              BatchPlans.from_config(cfg, dist.world), seed=seed, ref_client=ref_client)
+              BatchPlans.from_config(cfg, dist.world), seed=seed, ref_client=ref_client,
+              eval_examples=pre.eval_examples)
     if plan.sft_steps or cfg.ppo.ptx_coef > 0:
         run.streams["sft"] = BatchStream(len(examples), cfg.sft.batch, seed, cfg.data.shuffle)
     if plan.ppo_updates:

@@ -50,6 +50,7 @@ class Run:
     guard: Optional[Guard] = None  # SIGTERM/SIGINT handling, set by checkpoint.attach
     last_checkpoint: Optional[str] = None  # name of the newest complete checkpoint of this run
     resuming: Optional[ResumePoint] = None  # the checkpoint resumed in OUTPUT_DIR, until this run's first one
+    eval_examples: list[Example] = field(default_factory=list)  # EVAL_FILE's, the same list on every rank
 
     def seed_for(self, tag: str, step: int) -> int:
         """A reproducible seed for ``tag`` at ``step`` on this rank (resumable: no hidden RNG state)."""
