@@ -118,14 +118,18 @@ def test_seed_configs_run_with_local_models(tmp_path, name):
 def test_lean_sampler_run_equals_hf_generate_run(tmp_path):
     """SAMPLER=lean_exact reproduces a SAMPLER=hf run exactly (same tokens, so the same rewards, KL and
     losses) when the old log-probs are recomputed; taken from the sampler (OLD_LOGPROBS=rollout, the
-    fp32 default) they differ from the recomputed ones by float32 rounding only."""
+    fp32 default) they differ from the recomputed ones by float32 rounding only. The three runs are
+    ``python -m hybrid_ds.train``'s main in this process (tests/inproc.py): the sampler, not the
+    launcher, is the point here, and the launchers have their own tests above."""
+    from inproc import train
+
     rows = {}
     runs = {"hf": dict(SAMPLER="hf"), "lean_exact": dict(SAMPLER="lean_exact", OLD_LOGPROBS="recompute"),
             "rollout": dict(SAMPLER="lean_exact", OLD_LOGPROBS="rollout")}
     for name, keys in runs.items():
         cfg = rl_cfg(tmp_path / name, "ppo", MAX_STEPS=3, MIN_NEW_TOKENS=0, NO_REPEAT_NGRAM_SIZE=2,
                      REPETITION_PENALTY=1.2, **keys)
-        launch(cfg, tmp_path, name=name)
+        train(cfg, tmp_path, name=name)
         rows[name] = metrics(cfg["OUTPUT_DIR"], "ppo")
     for name in runs:
         assert_finite_rows(rows[name], 3, "ppo")
