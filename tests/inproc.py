@@ -48,3 +48,14 @@ def prepared_rollout(run, examples):
         ro.logprobs, ro.values = ppo.forward_logprobs(run.engine, ro, cfg.gen.temperature, 64, with_values=True)
     ppo.compute_advantages(run, ro)
     return ro
+
+
+def train(cfg: dict, tmp_path, name="cfg") -> None:
+    """``python -m hybrid_ds.train`` on ``cfg`` in this process (its ``main``: validation, preflight,
+    the run, the outputs), for tests whose point is what a run computes, not how it is launched:
+    no interpreter start and imports per run."""
+    from hybrid_ds.run.cli import main
+
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    assert main([str(path)]) == 0, f"{name}: the run failed"

@@ -27,8 +27,9 @@ def env():
 
 
 def launch(cfg: dict, tmp_path, *, nproc: int = 1, zero: int = 0, overrides=(), timeout=600, check=True,
-           name="cfg"):
-    """Write ``cfg`` and train it. zero=0 and nproc=1: plain ``python -m``; else ``accelerate launch``."""
+           name="cfg", cwd=REPO):
+    """Write ``cfg`` and train it. zero=0 and nproc=1: plain ``python -m``; else ``accelerate launch``.
+    ``cwd``: the directory the command starts in (the launch yamls must work from any)."""
     path = os.path.join(str(tmp_path), f"{name}.json")
     with open(path, "w") as f:
         json.dump(cfg, f)
@@ -38,7 +39,7 @@ def launch(cfg: dict, tmp_path, *, nproc: int = 1, zero: int = 0, overrides=(), 
         yaml = os.path.join(REPO, "launch", f"zero{zero}.yaml")
         cmd = [os.path.join(BIN, "accelerate"), "launch", "--config_file", yaml, "--num_processes", str(nproc),
                "--main_process_port", str(free_port()), "-m", "hybrid_ds.train", path, *overrides]
-    p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}: {' '.join(cmd)}\n--- stdout\n{p.stdout[-3000:]}\n"
                              f"--- stderr\n{p.stderr[-6000:]}")

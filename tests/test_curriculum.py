@@ -4,7 +4,8 @@ import pytest
 
 from hybrid_ds.config import build_config
 from hybrid_ds.run.curriculum import plan
-from launch_utils import launch, metrics
+from inproc import train
+from launch_utils import metrics
 
 
 def cfg_with(**kv):
@@ -26,12 +27,14 @@ def test_linear_and_step_mixes():
 
 @pytest.mark.slow
 def test_hybrid_run_follows_the_curriculum(tmp_path):
+    """A real run (python -m hybrid_ds.train's main, in this process: tests/inproc.py) logs each
+    cycle's planned mix."""
     cfg = {"MODE": "hybrid", "MODEL": "builtin:tiny-gpt2", "TRAIN_FILE": "builtin:demo-tasks",
            "OUTPUT_DIR": str(tmp_path / "out"), "SEED": 0, "SFT_BATCH": 4, "PPO_BATCH": 4, "PPO_EPOCHS": 1,
            "MAX_NEW_TOKENS": 4, "MAXSEQ": 96, "MAX_STEPS": 4, "SCHEDULER": "constant", "REWARD": {"type": "word_f1"},
            "CYCLE_SFT_STEPS": 3, "CYCLE_PPO_UPDATES": 1, "CURRICULUM": "linear", "CURRICULUM_SFT_STEPS_END": 0,
            "CURRICULUM_PPO_UPDATES_END": 2}
-    launch(cfg, tmp_path)
+    train(cfg, tmp_path)
     sft, ppo = metrics(cfg["OUTPUT_DIR"], "sft"), metrics(cfg["OUTPUT_DIR"], "ppo")
     assert len(sft) == 3 + 2 + 1 + 0 and len(ppo) == 1 + 1 + 2 + 2
     per_cycle = {}

@@ -3,13 +3,16 @@
 The word tasks (copy/reverse/sort/first/last) make word-F1 a reward the policy can climb: the right
 words are in the prompt. Sampling uses plain temperature/top-p: the seed defaults' no-repeat-ngram
 and repetition penalty count prompt tokens, so they forbid exactly the copying these tasks need.
+Each run is ``python -m hybrid_ds.train``'s main in this process (tests/inproc.py): learning, not the
+launcher, is the point here.
 """
 
 import json
 
 import pytest
 
-from launch_utils import launch, metrics
+from inproc import train
+from launch_utils import metrics
 
 pytestmark = pytest.mark.slow
 WORD_TASKS = ("copy", "reverse", "sort", "first", "last")
@@ -31,7 +34,7 @@ def warm(tmp_path_factory):
     cfg = {"MODE": "sft", "MODEL": "builtin:tiny-gpt2", "TRAIN_FILE": str(data), "OUTPUT_DIR": str(tmp / "sft"),
            "SEED": 0, "SFT_BATCH": 16, "LR_SFT": 2e-3, "MAX_STEPS": 500, "SCHEDULER": "constant_with_warmup",
            "NUM_WARMUP_STEPS": 20, "MAXSEQ": 128, "LOG_EVERY": 50}
-    launch(cfg, tmp, name="sft")
+    train(cfg, tmp, name="sft")
     return str(tmp / "sft" / "inference_lm"), str(data), tmp
 
 
@@ -44,7 +47,7 @@ def test_ppo_raises_word_f1_after_sft_warmup(warm):
     model, data, tmp = warm
     cfg = {**PPO, "MODEL": model, "TRAIN_FILE": data, "OUTPUT_DIR": str(tmp / "f1"), "MAX_STEPS": 80,
            "REWARD": {"type": "word_f1"}}
-    launch(cfg, tmp, name="f1")
+    train(cfg, tmp, name="f1")
     c = curve(cfg["OUTPUT_DIR"])
     r = [row["ppo/reward_mean"] for row in metrics(cfg["OUTPUT_DIR"], "ppo")]
     before, after = sum(r[:10]) / 10, sum(r[-30:]) / 30  # one 10-update window is +-0.02 noise
@@ -57,7 +60,7 @@ def test_ppo_moves_a_target_free_reward_toward_its_goal(warm):
     model, data, tmp = warm
     cfg = {**PPO, "MODEL": model, "TRAIN_FILE": data, "OUTPUT_DIR": str(tmp / "fmt"), "MAX_STEPS": 30,
            "REWARD": {"type": "format", "mode": "search", "pattern": "^[a-h]"}}
-    launch(cfg, tmp, name="fmt")
+    train(cfg, tmp, name="fmt")
     c = curve(cfg["OUTPUT_DIR"])
     print("format reward, mean per 10 updates:", c)
     assert c[-1] > c[0] + 0.15 and c[-1] > 0.75, f"PPO did not move the format reward: {c}"

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from launch_utils import REPO, assert_finite_rows, env, free_port, launch, load_weights, metrics, rel_norm_diffs
+from test_ppo_runs import assert_rl_outputs
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +30,8 @@ def test_separate_reference_matches_colocated(tmp_path, zero):
     b = cfg_for(tmp_path, "separate", REF_PLACEMENT="separate", REF_RANKS=1)
     launch(a, tmp_path, nproc=2, zero=zero, name="a")
     launch(b, tmp_path, nproc=3, zero=zero, name="b")
+    # The colocated run is also test_ppo_runs' fp32 hybrid run on 2 processes at this ZeRO stage.
+    assert_rl_outputs(a["OUTPUT_DIR"], "hybrid")
     ma, mb = metrics(a["OUTPUT_DIR"], "ppo"), metrics(b["OUTPUT_DIR"], "ppo")
     assert_finite_rows(ma, 2, "ppo")
     assert_finite_rows(mb, 2, "ppo")

@@ -22,49 +22,56 @@ def rl_cfg(tmp_path, mode="hybrid", **extra):
     return cfg
 
 
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    """``probe(nproc, zero)``: the stdout of tests/scripts/value_head_probe.py on that layout, launched
+    once per layout in this module. Under ZeRO-3 the same launch also runs the generation-gather
+    check, so the value-head test and the gather test share one 2-process ZeRO-3 launch."""
+    done = {}
+
+    def get(nproc, zero):
+        if (nproc, zero) not in done:
+            tmp = tmp_path_factory.mktemp(f"probe{nproc}x{zero}")
+            path = tmp / "cfg.json"
+            path.write_text(json.dumps(rl_cfg(tmp, WEIGHT_DECAY=0.1)))
+            script = os.path.join(REPO, "tests", "scripts", "value_head_probe.py")
+            if nproc == 1:
+                cmd = [sys.executable, script, str(path)]
+            else:
+                cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--config_file",
+                       os.path.join(REPO, "launch", f"zero{zero}.yaml"), "--num_processes", str(nproc),
+                       "--main_process_port", str(free_port()), script, str(path)]
+            p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+            assert p.returncode == 0, p.stderr[-4000:]
+            done[(nproc, zero)] = p.stdout
+        return done[(nproc, zero)]
+
+    return get
+
+
+def probe_line(stdout, tag):
+    line = next(ln for ln in stdout.splitlines() if ln.startswith(tag + " "))
+    return json.loads(line[len(tag) + 1:])
+
+
 @pytest.mark.parametrize("nproc,zero", [(1, 0), (2, 2), (2, 3)], ids=["plain", "zero2", "zero3"])
-def test_sft_leaves_value_head_bit_identical_and_ppo_moves_it(tmp_path, nproc, zero):
-    cfg = rl_cfg(tmp_path, WEIGHT_DECAY=0.1)
-    path = tmp_path / "cfg.json"
-    path.write_text(json.dumps(cfg))
-    probe = os.path.join(REPO, "tests", "scripts", "value_head_probe.py")
-    if nproc == 1:
-        cmd = [sys.executable, probe, str(path)]
-    else:
-        cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--config_file",
-               os.path.join(REPO, "launch", f"zero{zero}.yaml"), "--num_processes", str(nproc),
-               "--main_process_port", str(free_port()), probe, str(path)]
-    p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-4000:]
-    line = next(ln for ln in p.stdout.splitlines() if ln.startswith("PROBE "))
-    r = json.loads(line[len("PROBE "):])
+def test_sft_leaves_value_head_bit_identical_and_ppo_moves_it(probe, nproc, zero):
+    r = probe_line(probe(nproc, zero), "PROBE")
     assert r == {"sft_value_changed": False, "sft_policy_changed": True, "ppo_value_changed": True,
                  "ppo_policy_changed": True}, r
 
 
-def test_zero3_generation_weights_equal_deepspeeds_gather(tmp_path):
+def test_zero3_generation_weights_equal_deepspeeds_gather(probe):
     """dist.generation_model gathers ZeRO-3 partitions with one all-gather: the same weights as
-    DeepSpeed's GatheredParameters, partitions restored on exit, training unaffected."""
-    cfg = rl_cfg(tmp_path, "sft")
-    path = tmp_path / "cfg.json"
-    path.write_text(json.dumps(cfg))
-    probe = os.path.join(REPO, "tests", "scripts", "zero3_gather_probe.py")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--config_file",
-           os.path.join(REPO, "launch", "zero3.yaml"), "--num_processes", "2", "--main_process_port",
-           str(free_port()), probe, str(path)]
-    p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-4000:]
-    line = next(ln for ln in p.stdout.splitlines() if ln.startswith("PROBE "))
-    assert json.loads(line[len("PROBE "):]) == {"whole_lm": True, "equal": True, "partitioned_after": True,
-                                                "trains_after": True}
+    DeepSpeed's GatheredParameters, partitions restored on exit, training unaffected. Checked in the
+    ZeRO-3 value-head probe's launch, after its SFT steps and PPO update moved the weights."""
+    assert probe_line(probe(2, 3), "GATHER") == {"whole_lm": True, "equal": True, "partitioned_after": True,
+                                                 "trains_after": True}
 
 
-@pytest.mark.parametrize("mode,zero,bf16", [("ppo", 2, False), ("hybrid", 2, False), ("ppo", 3, False),
-                                            ("hybrid", 3, False), ("hybrid", 2, True), ("hybrid", 3, True)])
-def test_ppo_and_hybrid_run_on_two_processes(tmp_path, mode, zero, bf16):
-    cfg = rl_cfg(tmp_path, mode, BF16=bf16)
-    launch(cfg, tmp_path, nproc=2, zero=zero)
-    out = cfg["OUTPUT_DIR"]
+def assert_rl_outputs(out, mode):
+    """A finished 2-update ``mode`` run in ``out``: both model directories and the value head written,
+    every PPO row (and, in hybrid, every SFT row) finite with the PPO metrics present; no SFT rows in ppo."""
     for d in ("inference_lm", "ppo_full"):
         assert os.path.isfile(os.path.join(out, d, "model.safetensors")), d
     assert os.path.isfile(os.path.join(out, "ppo_full", "value_head.pt"))
@@ -80,33 +87,49 @@ def test_ppo_and_hybrid_run_on_two_processes(tmp_path, mode, zero, bf16):
         assert not metrics(out, "sft")
 
 
+# The fp32 ZeRO-2 runs of both modes are the seed-config runs below, and the fp32 ZeRO-3 hybrid run is
+# the colocated run of test_placement_runs.test_separate_reference_matches_colocated[3]: each asserts
+# assert_rl_outputs on its own launch, so these layouts are not launched a second time here.
+@pytest.mark.parametrize("mode,zero,bf16", [("ppo", 3, False), ("hybrid", 2, True), ("hybrid", 3, True)])
+def test_ppo_and_hybrid_run_on_two_processes(tmp_path, mode, zero, bf16):
+    cfg = rl_cfg(tmp_path, mode, BF16=bf16)
+    launch(cfg, tmp_path, nproc=2, zero=zero)
+    assert_rl_outputs(cfg["OUTPUT_DIR"], mode)
+
+
 @pytest.mark.parametrize("name", ["ppo", "hybrid"])
 def test_seed_configs_run_with_local_models(tmp_path, name):
+    """The seed configs (fp32, ZeRO-2, 2 processes): they run, and these are also the fp32 ZeRO-2
+    runs of test_ppo_and_hybrid_run_on_two_processes in their mode."""
     from hybrid_ds.assets import resolve_model
 
     with open(os.path.join(REPO, "examples", "seed", f"{name}.json")) as f:
         cfg = json.load(f)
+    assert cfg["MODE"] == name and not cfg.get("BF16") and not cfg.get("FP16")
     model = resolve_model("builtin:tiny-gpt2")
     reward = json.loads(json.dumps(cfg["REWARD"]).replace('"gpt2"', json.dumps(model)))
     cfg.update(MODEL=model, TRAIN_FILE="builtin:demo-tasks", OUTPUT_DIR=str(tmp_path / "out"), REWARD=reward)
     # The seed files run unchanged but for local paths; MAX_STEPS keeps the test short, and MAXSEQ
     # fits the tiny model's 512 positions (the seed's 1024 is GPT-2's).
     launch(cfg, tmp_path, nproc=2, zero=2, overrides=["MAX_STEPS=2", "MAX_NEW_TOKENS=16", "MAXSEQ=512"])
-    for d in ("inference_lm", "ppo_full"):
-        assert os.path.isfile(os.path.join(cfg["OUTPUT_DIR"], d, "model.safetensors"))
+    assert_rl_outputs(cfg["OUTPUT_DIR"], name)
 
 
 def test_lean_sampler_run_equals_hf_generate_run(tmp_path):
     """SAMPLER=lean_exact reproduces a SAMPLER=hf run exactly (same tokens, so the same rewards, KL and
     losses) when the old log-probs are recomputed; taken from the sampler (OLD_LOGPROBS=rollout, the
-    fp32 default) they differ from the recomputed ones by float32 rounding only."""
+    fp32 default) they differ from the recomputed ones by float32 rounding only. The three runs are
+    ``python -m hybrid_ds.train``'s main in this process (tests/inproc.py): the sampler, not the
+    launcher, is the point here, and the launchers have their own tests above."""
+    from inproc import train
+
     rows = {}
     runs = {"hf": dict(SAMPLER="hf"), "lean_exact": dict(SAMPLER="lean_exact", OLD_LOGPROBS="recompute"),
             "rollout": dict(SAMPLER="lean_exact", OLD_LOGPROBS="rollout")}
     for name, keys in runs.items():
         cfg = rl_cfg(tmp_path / name, "ppo", MAX_STEPS=3, MIN_NEW_TOKENS=0, NO_REPEAT_NGRAM_SIZE=2,
                      REPETITION_PENALTY=1.2, **keys)
-        launch(cfg, tmp_path, name=name)
+        train(cfg, tmp_path, name=name)
         rows[name] = metrics(cfg["OUTPUT_DIR"], "ppo")
     for name in runs:
         assert_finite_rows(rows[name], 3, "ppo")

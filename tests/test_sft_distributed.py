@@ -49,11 +49,21 @@ def test_sft_loss_falls_and_inference_lm_generates(tmp_path, nproc, zero, bf16):
 
 @pytest.mark.parametrize("zero", [2, 3])
 def test_accumulation_and_ranks_are_equivalent(tmp_path, zero):
-    """fp32: 1 process x accumulation 4 == 2 processes x accumulation 2 (same global batch, same order)."""
+    """fp32: 1 process x accumulation 4 == 2 processes x accumulation 2 (same global batch, same order).
+
+    The 1-process run starts in tmp_path, not the repository: launch/zeroN.yaml names
+    ds_configs/zeroN.json relative to the repository, and the log shows it was found. Under ZeRO-2 the
+    2-process run is the deepspeed launcher's (its ZeRO-2 default, no accelerate), so one launch is
+    both this equivalence and test_torchrun_and_deepspeed_launchers' deepspeed case."""
     a = sft_cfg(tmp_path, "a", MAX_STEPS=5, GRAD_ACCUM=4, LR_SFT=1e-3)
     b = sft_cfg(tmp_path, "b", MAX_STEPS=5, GRAD_ACCUM=2, LR_SFT=1e-3)
-    launch(a, tmp_path, nproc=1, zero=zero, name="a")
-    launch(b, tmp_path, nproc=2, zero=zero, name="b")
+    p = launch(a, tmp_path, nproc=1, zero=zero, name="a", cwd=str(tmp_path))
+    log = p.stdout + p.stderr
+    assert f"ZeRO stage {zero}" in log and f"ds_configs/zero{zero}.json" in log, log[-3000:]
+    if zero == 2:
+        run_launcher(b, tmp_path, "deepspeed")
+    else:
+        launch(b, tmp_path, nproc=2, zero=zero, name="b")
     wa = load_weights(os.path.join(a["OUTPUT_DIR"], "inference_lm"))
     wb = load_weights(os.path.join(b["OUTPUT_DIR"], "inference_lm"))
     from hybrid_ds.assets import resolve_model
@@ -68,6 +78,7 @@ def test_accumulation_and_ranks_are_equivalent(tmp_path, zero):
     assert max_rel_diff({k: wa[k] for k in common}, {k: w0[k] for k in common}) > 1e-3, "did not train"
     la = [r["sft/loss"] for r in metrics(a["OUTPUT_DIR"], "sft")]
     lb = [r["sft/loss"] for r in metrics(b["OUTPUT_DIR"], "sft")]
+    assert len(la) == len(lb) == 5
     assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-5
 
 
@@ -79,17 +90,16 @@ def test_bitsandbytes_optimizers_train_under_zero2(tmp_path, optimizer):
     assert_loss_falls(cfg["OUTPUT_DIR"])
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
-def test_torchrun_and_deepspeed_launchers(tmp_path, launcher):
-    """The same module under torchrun (DDP, no DeepSpeed) and the deepspeed launcher (ZeRO-2 by default)."""
+def run_launcher(cfg, tmp_path, launcher):
+    """Train ``cfg`` on 2 processes under torchrun (DDP, no DeepSpeed) or the deepspeed launcher (ZeRO-2
+    by default) and check the launch: exit 0, both processes, the stage each implies, one row per step."""
     import json
     import subprocess
     import sys
 
     from launch_utils import REPO, env, free_port
 
-    cfg = sft_cfg(tmp_path, "run", MAX_STEPS=5)
-    path = tmp_path / "cfg.json"
+    path = tmp_path / f"{launcher}.json"
     path.write_text(json.dumps(cfg))
     bindir = os.path.dirname(sys.executable)
     e = env()
@@ -104,4 +114,11 @@ def test_torchrun_and_deepspeed_launchers(tmp_path, launcher):
     assert p.returncode == 0, p.stderr[-3000:]
     stage = "ZeRO stage 0" if launcher == "torchrun" else "ZeRO stage 2 (deepspeed launcher)"
     assert "sft on 2 process(es)" in p.stdout + p.stderr and stage in p.stdout + p.stderr
-    assert len(metrics(cfg["OUTPUT_DIR"], "sft")) == 5
+    assert len(metrics(cfg["OUTPUT_DIR"], "sft")) == cfg["MAX_STEPS"]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun"])
+def test_torchrun_and_deepspeed_launchers(tmp_path, launcher):
+    """The same module under torchrun (DDP, no DeepSpeed). The deepspeed launcher (ZeRO-2 by default)
+    runs the 2-process side of test_accumulation_and_ranks_are_equivalent[2], through run_launcher."""
+    run_launcher(sft_cfg(tmp_path, "run", MAX_STEPS=5), tmp_path, launcher)

@@ -1,7 +1,10 @@
 """Run under any launcher: 2 SFT steps, then 1 PPO update; print whether the value head and the policy
-changed in each phase (compared on the full, ZeRO-3-consolidated state dict). Used by test_ppo_runs.py."""
+changed in each phase (compared on the full, ZeRO-3-consolidated state dict). Under ZeRO-3 it then runs
+zero3_gather_probe.gather_check on the same run and prints it as a ``GATHER`` line: one launch serves
+both of test_ppo_runs.py's ZeRO-3 probes."""
 
 import json
+import os
 import sys
 
 import torch
@@ -11,6 +14,9 @@ from hybrid_ds.engine.dist import init_dist
 from hybrid_ds.algorithms.registry import PHASES
 from hybrid_ds.run.loop import phase_step
 from hybrid_ds.run.setup import build_run
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from zero3_gather_probe import gather_check  # noqa: E402
 
 
 def snapshot(run):
@@ -37,6 +43,10 @@ def main():
         print("PROBE " + json.dumps({
             "sft_value_changed": changed(s0, s1, "v_head."), "sft_policy_changed": changed(s0, s1, "lm."),
             "ppo_value_changed": changed(s1, s2, "v_head."), "ppo_policy_changed": changed(s1, s2, "lm.")}))
+    if dist.zero_stage == 3:
+        gathered = gather_check(run)  # collective: every rank
+        if dist.is_main:
+            print("GATHER " + json.dumps(gathered))
     dist.shutdown()
 
 
