@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hybrid_ds.models.policy_value import final_hidden
 from hybrid_ds.rollout.settings import NEG_INF
 
 # --------------------------------------------------------------------------------------
@@ -93,7 +94,8 @@ def uses_4d_bool_masks(model) -> bool:
 
 def hf_step(model, kv, full_mask: Optional[Tensor], static: bool = False, hidden: bool = False):
     """``step(tok (B,), pos (B, 1), n) -> (logits (B, V), final hidden state (B, C) or None)`` through
-    the model's own forward (``hidden``: ask it for its hidden states).
+    the model's own forward (``hidden``: catch its final hidden state, the LM head's input:
+    :func:`hybrid_ds.models.policy_value.final_hidden`).
 
     ``full_mask`` ``(B, L)``: the attention mask of prompt + all new tokens, None if there is no
     padding (``generate`` then drops the mask too). It is passed as the prebuilt 4D boolean
@@ -111,9 +113,13 @@ def hf_step(model, kv, full_mask: Optional[Tensor], static: bool = False, hidden
             mask = masks & (slots <= n)
         else:
             mask = None if full_mask is None else full_mask[..., :n + 1]
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, past_key_values=kv,
-                    use_cache=True, output_hidden_states=hidden)
-        return out.logits[:, -1], (out.hidden_states[-1][:, -1] if hidden else None)
+        if not hidden:
+            return model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, past_key_values=kv,
+                         use_cache=True).logits[:, -1], None
+        with final_hidden(model) as final:
+            out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, past_key_values=kv,
+                        use_cache=True)
+        return out.logits[:, -1], final.hidden[:, -1]
     return step
 
 
@@ -169,4 +175,79 @@ class Gpt2Step:
             h = self._conv1d(attn.c_proj, o.view(B, -1)) + h
             h = h + self._conv1d(mlp.c_proj, mlp.act.forward(self._conv1d(mlp.c_fc, self._norm(ln_2, h))))
         h = self._norm(self.ln_f, h)  # the final hidden state (hidden_states[-1] of the forward)
+        return F.linear(h, self.head.weight, self.head.bias), h
+
+
+class LlamaStep:
+    """One decode step of the Llama family (Llama, Qwen2, Mistral: RMSNorm, RoPE, grouped KV heads,
+    SwiGLU) from the model's own weights, for the preallocated cache; :class:`Gpt2Step`'s twin.
+
+    The ops, their order and their shapes are those of transformers' forward with SDPA attention
+    (the RMSNorm in float32, the rotary embedding from the model's own ``rotary_emb`` module, the
+    rotation ``q * cos + rotate_half(q) * sin``, transformers' ``sdpa_attention_forward`` itself for
+    the grouped heads and the mask, ``down(act(gate(x)) * up(x))``), so the logits are
+    bit-identical to the model's forward (tests/test_sampler.py). What goes is the module
+    plumbing around them: the mask builder, the cache and output objects, the output-capture
+    decorators and ~15 module calls per layer, most of a decode step's time at the benchmark's
+    size (bench/README.md). A sliding window is honoured only where it cannot bite: the whole
+    sequence (``capacity``) fits in it.
+    """
+
+    FAMILIES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+
+    @staticmethod
+    def supports(model, capacity: int) -> bool:
+        cfg = model.config
+        window = getattr(cfg, "sliding_window", None)
+        return (type(model).__name__ in LlamaStep.FAMILIES and not model.training
+                and getattr(cfg, "_attn_implementation", None) == "sdpa"
+                and (window is None or capacity <= window)
+                and getattr(cfg, "pretraining_tp", 1) == 1
+                # ZeRO-3 partitions left in place (not gathered): only the module hooks can fetch them
+                and all(p.numel() > 0 for p in model.parameters()))
+
+    def __init__(self, model, kv, full_mask: Optional[Tensor]):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        self.sdpa = sdpa_attention_forward
+        base = model.model
+        self.embed, self.norm, self.rotary, self.head = base.embed_tokens, base.norm, base.rotary_emb, model.lm_head
+        self.blocks = [(blk.input_layernorm, blk.self_attn, blk.post_attention_layernorm, blk.mlp, layer)
+                       for blk, layer in zip(base.layers, kv.layers)]
+        self.mask = None if full_mask is None else full_mask.bool()[:, None, None, :]  # (B, 1, 1, L), as hf_step
+
+    @staticmethod
+    def _norm(norm, x):  # RMSNorm: float32 statistics, weight times the input dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        return norm.weight * h.to(x.dtype)
+
+    @staticmethod
+    def _rotate(x, cos, sin):
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+    @staticmethod
+    def _linear(lin, x):
+        return F.linear(x, lin.weight, lin.bias)
+
+    def __call__(self, tok, pos, n):
+        mask = None if self.mask is None else self.mask[..., :n + 1]
+        h = F.embedding(tok[:, None], self.embed.weight)  # (B, 1, C)
+        cos, sin = self.rotary(h, pos)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, 1, D) against (B, heads, 1, D)
+        for ln_1, attn, ln_2, mlp, layer in self.blocks:
+            x = self._norm(ln_1, h)
+            shape = (*x.shape[:-1], -1, attn.head_dim)
+            q = self._rotate(self._linear(attn.q_proj, x).view(shape).transpose(1, 2), cos, sin)
+            k = self._rotate(self._linear(attn.k_proj, x).view(shape).transpose(1, 2), cos, sin)
+            layer._k[:, :, n:n + 1] = k
+            layer._v[:, :, n:n + 1] = self._linear(attn.v_proj, x).view(shape).transpose(1, 2)
+            o, _ = self.sdpa(attn, q, layer._k[:, :, :n + 1], layer._v[:, :, :n + 1], mask, dropout=0.0,
+                             scaling=attn.scaling)
+            h = h + self._linear(attn.o_proj, o.reshape(*x.shape[:-1], -1).contiguous())
+            x = self._norm(ln_2, h)
+            gate = mlp.act_fn(self._linear(mlp.gate_proj, x))
+            h = h + self._linear(mlp.down_proj, gate * self._linear(mlp.up_proj, x))
+        h = self._norm(self.norm, h)[:, 0]  # the final hidden state (the LM head's input in the forward)
         return F.linear(h, self.head.weight, self.head.bias), h

@@ -74,8 +74,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from hybrid_ds.models.policy_value import logits_to_keep
-from hybrid_ds.rollout.decode import Gpt2Step, hf_step, make_cache, uses_4d_bool_masks
+from hybrid_ds.models.policy_value import final_hidden, logits_to_keep
+from hybrid_ds.rollout.decode import Gpt2Step, LlamaStep, hf_step, make_cache, uses_4d_bool_masks
 from hybrid_ds.rollout.processors import Processors
 from hybrid_ds.rollout.settings import SamplingSettings
 
@@ -147,15 +147,18 @@ def sample(model, input_ids: Tensor, attention_mask: Tensor, settings: SamplingS
     keep = logits_to_keep(model, 1)
     want_h = value_fn is not None
     out_v = torch.zeros(B, N, dtype=torch.float32, device=dev) if want_h else None
-    first = model(input_ids=input_ids, attention_mask=attention_mask if padded else None, position_ids=pos,
-                  past_key_values=kv, use_cache=True, output_hidden_states=want_h, **keep)
+    with final_hidden(model, on=want_h) as final:
+        first = model(input_ids=input_ids, attention_mask=attention_mask if padded else None, position_ids=pos,
+                      past_key_values=kv, use_cache=True, **keep)
     logits = first.logits[:, -1].float()
-    hidden = first.hidden_states[-1][:, -1] if want_h else None
+    hidden = final.hidden[:, -1] if want_h else None
     del first
     proc = Processors(s, input_ids, attention_mask, ids, logits.shape[-1], N if fixed_length else s.min_new_tokens,
                        hf_rng, generator)
     if cache == "prealloc" and Gpt2Step.supports(model):
         step = Gpt2Step(model, kv, full_mask if padded else None)
+    elif cache == "prealloc" and LlamaStep.supports(model, L):
+        step = LlamaStep(model, kv, full_mask if padded else None)
     else:
         step = hf_step(model, kv, full_mask if padded or cache == "static" else None, static=cache == "static",
                         hidden=want_h)
