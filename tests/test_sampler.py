@@ -382,12 +382,23 @@ def test_every_family_samples_like_generate(family):
 
 
 @pytest.mark.parametrize("pads", [(0, 3, 5, 1, 8), (0, 0, 0, 0, 0)], ids=["ragged", "unpadded"])
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "llama_ungrouped", "qwen2", "mistral"])
 def test_llama_step_logits_are_bit_identical_to_the_forward(family, pads):
     """The Llama-family step and the model's forward on the same preallocated cache: equal logits and
     final hidden states, every step (the forward gets the masks hf_step gives it: 4D boolean under
-    SDPA, 2D for Mistral's sliding window, which the 15 positions here fit)."""
-    model = tiny_family(family)
+    SDPA, 2D for Mistral's sliding window, which the 15 positions here fit). Grouped KV heads
+    (2 per group) with and without padding, and one KV head per query head."""
+    if family == "llama_ungrouped":
+        from transformers import LlamaForCausalLM
+
+        from tiny_models import family_config
+
+        cfg = family_config("llama", V, eos=EOS, pad=PAD)
+        cfg.num_key_value_heads = cfg.num_attention_heads
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).eval()
+    else:
+        model = tiny_family(family)
     ids, mask = prompts(pads=pads)
     B, P = ids.shape
     toks = torch.randint(2, V, (B, 6))

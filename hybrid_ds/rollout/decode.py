@@ -207,47 +207,51 @@ class LlamaStep:
                 and all(p.numel() > 0 for p in model.parameters()))
 
     def __init__(self, model, kv, full_mask: Optional[Tensor]):
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.integrations.sdpa_attention import use_gqa_in_sdpa
 
-        self.sdpa = sdpa_attention_forward
-        base = model.model
+        base, cfg = model.model, model.config
         self.embed, self.norm, self.rotary, self.head = base.embed_tokens, base.norm, base.rotary_emb, model.lm_head
         self.blocks = [(blk.input_layernorm, blk.self_attn, blk.post_attention_layernorm, blk.mlp, layer)
                        for blk, layer in zip(base.layers, kv.layers)]
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = self.blocks[0][1].head_dim
+        self.groups = self.heads // self.kv_heads
         self.mask = None if full_mask is None else full_mask.bool()[:, None, None, :]  # (B, 1, 1, L), as hf_step
+        # grouped heads as transformers' sdpa_attention_forward runs one query token: SDPA's enable_gqa
+        # where it would use it (no mask, on CPU and CUDA), else queries packed to (B, kv_heads, groups, D)
+        layer = kv.layers[0]  # written by the prefill
+        self.gqa = self.groups > 1 and use_gqa_in_sdpa(self.mask, layer._k, layer._v)
+        self.pack = self.groups > 1 and not self.gqa
 
     @staticmethod
     def _norm(norm, x):  # RMSNorm: float32 statistics, weight times the input dtype
-        h = x.to(torch.float32)
+        h = x if x.dtype == torch.float32 else x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-        return norm.weight * h.to(x.dtype)
-
-    @staticmethod
-    def _rotate(x, cos, sin):
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-    @staticmethod
-    def _linear(lin, x):
-        return F.linear(x, lin.weight, lin.bias)
+        return norm.weight * (h if x.dtype == torch.float32 else h.to(x.dtype))
 
     def __call__(self, tok, pos, n):
+        B, H, D = tok.shape[0], self.heads, self.head_dim
         mask = None if self.mask is None else self.mask[..., :n + 1]
-        h = F.embedding(tok[:, None], self.embed.weight)  # (B, 1, C)
-        cos, sin = self.rotary(h, pos)
-        cos, sin = cos[:, None], sin[:, None]  # (B, 1, 1, D) against (B, heads, 1, D)
+        h = F.embedding(tok, self.embed.weight)  # (B, C): the forward's (B, 1, C) with the step axis dropped
+        cos, sin = self.rotary(h, pos)  # (B, 1, D)
+        cos, sin, half = cos[:, None], sin[:, None], D // 2  # against (B, heads, 1, D)
         for ln_1, attn, ln_2, mlp, layer in self.blocks:
             x = self._norm(ln_1, h)
-            shape = (*x.shape[:-1], -1, attn.head_dim)
-            q = self._rotate(self._linear(attn.q_proj, x).view(shape).transpose(1, 2), cos, sin)
-            k = self._rotate(self._linear(attn.k_proj, x).view(shape).transpose(1, 2), cos, sin)
-            layer._k[:, :, n:n + 1] = k
-            layer._v[:, :, n:n + 1] = self._linear(attn.v_proj, x).view(shape).transpose(1, 2)
-            o, _ = self.sdpa(attn, q, layer._k[:, :, :n + 1], layer._v[:, :, :n + 1], mask, dropout=0.0,
-                             scaling=attn.scaling)
-            h = h + self._linear(attn.o_proj, o.reshape(*x.shape[:-1], -1).contiguous())
+            q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias)
+            k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias)
+            qk = torch.cat((q, k), 1).view(B, -1, 1, D)  # queries and keys rotated together (elementwise)
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+            layer._k[:, :, n:n + 1] = qk[:, H:]
+            layer._v[:, :, n:n + 1] = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(B, -1, 1, D)
+            q, keys, values = qk[:, :H], layer._k[:, :, :n + 1], layer._v[:, :, :n + 1]
+            if self.pack:
+                q = q.reshape(B, self.kv_heads, self.groups, D)
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
+                                               enable_gqa=self.gqa)
+            h = h + F.linear(o.reshape(B, -1), attn.o_proj.weight, attn.o_proj.bias)
             x = self._norm(ln_2, h)
-            gate = mlp.act_fn(self._linear(mlp.gate_proj, x))
-            h = h + self._linear(mlp.down_proj, gate * self._linear(mlp.up_proj, x))
-        h = self._norm(self.norm, h)[:, 0]  # the final hidden state (the LM head's input in the forward)
+            gate = mlp.act_fn(F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias))
+            h = h + F.linear(gate * F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias), mlp.down_proj.weight,
+                             mlp.down_proj.bias)
+        h = self._norm(self.norm, h)  # the final hidden state (the LM head's input in the forward)
         return F.linear(h, self.head.weight, self.head.bias), h
