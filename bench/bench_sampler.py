@@ -180,8 +180,8 @@ def main() -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out + ".json").write_text(json.dumps(result, indent=1) + "\n")
-        Path(args.out + ".txt").write_text(f"$ OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} python bench/bench_sampler.py "
-                                           f"{' '.join(sys.argv[1:])}\n\n{table(result)}\n")
+        command = f"OMP_NUM_THREADS={torch.get_num_threads()} python bench/bench_sampler.py {' '.join(sys.argv[1:])}"
+        Path(args.out + ".txt").write_text(f"$ {command}\n\n{table(result)}\n")
 
 
 if __name__ == "__main__":

@@ -125,3 +125,20 @@ def test_hybrid_run_and_its_inference_lm(family_runs, family):
     ids = tok("### Prompt:\n\ncopy: apple river\n\n### Response:\n\n", return_tensors="pt")
     gen = model.generate(**ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
     assert gen.shape[1] == ids["input_ids"].shape[1] + 3
+
+
+def test_value_head_through_a_peft_model():
+    """Wrapped by peft (LoRA on attention and on the LM head itself), the value head still reads the
+    final hidden state: the same values as the former all-hidden-states path."""
+    from peft import LoraConfig, get_peft_model
+
+    lm = get_peft_model(tiny("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "lm_head"],
+                                                  init_lora_weights=False))  # non-zero adapters
+    model = PolicyValue(lm, seed=0)
+    with torch.no_grad():
+        model.v_head.weight.normal_()
+    ids = torch.randint(2, 96, (2, 9))
+    mask = torch.ones_like(ids)
+    _, values = model(ids, mask, with_values=True, keep_last=5)
+    old = lm(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True)
+    assert torch.equal(values, model.v_head(old.hidden_states[-1][:, -5:]).squeeze(-1).float())

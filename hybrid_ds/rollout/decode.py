@@ -1,8 +1,9 @@
 """One decode step of the lean sampler, and the KV cache it writes into.
 
 :func:`make_cache` gives a cache whose buffers are allocated once for the whole response;
-:func:`hf_step` runs any transformers causal LM for one step, :class:`Gpt2Step` runs GPT-2 against its
-own weights with fewer kernels (the same arithmetic, tests/test_sampler.py). Used by
+:func:`hf_step` runs any transformers causal LM for one step, :class:`Gpt2Step` runs GPT-2 and
+:class:`LlamaStep` the Llama family (Llama, Qwen2, Mistral) against their own weights with fewer
+kernels (the same arithmetic, tests/test_sampler.py). Used by
 :func:`hybrid_ds.rollout.sampler.sample`.
 """
 
@@ -174,7 +175,7 @@ class Gpt2Step:
                                                layer._v[:, :, :n + 1], attn_mask=mask, scale=attn.scaling)
             h = self._conv1d(attn.c_proj, o.view(B, -1)) + h
             h = h + self._conv1d(mlp.c_proj, mlp.act.forward(self._conv1d(mlp.c_fc, self._norm(ln_2, h))))
-        h = self._norm(self.ln_f, h)  # the final hidden state (hidden_states[-1] of the forward)
+        h = self._norm(self.ln_f, h)  # the final hidden state (the LM head's input in the forward)
         return F.linear(h, self.head.weight, self.head.bias), h
 
 
@@ -182,15 +183,18 @@ class LlamaStep:
     """One decode step of the Llama family (Llama, Qwen2, Mistral: RMSNorm, RoPE, grouped KV heads,
     SwiGLU) from the model's own weights, for the preallocated cache; :class:`Gpt2Step`'s twin.
 
-    The ops, their order and their shapes are those of transformers' forward with SDPA attention
-    (the RMSNorm in float32, the rotary embedding from the model's own ``rotary_emb`` module, the
-    rotation ``q * cos + rotate_half(q) * sin``, transformers' ``sdpa_attention_forward`` itself for
-    the grouped heads and the mask, ``down(act(gate(x)) * up(x))``), so the logits are
-    bit-identical to the model's forward (tests/test_sampler.py). What goes is the module
-    plumbing around them: the mask builder, the cache and output objects, the output-capture
-    decorators and ~15 module calls per layer, most of a decode step's time at the benchmark's
-    size (bench/README.md). A sliding window is honoured only where it cannot bite: the whole
-    sequence (``capacity``) fits in it.
+    The arithmetic is that of transformers' forward with SDPA attention, op for op: the RMSNorm's
+    float32 statistics, the rotary embedding from the model's own ``rotary_emb`` module (so scaled
+    RoPE variants come along), ``x * cos + rotate_half(x) * sin``, SDPA called as transformers'
+    ``sdpa_attention_forward`` calls it for one query token (grouped KV heads through
+    ``enable_gqa`` where it would use it, else queries packed to ``(B, kv_heads, groups, D)``; the
+    same boolean mask as :func:`hf_step`), ``down(act(gate(x)) * up(x))``. So the logits are
+    bit-identical to the forward's (tests/test_sampler.py). Two changes of layout keep every
+    value: the projections run on ``(B, C)`` rather than ``(B, 1, C)`` (transformers folds the step
+    axis into the same matrix product), and queries and keys are rotated as one tensor (the
+    rotation is elementwise). What goes is the plumbing: the mask builder, the cache and output
+    objects, the output-capture decorators and about 15 module calls per layer. A sliding window
+    is honoured only where it cannot bite: the whole sequence (``capacity``) fits in it.
     """
 
     FAMILIES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")

@@ -10,7 +10,8 @@ EOS/pad) and also returns the per-token log-probs PPO needs. The loop, top to bo
    allocated once (each layer writes its slot in place and attends to a growing view, so the
    attended length is the one ``generate``'s DynamicCache has); position ids and the 4D mask
    of every step are built up front and sliced. A GPT-2 with SDPA attention decodes through
-   :class:`Gpt2Step`, the same ops called on its weights without the module plumbing
+   :class:`Gpt2Step`, a Llama, Qwen2 or Mistral (no sliding window within the sequence) through
+   :class:`LlamaStep`: the same ops called on their weights without the module plumbing
    (bit-identical logits); any other model through its own forward;
 3. the logits processors in ``generate``'s order and arithmetic: repetition penalty over the
    prompt (left padding ignored) and response ids -> n-gram ban -> EOS suppression before
@@ -27,7 +28,9 @@ operations repeated one for one, and the RNG consumed by one ``torch.multinomial
 full ``(B, V)`` distribution per step. Tested for plain sampling, temperature/top-k/top-p,
 top-p alone, repetition penalty (> 1 and < 1) with no-repeat-n-gram, min_new_tokens,
 fixed_length, ragged left padding, EOS stopping (some or all rows), pad == EOS, GPT-2 with
-SDPA and eager attention and a Llama; on CPU in fp32 (and bf16 in a manual check).
+SDPA and eager attention, a Llama, and one short case for each decoder family of
+tests/tiny_models.py (GPT-2, Llama, Qwen2, Mistral with its sliding window, Gemma, Phi-3, GPT-NeoX,
+OPT); on CPU in fp32 (and bf16 in a manual check).
 ``hf_rng=False`` draws each step among the top-k candidates only (the race of exponentials
 ``torch.multinomial`` runs, restricted to the tokens with non-zero probability): the same
 distribution from a different random stream, so its equivalence is tested statistically
@@ -113,7 +116,8 @@ def sample(model, input_ids: Tensor, attention_mask: Tensor, settings: SamplingS
     random stream, and no ``V``-sized random draw per step (see the module docstring).
     ``cache``: the KV cache to decode with, "prealloc" (default, fastest), "dynamic" or "static"
     (transformers' caches, kept for the benchmark); all give the same tokens.
-    ``value_fn``: final hidden states ``(B, C)`` -> values ``(B,)`` (PPO's value head); when given,
+    ``value_fn``: final hidden states ``(B, C)`` -> values ``(B,)`` (PPO's value head; the hidden
+    state is the LM head's input, :func:`hybrid_ds.models.policy_value.final_hidden`); when given,
     ``values[:, t]`` is its value at the position whose logits drew token ``t`` (the last prompt
     token for ``t = 0``), the same positions as the log-probs, so a rollout needs no second forward.
     """
