@@ -88,6 +88,9 @@ def final_hidden(lm: nn.Module, on: bool = True) -> Iterator[FinalHidden]:
         yield caught
     finally:
         handle.remove()
+    if caught.hidden is None:  # a forward that computes its logits without calling the module
+        raise RuntimeError(f"{type(lm).__name__}'s forward never called its output embedding "
+                           f"({type(head).__name__}): no final hidden state for the value head")
 
 
 def supports_logits_to_keep(lm: nn.Module) -> bool:
