@@ -12,9 +12,10 @@ import torch
 
 from hybrid_ds.algorithms import ppo_math as pm
 from hybrid_ds.models import logprobs as lp
-from hybrid_ds.rollout.decode import Gpt2Step, make_cache
+from hybrid_ds.rollout.decode import Gpt2Step, LlamaStep, make_cache
 from hybrid_ds.rollout.processors import Processors
 from hybrid_ds.rollout.sampler import SampleOutput, SamplingSettings, sample
+from tiny_models import FAMILIES
 
 V, EOS, PAD = 96, 1, 0
 
@@ -46,6 +47,20 @@ def tiny_llama(seed=0):
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(50)
+    return model
+
+
+def tiny_family(family: str, seed=0):
+    """A 2-layer, 64-wide model of ``family`` (tests/tiny_models.py's configs) over this file's vocabulary,
+    its logits scaled up so that sampling is not near-uniform."""
+    from transformers import AutoModelForCausalLM
+
+    from tiny_models import family_config
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(family_config(family, V, eos=EOS, pad=PAD)).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(10)  # tied ones scale the input embedding too: harmless
     return model
 
 
@@ -320,3 +335,90 @@ def test_same_tokens_as_generate_on_cuda():
     st = settings(**CASES["design"])
     for seed in range(2):
         assert torch.equal(our_tokens(model, ids, mask, st, seed).response_ids, hf_tokens(model, ids, mask, st, seed))
+
+
+def recomputed(model, ids, mask, out: SampleOutput, temperature: float, v_head):
+    """Log-probs and values of a full forward on prompt + response, computed the pre-hook way: every
+    layer's hidden states requested and the last one read."""
+    resp, rmask = out.response_ids, out.response_mask
+    seq = torch.cat([ids, resp], 1)
+    att = torch.cat([mask, rmask.long()], 1)
+    pos = (att.cumsum(1) - 1).clamp(min=0)
+    P = ids.shape[1]
+    with torch.no_grad():
+        full = model(input_ids=seq, attention_mask=att, position_ids=pos, output_hidden_states=True)
+        ref = lp.logprobs_from_logits(full.logits[:, P - 1:-1], resp, temperature) * rmask
+        ref_v = v_head(full.hidden_states[-1][:, P - 1:-1]).squeeze(-1) * rmask
+    return ref, ref_v
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_samples_like_generate(family):
+    """Each decoder family (tests/tiny_models.py): generate's tokens from the same seed (ragged left
+    padding, the design's processors), log-probs and values equal to a recomputed forward, and no
+    forward asked for every layer's hidden states (the values come from the LM head's input).
+    Mistral's window (16) is shorter than prompt + response (33): it decodes through its forward."""
+    model = tiny_family(family)
+    ids, mask = prompts()
+    st = settings(**CASES["design"])
+    lean = LlamaStep.supports(model, ids.shape[1] + st.max_new_tokens) or Gpt2Step.supports(model)
+    assert lean == (family in ("gpt2", "llama", "qwen2"))
+    v_head = torch.nn.Linear(model.config.hidden_size, 1)
+    calls = []
+
+    def spy(_module, _args, kwargs, output):
+        calls.append((kwargs.get("output_hidden_states"), output.hidden_states))
+
+    handle = model.register_forward_hook(spy, with_kwargs=True)
+    try:
+        out = our_tokens(model, ids, mask, st, 5, value_fn=v_head)
+    finally:
+        handle.remove()
+    assert calls and all(not want and hs is None for want, hs in calls)
+    assert torch.equal(out.response_ids, hf_tokens(model, ids, mask, st, 5))
+    ref, ref_v = recomputed(model, ids, mask, out, st.temperature, v_head)
+    torch.testing.assert_close(out.logprobs, ref, atol=2e-5, rtol=0)
+    torch.testing.assert_close(out.values, ref_v, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("pads", [(0, 3, 5, 1, 8), (0, 0, 0, 0, 0)], ids=["ragged", "unpadded"])
+@pytest.mark.parametrize("family", ["llama", "llama_ungrouped", "qwen2", "mistral"])
+def test_llama_step_logits_are_bit_identical_to_the_forward(family, pads):
+    """The Llama-family step and the model's forward on the same preallocated cache: equal logits and
+    final hidden states, every step (the forward gets the masks hf_step gives it: 4D boolean under
+    SDPA, 2D for Mistral's sliding window, which the 15 positions here fit). Grouped KV heads
+    (2 per group) with and without padding, and one KV head per query head."""
+    if family == "llama_ungrouped":
+        from transformers import LlamaForCausalLM
+
+        from tiny_models import family_config
+
+        cfg = family_config("llama", V, eos=EOS, pad=PAD)
+        cfg.num_key_value_heads = cfg.num_attention_heads
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).eval()
+    else:
+        model = tiny_family(family)
+    ids, mask = prompts(pads=pads)
+    B, P = ids.shape
+    toks = torch.randint(2, V, (B, 6))
+    full = torch.cat([mask, torch.ones(B, 6, dtype=torch.long)], 1)
+    pos = (full.cumsum(-1) - 1).clamp(min=0)
+    assert LlamaStep.supports(model, P + 6) and not LlamaStep.supports(model.train(), P + 6)
+    model.eval()
+    caches = [make_cache(model, "prealloc", P + 6) for _ in range(2)]
+    padded = bool((mask == 0).any())
+    four_d = family != "mistral"
+    with torch.no_grad():
+        for kv in caches:
+            model(input_ids=ids, attention_mask=mask if padded else None, past_key_values=kv, use_cache=True,
+                  position_ids=pos[:, :P])
+        step = LlamaStep(model, caches[1], full if padded else None)
+        for t in range(6):
+            n = P + t
+            m = None if not padded else full.bool()[:, None, None, :n + 1] if four_d else full[:, :n + 1]
+            out = model(input_ids=toks[:, t:t + 1], attention_mask=m, position_ids=pos[:, n:n + 1],
+                        past_key_values=caches[0], use_cache=True, output_hidden_states=True)
+            logits, hidden = step(toks[:, t], pos[:, n:n + 1], n)
+            assert torch.equal(logits, out.logits[:, -1])
+            assert torch.equal(hidden, out.hidden_states[-1][:, -1])

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -43,15 +44,56 @@ class PolicyValue(nn.Module):
         ``K = keep_last`` positions (0: all ``L``). Positions no loss reads need no LM-head matmul in
         the forward or the backward (PPO reads the response, SFT the labelled tokens).
         """
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      output_hidden_states=with_values, use_cache=False, **logits_to_keep(self.lm, keep_last))
+        with final_hidden(self.lm, on=with_values and self.v_head is not None) as final:  # the LM head's input
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False, **logits_to_keep(self.lm, keep_last))
         logits = out.logits[:, -keep_last:] if keep_last else out.logits  # (a model without logits_to_keep)
         values = None
         if with_values and self.v_head is not None:
-            h = out.hidden_states[-1]
+            h = final.hidden
             h = h[:, -keep_last:] if keep_last else h
             values = self.v_head(h.to(self.v_head.weight.dtype)).squeeze(-1).float()
         return logits, values
+
+
+class FinalHidden:
+    """What :func:`final_hidden` caught: ``hidden`` ``(B, K, C)``, the last input of the LM head."""
+
+    hidden: Optional[torch.Tensor] = None
+
+
+@contextmanager
+def final_hidden(lm: nn.Module, on: bool = True) -> Iterator[FinalHidden]:
+    """Catch the final hidden state of ``lm``'s forwards in this block: the input of its output
+    embedding (``lm.get_output_embeddings()``, the LM head), through a forward pre-hook.
+
+    That input is the trunk's output after its final norm, already sliced to the positions
+    ``logits_to_keep`` asks for: the value of ``output_hidden_states=True``'s ``hidden_states[-1]``
+    (tests/test_families.py checks it, family by family) without the all-layer tuple, whose L copies
+    of ``(B, T, C)`` that flag keeps alive through the forward. The hook sits on the module, so it
+    holds wherever the module is called: in a peft ``PeftModel`` (``get_output_embeddings`` is
+    forwarded to the base model; a LoRA-wrapped head gets the same input) and under ZeRO-3, whose
+    own hooks gather the head's weight but leave its input alone. ``on=False``: catch nothing.
+    """
+    caught = FinalHidden()
+    if not on:
+        yield caught
+        return
+    head = lm.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(lm).__name__} has no output embedding (LM head) to read the final hidden state from")
+
+    def hook(_module, args, kwargs):
+        caught.hidden = args[0] if args else next(iter(kwargs.values()))
+
+    handle = head.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield caught
+    finally:
+        handle.remove()
+    if caught.hidden is None:  # a forward that computes its logits without calling the module
+        raise RuntimeError(f"{type(lm).__name__}'s forward never called its output embedding "
+                           f"({type(head).__name__}): no final hidden state for the value head")
 
 
 def supports_logits_to_keep(lm: nn.Module) -> bool:

@@ -1,8 +1,9 @@
 """One decode step of the lean sampler, and the KV cache it writes into.
 
 :func:`make_cache` gives a cache whose buffers are allocated once for the whole response;
-:func:`hf_step` runs any transformers causal LM for one step, :class:`Gpt2Step` runs GPT-2 against its
-own weights with fewer kernels (the same arithmetic, tests/test_sampler.py). Used by
+:func:`hf_step` runs any transformers causal LM for one step, :class:`Gpt2Step` runs GPT-2 and
+:class:`LlamaStep` the Llama family (Llama, Qwen2, Mistral) against their own weights with fewer
+kernels (the same arithmetic, tests/test_sampler.py). Used by
 :func:`hybrid_ds.rollout.sampler.sample`.
 """
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hybrid_ds.models.policy_value import final_hidden
 from hybrid_ds.rollout.settings import NEG_INF
 
 # --------------------------------------------------------------------------------------
@@ -93,7 +95,8 @@ def uses_4d_bool_masks(model) -> bool:
 
 def hf_step(model, kv, full_mask: Optional[Tensor], static: bool = False, hidden: bool = False):
     """``step(tok (B,), pos (B, 1), n) -> (logits (B, V), final hidden state (B, C) or None)`` through
-    the model's own forward (``hidden``: ask it for its hidden states).
+    the model's own forward (``hidden``: catch its final hidden state, the LM head's input:
+    :func:`hybrid_ds.models.policy_value.final_hidden`).
 
     ``full_mask`` ``(B, L)``: the attention mask of prompt + all new tokens, None if there is no
     padding (``generate`` then drops the mask too). It is passed as the prebuilt 4D boolean
@@ -111,9 +114,13 @@ def hf_step(model, kv, full_mask: Optional[Tensor], static: bool = False, hidden
             mask = masks & (slots <= n)
         else:
             mask = None if full_mask is None else full_mask[..., :n + 1]
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, past_key_values=kv,
-                    use_cache=True, output_hidden_states=hidden)
-        return out.logits[:, -1], (out.hidden_states[-1][:, -1] if hidden else None)
+        if not hidden:
+            return model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, past_key_values=kv,
+                         use_cache=True).logits[:, -1], None
+        with final_hidden(model) as final:
+            out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, past_key_values=kv,
+                        use_cache=True)
+        return out.logits[:, -1], final.hidden[:, -1]
     return step
 
 
@@ -170,5 +177,87 @@ class Gpt2Step:
                                                layer._v[:, :, :n + 1], attn_mask=mask, scale=attn.scaling)
             h = self._conv1d(attn.c_proj, o.view(B, -1)) + h
             h = h + self._conv1d(mlp.c_proj, mlp.act.forward(self._conv1d(mlp.c_fc, self._norm(ln_2, h))))
-        h = self._norm(self.ln_f, h)  # the final hidden state (hidden_states[-1] of the forward)
+        h = self._norm(self.ln_f, h)  # the final hidden state (the LM head's input in the forward)
+        return F.linear(h, self.head.weight, self.head.bias), h
+
+
+class LlamaStep:
+    """One decode step of the Llama family (Llama, Qwen2, Mistral: RMSNorm, RoPE, grouped KV heads,
+    SwiGLU) from the model's own weights, for the preallocated cache; :class:`Gpt2Step`'s twin.
+
+    The arithmetic is that of transformers' forward with SDPA attention, op for op: the RMSNorm's
+    float32 statistics, the rotary embedding from the model's own ``rotary_emb`` module (so scaled
+    RoPE variants come along), ``x * cos + rotate_half(x) * sin``, SDPA called as transformers'
+    ``sdpa_attention_forward`` calls it for one query token (grouped KV heads through
+    ``enable_gqa`` where it would use it, else queries packed to ``(B, kv_heads, groups, D)``; the
+    same boolean mask as :func:`hf_step`), ``down(act(gate(x)) * up(x))``. So the logits are
+    bit-identical to the forward's (tests/test_sampler.py). Two changes of layout keep every
+    value: the projections run on ``(B, C)`` rather than ``(B, 1, C)`` (transformers folds the step
+    axis into the same matrix product), and queries and keys are rotated as one tensor (the
+    rotation is elementwise). What goes is the plumbing: the mask builder, the cache and output
+    objects, the output-capture decorators and about 15 module calls per layer. A sliding window
+    is honoured only where it cannot bite: the whole sequence (``capacity``) fits in it.
+    """
+
+    FAMILIES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+
+    @staticmethod
+    def supports(model, capacity: int) -> bool:
+        cfg = model.config
+        window = getattr(cfg, "sliding_window", None)
+        return (type(model).__name__ in LlamaStep.FAMILIES and not model.training
+                and getattr(cfg, "_attn_implementation", None) == "sdpa"
+                and (window is None or capacity <= window)
+                and getattr(cfg, "pretraining_tp", 1) == 1
+                # ZeRO-3 partitions left in place (not gathered): only the module hooks can fetch them
+                and all(p.numel() > 0 for p in model.parameters()))
+
+    def __init__(self, model, kv, full_mask: Optional[Tensor]):
+        from transformers.integrations.sdpa_attention import use_gqa_in_sdpa
+
+        base, cfg = model.model, model.config
+        self.embed, self.norm, self.rotary, self.head = base.embed_tokens, base.norm, base.rotary_emb, model.lm_head
+        self.blocks = [(blk.input_layernorm, blk.self_attn, blk.post_attention_layernorm, blk.mlp, layer)
+                       for blk, layer in zip(base.layers, kv.layers)]
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = self.blocks[0][1].head_dim
+        self.groups = self.heads // self.kv_heads
+        self.mask = None if full_mask is None else full_mask.bool()[:, None, None, :]  # (B, 1, 1, L), as hf_step
+        # grouped heads as transformers' sdpa_attention_forward runs one query token: SDPA's enable_gqa
+        # where it would use it (no mask, on CPU and CUDA), else queries packed to (B, kv_heads, groups, D)
+        layer = kv.layers[0]  # written by the prefill
+        self.gqa = self.groups > 1 and use_gqa_in_sdpa(self.mask, layer._k, layer._v)
+        self.pack = self.groups > 1 and not self.gqa
+
+    @staticmethod
+    def _norm(norm, x):  # RMSNorm: float32 statistics, weight times the input dtype
+        h = x if x.dtype == torch.float32 else x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        return norm.weight * (h if x.dtype == torch.float32 else h.to(x.dtype))
+
+    def __call__(self, tok, pos, n):
+        B, H, D = tok.shape[0], self.heads, self.head_dim
+        mask = None if self.mask is None else self.mask[..., :n + 1]
+        h = F.embedding(tok, self.embed.weight)  # (B, C): the forward's (B, 1, C) with the step axis dropped
+        cos, sin = self.rotary(h, pos)  # (B, 1, D)
+        cos, sin, half = cos[:, None], sin[:, None], D // 2  # against (B, heads, 1, D)
+        for ln_1, attn, ln_2, mlp, layer in self.blocks:
+            x = self._norm(ln_1, h)
+            q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias)
+            k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias)
+            qk = torch.cat((q, k), 1).view(B, -1, 1, D)  # queries and keys rotated together (elementwise)
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+            layer._k[:, :, n:n + 1] = qk[:, H:]
+            layer._v[:, :, n:n + 1] = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(B, -1, 1, D)
+            q, keys, values = qk[:, :H], layer._k[:, :, :n + 1], layer._v[:, :, :n + 1]
+            if self.pack:
+                q = q.reshape(B, self.kv_heads, self.groups, D)
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
+                                               enable_gqa=self.gqa)
+            h = h + F.linear(o.reshape(B, -1), attn.o_proj.weight, attn.o_proj.bias)
+            x = self._norm(ln_2, h)
+            gate = mlp.act_fn(F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias))
+            h = h + F.linear(gate * F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias), mlp.down_proj.weight,
+                             mlp.down_proj.bias)
+        h = self._norm(self.norm, h)  # the final hidden state (the LM head's input in the forward)
         return F.linear(h, self.head.weight, self.head.bias), h

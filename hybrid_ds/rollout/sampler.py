@@ -10,7 +10,8 @@ EOS/pad) and also returns the per-token log-probs PPO needs. The loop, top to bo
    allocated once (each layer writes its slot in place and attends to a growing view, so the
    attended length is the one ``generate``'s DynamicCache has); position ids and the 4D mask
    of every step are built up front and sliced. A GPT-2 with SDPA attention decodes through
-   :class:`Gpt2Step`, the same ops called on its weights without the module plumbing
+   :class:`Gpt2Step`, a Llama, Qwen2 or Mistral (no sliding window within the sequence) through
+   :class:`LlamaStep`: the same ops called on their weights without the module plumbing
    (bit-identical logits); any other model through its own forward;
 3. the logits processors in ``generate``'s order and arithmetic: repetition penalty over the
    prompt (left padding ignored) and response ids -> n-gram ban -> EOS suppression before
@@ -27,7 +28,9 @@ operations repeated one for one, and the RNG consumed by one ``torch.multinomial
 full ``(B, V)`` distribution per step. Tested for plain sampling, temperature/top-k/top-p,
 top-p alone, repetition penalty (> 1 and < 1) with no-repeat-n-gram, min_new_tokens,
 fixed_length, ragged left padding, EOS stopping (some or all rows), pad == EOS, GPT-2 with
-SDPA and eager attention and a Llama; on CPU in fp32 (and bf16 in a manual check).
+SDPA and eager attention, a Llama, and one short case for each decoder family of
+tests/tiny_models.py (GPT-2, Llama, Qwen2, Mistral with its sliding window, Gemma, Phi-3, GPT-NeoX,
+OPT); on CPU in fp32 (and bf16 in a manual check).
 ``hf_rng=False`` draws each step among the top-k candidates only (the race of exponentials
 ``torch.multinomial`` runs, restricted to the tokens with non-zero probability): the same
 distribution from a different random stream, so its equivalence is tested statistically
@@ -74,8 +77,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from hybrid_ds.models.policy_value import logits_to_keep
-from hybrid_ds.rollout.decode import Gpt2Step, hf_step, make_cache, uses_4d_bool_masks
+from hybrid_ds.models.policy_value import final_hidden, logits_to_keep
+from hybrid_ds.rollout.decode import Gpt2Step, LlamaStep, hf_step, make_cache, uses_4d_bool_masks
 from hybrid_ds.rollout.processors import Processors
 from hybrid_ds.rollout.settings import SamplingSettings
 
@@ -113,7 +116,8 @@ def sample(model, input_ids: Tensor, attention_mask: Tensor, settings: SamplingS
     random stream, and no ``V``-sized random draw per step (see the module docstring).
     ``cache``: the KV cache to decode with, "prealloc" (default, fastest), "dynamic" or "static"
     (transformers' caches, kept for the benchmark); all give the same tokens.
-    ``value_fn``: final hidden states ``(B, C)`` -> values ``(B,)`` (PPO's value head); when given,
+    ``value_fn``: final hidden states ``(B, C)`` -> values ``(B,)`` (PPO's value head; the hidden
+    state is the LM head's input, :func:`hybrid_ds.models.policy_value.final_hidden`); when given,
     ``values[:, t]`` is its value at the position whose logits drew token ``t`` (the last prompt
     token for ``t = 0``), the same positions as the log-probs, so a rollout needs no second forward.
     """
@@ -147,15 +151,18 @@ def sample(model, input_ids: Tensor, attention_mask: Tensor, settings: SamplingS
     keep = logits_to_keep(model, 1)
     want_h = value_fn is not None
     out_v = torch.zeros(B, N, dtype=torch.float32, device=dev) if want_h else None
-    first = model(input_ids=input_ids, attention_mask=attention_mask if padded else None, position_ids=pos,
-                  past_key_values=kv, use_cache=True, output_hidden_states=want_h, **keep)
+    with final_hidden(model, on=want_h) as final:
+        first = model(input_ids=input_ids, attention_mask=attention_mask if padded else None, position_ids=pos,
+                      past_key_values=kv, use_cache=True, **keep)
     logits = first.logits[:, -1].float()
-    hidden = first.hidden_states[-1][:, -1] if want_h else None
+    hidden = final.hidden[:, -1] if want_h else None
     del first
     proc = Processors(s, input_ids, attention_mask, ids, logits.shape[-1], N if fixed_length else s.min_new_tokens,
                        hf_rng, generator)
     if cache == "prealloc" and Gpt2Step.supports(model):
         step = Gpt2Step(model, kv, full_mask if padded else None)
+    elif cache == "prealloc" and LlamaStep.supports(model, L):
+        step = LlamaStep(model, kv, full_mask if padded else None)
     else:
         step = hf_step(model, kv, full_mask if padded or cache == "static" else None, static=cache == "static",
                         hidden=want_h)
