@@ -232,14 +232,18 @@ def test_qlora_4bit_base_trains_on_cpu_and_merges_into_the_full_base(tmp_path):
     assert max_logit_diff(merged, adapted, ids_batch(merged.config.vocab_size)) <= 1e-5
 
 
-def test_gpt2_decode_fast_path_leaves_lora_layers_to_their_forward():
-    """rollout/decode.Gpt2Step reads GPT-2's Conv1D weights itself: on LoRA-wrapped layers it would
-    sample from the base, so such a model decodes through its forward (which adds the adapters)."""
+def test_lean_decode_steps_leave_lora_layers_to_their_forward():
+    """rollout/decode.Gpt2Step and LlamaStep read the weights themselves: on LoRA-wrapped layers they
+    would sample from the base, so such a model decodes through its forward (which adds the adapters);
+    a 4-bit base is left to its forward too (test_qlora_4bit_base_trains_on_cpu_and_merges_into_the_full_base)."""
     from hybrid_ds.config.schema import LoraConfig
     from hybrid_ds.models.lora import add_adapters
     from hybrid_ds.models.policy_value import load_lm, load_tokenizer
-    from hybrid_ds.rollout.decode import Gpt2Step
+    from hybrid_ds.rollout.decode import Gpt2Step, LlamaStep
 
     lm = load_lm("builtin:tiny-gpt2", load_tokenizer("builtin:tiny-gpt2")).eval()
     assert Gpt2Step.supports(lm)
     assert not Gpt2Step.supports(add_adapters(lm, LoraConfig(r=2, target_modules=["c_attn"])).eval())
+    llama = load_lm(tiny_model_dir("llama"), load_tokenizer(tiny_model_dir("llama"))).eval()  # LlamaStep likewise
+    assert LlamaStep.supports(llama, 64)
+    assert not LlamaStep.supports(add_adapters(llama, LoraConfig(r=2, target_modules=["v_proj"])).eval(), 64)

@@ -124,6 +124,15 @@ def hf_step(model, kv, full_mask: Optional[Tensor], static: bool = False, hidden
     return step
 
 
+def plain_weights(model) -> bool:
+    """Whether every weight is used as stored, so a lean step may call it directly: no LoRA layer
+    (models/lora.py; peft wraps a layer as ``base_layer`` and only its forward adds the adapter) and
+    no quantised one (bitsandbytes' ``Linear4bit``/``Linear8bitLt`` subclass ``nn.Linear`` with packed
+    weights that only their forward unpacks)."""
+    return not any(hasattr(m, "base_layer") or (isinstance(m, torch.nn.Linear) and type(m) is not torch.nn.Linear)
+                   for m in model.modules())
+
+
 class Gpt2Step:
     """One GPT-2 decode step computed from the model's own modules' weights, for the preallocated cache.
 
@@ -144,8 +153,7 @@ class Gpt2Step:
         return (type(model).__name__ == "GPT2LMHeadModel" and not model.training
                 and getattr(cfg, "_attn_implementation", None) == "sdpa" and not cfg.add_cross_attention
                 and all(hasattr(blk.attn, "scaling") for blk in model.transformer.h)  # transformers >= 5
-                # LoRA layers (models/lora.py) wrap the Conv1Ds as ``base_layer``: only their forward adds the adapter
-                and not any(hasattr(m, "base_layer") for m in model.modules())
+                and plain_weights(model)
                 # ZeRO-3 partitions left in place (not gathered): only the module hooks can fetch them
                 and all(p.numel() > 0 for p in model.parameters()))
 
@@ -209,6 +217,7 @@ class LlamaStep:
                 and getattr(cfg, "_attn_implementation", None) == "sdpa"
                 and (window is None or capacity <= window)
                 and getattr(cfg, "pretraining_tp", 1) == 1
+                and plain_weights(model)
                 # ZeRO-3 partitions left in place (not gathered): only the module hooks can fetch them
                 and all(p.numel() > 0 for p in model.parameters()))
 
