@@ -1,6 +1,6 @@
 """A toy environment for multi-turn PPO (ENV=envs.recall:respond, examples/multiturn.json).
 
-The user names a word in the first turn; after the policy's first answer the environment asks
+The user names a word in the first turn (first, so that it is the same token as the answer); after the policy's first answer the environment asks
 "Which word?", a question that is the same for every item. The reward (exact_match against the
 item's last assistant turn, the word) reads the policy's last turn, so it can only rise if the
 policy's second turn uses what the user said in the first: the second turn's own prompt holds no
@@ -30,7 +30,7 @@ def items(n: int = 64, seed: int = 0) -> list:
     for _ in range(n):
         word = rng.choice(WORDS)
         out.append({"messages": [
-            {"role": "user", "content": f"Remember {word}."},
+            {"role": "user", "content": f"{word} - remember it."},
             {"role": "assistant", "content": "ok"},
             {"role": "user", "content": QUESTION},
             {"role": "assistant", "content": word}]})
