@@ -8,7 +8,7 @@ string evaluated)::
 ``messages`` is the conversation so far, a fresh copy of ``{"role", "content"}`` dicts: the item's
 history (for a conversation, the turns before its first assistant turn to learn; otherwise one user
 turn holding the prompt) followed by the policy's and the environment's turns, the policy's last.
-``item`` is the data item (its fields: the word to recall, the tool's state, ...). It returns the next
+``item`` is a shallow copy of the data item (its fields: the word to recall, ...). It returns the next
 message, ``{"role": "user" | "tool" | "system", "content": str}`` or a string (a user turn), or
 :data:`DONE` (``None``) to end the dialogue. After the policy's MAX_TURNS-th turn it is not called.
 
@@ -164,7 +164,7 @@ def roll_dialogues(policy_turn: PolicyTurn, env: Callable, tokenizer, prompts: l
             d.messages.append({"role": "assistant", "content": text})
             if turn == max_turns - 1:
                 continue
-            message = as_message(env([dict(m) for m in d.messages], items[r]))
+            message = as_message(env([dict(m) for m in d.messages], dict(items[r])))
             if message is None:
                 continue
             seg = env_segment_ids(tokenizer, history, message, stops, ids[-1] if ids else None)
