@@ -119,6 +119,10 @@ def test_done_and_max_turns_end_the_dialogue():
     d, = mt.roll_dialogues(scripted([[5, eos]]), lambda m, it: mt.DONE, tok, [[7, 8]], [[]], [{}], max_turns=4,
                            max_len=64, max_new_tokens=4, stops=[eos])
     assert d.ids == [5, eos] and len(d.turns) == 1
+    # MAXSEQ (max_len) bounds prompt + dialogue: the turn is cut, and no environment turn without room after it
+    d, = mt.roll_dialogues(scripted([[5] * 9, [6, eos]]), ask_once, tok, [[7, 8]], [[]], [{}], max_turns=2,
+                           max_len=10, max_new_tokens=9, stops=[eos])
+    assert d.ids == [5] * 8 and d.actions == [1] * 8 and not d.ended and len(d.messages) == 1
     with pytest.raises(mt.EnvError, match="returned 3"):
         mt.roll_dialogues(scripted([[5, eos]]), lambda m, it: 3, tok, [[7]], [[]], [{}], max_turns=2, max_len=64,
                           max_new_tokens=4, stops=[eos])
