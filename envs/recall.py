@@ -1,8 +1,9 @@
 """A toy environment for multi-turn PPO (ENV=envs.recall:respond, examples/multiturn.json).
 
-The user names a word in the first turn (first, so that it is the same token as the answer); after the policy's first answer the environment asks
-"Which word?", a question that is the same for every item. The reward (exact_match against the
-item's last assistant turn, the word) reads the policy's last turn, so it can only rise if the
+The user names a word in the first turn (as its first word, so that it is the same token as the
+answer); after the policy's first answer the environment asks "Which word?", the same question for
+every item. The reward (exact_match against the item's last assistant turn, the word) reads the
+policy's last turn, so it can only rise above always answering the most frequent word (0.17) if the
 policy's second turn uses what the user said in the first: the second turn's own prompt holds no
 trace of the word.
 

@@ -15,6 +15,9 @@ import os
 import pytest
 import torch
 
+from conftest import REPO
+from inproc import changed, make_run, weights
+
 from hybrid_ds.algorithms import estimators as est
 from hybrid_ds.algorithms import ppo
 from hybrid_ds.algorithms import ppo_math as pm
@@ -24,9 +27,7 @@ from hybrid_ds.data import tokenize_conversation, tokenize_items
 from hybrid_ds.data.reference import builtin_tokenizer, chatml_tokenizer
 from hybrid_ds.rollout import multiturn as mt
 from hybrid_ds.run.preflight import load_config
-from inproc import make_run, weights, changed
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECALL = {"MODE": "ppo", "MODEL": "builtin:tiny-gpt2", "TRAIN_FILE": os.path.join(REPO, "envs", "recall.jsonl"),
           "ENV": "envs.recall:respond", "MAX_TURNS": 2, "SEED": 0, "PPO_BATCH": 4, "PPO_MINI": 2,
           "PPO_EPOCHS": 1, "LR_PPO": 1e-3, "MAX_NEW_TOKENS": 4, "MAXSEQ": 96, "SCHEDULER": "constant",
@@ -88,7 +89,7 @@ def test_plain_rendering_two_turns_by_hand():
 def test_truncated_turn_gets_eos_from_the_environment_masked():
     tok = builtin_tokenizer()
     eos = tok.eos_token_id
-    prompt, d, t1, t2, _ = two_turn_dialogue(tok, [eos], first_turn_ends_with_stop=False)
+    _, d, t1, t2, _ = two_turn_dialogue(tok, [eos], first_turn_ends_with_stop=False)
     env = tok("\n\n### User:\nWhich word?\n\n### Assistant:\n", add_special_tokens=False)["input_ids"]
     assert d.ids == t1 + [eos] + env + t2  # the EOS the policy did not write is the environment's
     assert d.actions == [1] * len(t1) + [0] * (1 + len(env)) + [1] * len(t2)
@@ -211,6 +212,18 @@ def test_recall_environment_updates(tmp_path, monkeypatch, advantage):
     first_gap = (act[:, :-1] - act[:, 1:] == 1) & (att[:, 1:] == 1)
     assert first_gap.any(1).all()  # a policy turn, then the environment, inside each row
     assert ro.texts == [d.turns[-1] for d in ro.dialogues]
+    # old log-probs on the padded batch = each row's unpadded dialogue through the model on its own:
+    # the environment's tokens are attended to, positions come from the attention mask
+    T = 1.0 if advantage == "gae" else 0.7
+    lp, _ = ppo.forward_logprobs(run.engine, ro, T, 64, with_values=True)
+    for r in range(2):
+        q = ro.query_ids[r][ro.query_mask[r].bool()]
+        seq = torch.cat([q, ro.response_ids[r][att[r].bool()]])[None]
+        with torch.no_grad():
+            logits = run.engine.module.lm(input_ids=seq).logits[0, len(q) - 1:-1].float()
+        own = torch.log_softmax(logits / T, -1).gather(1, seq[0, len(q):, None])[:, 0]
+        n = int(att[r].sum())
+        torch.testing.assert_close(lp[r, :n][act[r, :n].bool()], own[act[r, :n].bool()], atol=1e-5, rtol=0)
     for _ in range(2):
         m = ppo.ppo_update(run, run.next_batch("ppo"))
         assert m["ppo/turns"] == 2.0 and m["ppo/dialogue_len"] > m["ppo/response_len"]
