@@ -41,6 +41,13 @@ def ask_once(messages, item):
     return "Which word?" if sum(m["role"] == "assistant" for m in messages) == 1 else None
 
 
+def ask_with_reward(messages, item):
+    """The question after the first turn, with a reward of 0.5 for that turn; then the end."""
+    if sum(m["role"] == "assistant" for m in messages) == 1:
+        return {"role": "user", "content": "Which word?", "reward": 0.5}
+    return None
+
+
 def scripted(turns):
     """A policy whose i-th turn is ``turns[i]`` (ids) for every row; it records the contexts it saw."""
     seen = []
@@ -124,6 +131,16 @@ def test_done_and_max_turns_end_the_dialogue():
     d, = mt.roll_dialogues(scripted([[5] * 9, [6, eos]]), ask_once, tok, [[7, 8]], [[]], [{}], max_turns=2,
                            max_len=10, max_new_tokens=9, stops=[eos])
     assert d.ids == [5] * 8 and d.actions == [1] * 8 and not d.ended and len(d.messages) == 1
+    # per-turn rewards: on the turn the environment answers; {"reward": x} alone ends the dialogue
+    d, = mt.roll_dialogues(scripted([[5, eos], [6, 6, eos]]), ask_with_reward, tok, [[7]], [[]], [{}],
+                           max_turns=3, max_len=64, max_new_tokens=4, stops=[eos])
+    assert d.turn_rewards == [0.5, 0.0] and d.turn_ends == [1, len(d.ids) - 1] and d.ids[-3:] == [6, 6, eos]
+    d, = mt.roll_dialogues(scripted([[5, eos]]), lambda m, it: {"reward": -1}, tok, [[7]], [[]], [{}], max_turns=3,
+                           max_len=64, max_new_tokens=4, stops=[eos])
+    assert d.turn_rewards == [-1.0] and d.ids == [5, eos]
+    for bad in ({"reward": float("nan")}, {"role": "user", "content": "x", "reward": True}, {"role": "bot"}):
+        with pytest.raises(mt.EnvError):
+            mt.parse_reply(bad)
     with pytest.raises(mt.EnvError, match="returned 3"):
         mt.roll_dialogues(scripted([[5, eos]]), lambda m, it: 3, tok, [[7]], [[]], [{}], max_turns=2, max_len=64,
                           max_new_tokens=4, stops=[eos])
@@ -198,10 +215,11 @@ def test_gae_over_actions_equals_gae_on_single_turn_masks():
 # 3. the toy environment in a run
 
 
-@pytest.mark.parametrize("advantage", ["gae", "reinforce_pp"])
-def test_recall_environment_updates(tmp_path, monkeypatch, advantage):
+@pytest.mark.parametrize("advantage, env", [("gae", "envs.recall:respond"),
+                                            ("reinforce_pp", "test_multiturn:ask_with_reward")])
+def test_recall_environment_updates(tmp_path, monkeypatch, advantage, env):
     monkeypatch.chdir(REPO)  # ENV names envs.recall, beside the config
-    run = make_run({**RECALL, "OUTPUT_DIR": str(tmp_path / "out"), "ADVANTAGE": advantage})
+    run = make_run({**RECALL, "OUTPUT_DIR": str(tmp_path / "out"), "ADVANTAGE": advantage, "ENV": env})
     before = weights(run)
     examples = run.next_batch("ppo")
     ro = ppo.generate_dialogues(run, examples)
@@ -214,8 +232,8 @@ def test_recall_environment_updates(tmp_path, monkeypatch, advantage):
     assert ro.texts == [d.turns[-1] for d in ro.dialogues]
     # old log-probs on the padded batch = each row's unpadded dialogue through the model on its own:
     # the environment's tokens are attended to, positions come from the attention mask
-    T = 1.0 if advantage == "gae" else 0.7
-    lp, _ = ppo.forward_logprobs(run.engine, ro, T, 64, with_values=True)
+    T = run.cfg.gen.temperature
+    lp, values = ppo.forward_logprobs(run.engine, ro, T, 64, with_values=True)
     for r in range(2):
         q = ro.query_ids[r][ro.query_mask[r].bool()]
         seq = torch.cat([q, ro.response_ids[r][att[r].bool()]])[None]
@@ -224,9 +242,21 @@ def test_recall_environment_updates(tmp_path, monkeypatch, advantage):
         own = torch.log_softmax(logits / T, -1).gather(1, seq[0, len(q):, None])[:, 0]
         n = int(att[r].sum())
         torch.testing.assert_close(lp[r, :n][act[r, :n].bool()], own[act[r, :n].bool()], atol=1e-5, rtol=0)
+    # step 4: the task score and KL as for one turn, plus the environment's reward on turn 1's last token
+    ppo.score(run, ro, examples)
+    ro.logprobs, ro.values = lp, values
+    ro.ref_logprobs, _ = ppo.forward_logprobs(run.ref, ro, T, 64, with_values=False)
+    ppo.compute_advantages(run, ro)
+    shaped, _ = pm.shape_rewards(ro.scores, ro.logprobs, ro.ref_logprobs, act, run.kl_ctl.value)
+    ends = torch.tensor([d.turn_ends[0] for d in ro.dialogues])
+    expected = torch.zeros_like(shaped)
+    expected[torch.arange(4), ends] = 0.5 if env.endswith("reward") else 0.0
+    torch.testing.assert_close(ro.rewards, shaped + expected)
+    assert (ro.advantages[att.bool() & ~act.bool()] == 0).all()
     for _ in range(2):
         m = ppo.ppo_update(run, run.next_batch("ppo"))
         assert m["ppo/turns"] == 2.0 and m["ppo/dialogue_len"] > m["ppo/response_len"]
+        assert m["ppo/env_reward_mean"] == (0.5 if env.endswith("reward") else 0.0)
         assert all(torch.isfinite(torch.tensor(v)) for k, v in m.items() if k.startswith(("ppo/loss", "objective")))
     after = weights(run)
     assert changed(before, after, "lm.")

@@ -48,6 +48,7 @@ class Rollout:
     returns: Optional[torch.Tensor] = None  # (B, T) value targets (gae), discounted returns (reinforce_pp)
     response_attn: Optional[torch.Tensor] = None  # (B, T) float, ENV: 1 on every dialogue token (policy and env)
     dialogues: Optional[list] = None  # ENV: B rollout.multiturn.Dialogue (turns, messages)
+    env_rewards: Optional[torch.Tensor] = None  # (B, T) ENV: its per-turn rewards, each on its turn's last token
 
     def select(self, idx: torch.Tensor) -> dict:
         """The tensors of rows ``idx`` (for minibatches)."""
@@ -149,8 +150,13 @@ def generate_dialogues(run: PhaseContext, examples: list[Example]) -> Rollout:
     resp, attn = tm.right_pad([d.ids for d in dialogues], pad, dev)
     actions, _ = tm.right_pad([d.actions for d in dialogues], 0, dev)
     ended = torch.tensor([d.ended for d in dialogues], dtype=torch.bool, device=dev)
+    env_rewards = torch.zeros(resp.shape, dtype=torch.float32)
+    for r, d in enumerate(dialogues):
+        env_rewards[r, d.turn_ends] = torch.tensor(d.turn_rewards)
+    clip = cfg.ppo.score_clip
+    env_rewards = (env_rewards.clamp(-clip, clip) if clip > 0 else env_rewards).to(dev)
     return Rollout(q_ids, q_mask, resp, actions.float(), ended, [d.turns[-1] for d in dialogues], group=group,
-                   response_attn=attn.float(), dialogues=dialogues)
+                   response_attn=attn.float(), dialogues=dialogues, env_rewards=env_rewards)
 
 
 def _attention(ro: Rollout) -> torch.Tensor:
@@ -241,14 +247,16 @@ def compute_advantages(run: PhaseContext, ro: Rollout) -> None:
     * reinforce_pp: discounted returns whitened over the batch.
 
     Under ENV the mask holds the policy's tokens of the whole dialogue: the KL and the score sit on
-    them only, and GAE and the returns run over them as one episode, skipping the environment's
-    tokens (turn_math.py).
+    them only (the environment's per-turn rewards on each turn's last token), and GAE and the returns
+    run over them as one episode, skipping the environment's tokens (turn_math.py).
     """
     c, m = run.cfg.ppo, ro.response_mask
     beta = run.kl_ctl.value if c.kl_in == "reward" else 0.0
     ro.rewards, ro.kl = pm.shape_rewards(ro.scores, ro.logprobs, ro.ref_logprobs, m, beta,
                                          estimator=c.kl_estimator, missing_eos_penalty=c.missing_eos_penalty,
                                          ended_with_eos=ro.ended)
+    if ro.env_rewards is not None:  # ENV's per-turn rewards, on the last token of the turns they answer
+        ro.rewards = ro.rewards + ro.env_rewards.to(ro.rewards.dtype)
     if c.advantage in est.GROUP_ESTIMATORS:
         seq = ro.rewards.sum(1)
         n_groups = (ro.group.shape[0] // c.num_generations) * run.dist.world
@@ -455,4 +463,5 @@ def dialogue_metrics(ro: Rollout) -> dict[str, float]:
     if ro.dialogues is None:
         return {}
     return {"ppo/turns": sum(len(d.turns) for d in ro.dialogues) / len(ro.dialogues),
-            "ppo/dialogue_len": float(ro.response_attn.sum(1).mean())}
+            "ppo/dialogue_len": float(ro.response_attn.sum(1).mean()),
+            "ppo/env_reward_mean": float(ro.env_rewards.sum(1).mean())}

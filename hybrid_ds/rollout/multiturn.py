@@ -10,7 +10,9 @@ history (for a conversation, the turns before its first assistant turn to learn;
 turn holding the prompt) followed by the policy's and the environment's turns, the policy's last.
 ``item`` is a shallow copy of the data item (its fields: the word to recall, ...). It returns the next
 message, ``{"role": "user" | "tool" | "system", "content": str}`` or a string (a user turn), or
-:data:`DONE` (``None``) to end the dialogue. After the policy's MAX_TURNS-th turn it is not called.
+:data:`DONE` (``None``) to end the dialogue. A dict reply may also carry ``"reward"``, a number added
+to the reward of the policy's turn it answers (``{"reward": x}`` alone ends the dialogue with it).
+After the policy's MAX_TURNS-th turn it is not called.
 
 The dialogue is one token sequence: the prompt, then ``[policy turn 1, env turn 1, policy turn 2,
 ...]``. Policy turns are the sampled ids themselves (up to and including the stop id), never decoded
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -83,16 +86,24 @@ def env_problem(spec: str) -> Optional[str]:
     return None
 
 
-def as_message(reply, spec: str = "ENV") -> Optional[dict]:
-    """An environment's reply as a message dict, or None for DONE. Raises EnvError otherwise."""
+def parse_reply(reply, spec: str = "ENV") -> tuple:
+    """An environment's reply as ``(message dict or None for DONE, reward for the turn it answers)``.
+    A dict may carry ``"reward"`` (a finite number); ``{"reward": x}`` alone ends the dialogue with
+    it. Raises EnvError for anything else."""
     if reply is DONE:
-        return None
+        return None, 0.0
     if isinstance(reply, str):
-        return {"role": "user", "content": reply}
-    if isinstance(reply, dict) and reply.get("role") in ENV_ROLES and isinstance(reply.get("content"), str):
-        return {"role": reply["role"], "content": reply["content"]}
+        return {"role": "user", "content": reply}, 0.0
+    if isinstance(reply, dict):
+        reward = reply.get("reward", 0.0)
+        if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
+            raise EnvError(f"{spec} returned reward {reward!r:.60}: give a finite number")
+        if set(reply) == {"reward"}:
+            return None, float(reward)
+        if reply.get("role") in ENV_ROLES and isinstance(reply.get("content"), str):
+            return {"role": reply["role"], "content": reply["content"]}, float(reward)
     raise EnvError(f"{spec} returned {reply!r:.120}: give a string, a dict with role in {ENV_ROLES} and a string "
-                   f"content, or None to end the dialogue")
+                   f"content (and optionally a reward), {{'reward': x}} or None to end the dialogue")
 
 
 def env_segment_ids(tokenizer, history: list, message: dict, stops: list, last_policy_id: Optional[int]) -> list:
@@ -130,6 +141,8 @@ class Dialogue:
     turns: list = field(default_factory=list)  # the policy's turns as decoded text
     messages: list = field(default_factory=list)  # the whole conversation (history included)
     ended: bool = False  # the policy's last turn ended with a stop id
+    turn_ends: list = field(default_factory=list)  # per policy turn, the index in ``ids`` of its last id
+    turn_rewards: list = field(default_factory=list)  # per policy turn, the reward the environment gave it
 
 
 # ids of each row's context (prompt + dialogue so far) -> each row's sampled ids (stop id included)
@@ -160,11 +173,13 @@ def roll_dialogues(policy_turn: PolicyTurn, env: Callable, tokenizer, prompts: l
             d.ended = bool(ids) and ids[-1] in stops
             text = tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True)
             d.turns.append(text)
+            d.turn_ends.append(len(d.ids) - 1)
+            d.turn_rewards.append(0.0)
             history = [dict(m) for m in d.messages]
             d.messages.append({"role": "assistant", "content": text})
             if turn == max_turns - 1:
                 continue
-            message = as_message(env([dict(m) for m in d.messages], dict(items[r])))
+            message, d.turn_rewards[-1] = parse_reply(env([dict(m) for m in d.messages], dict(items[r])))
             if message is None:
                 continue
             seg = env_segment_ids(tokenizer, history, message, stops, ids[-1] if ids else None)
