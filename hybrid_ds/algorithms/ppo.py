@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import torch
 
 from hybrid_ds.algorithms import estimators as est
 from hybrid_ds.algorithms import ppo_math as pm
+from hybrid_ds.algorithms import turn_math as tm
 from hybrid_ds.algorithms.context import NextBatch, PhaseContext, PhaseTimer
 from hybrid_ds.data import Example, collate_prompts, collate_sft, micro_batches, stop_token_ids
 from hybrid_ds.models.logprobs import (entropy_from_logits, lm_response_logprobs, logprobs_from_logits,
@@ -33,7 +34,7 @@ class Rollout:
     query_ids: torch.Tensor  # (B, P) left-padded prompt ids
     query_mask: torch.Tensor  # (B, P) 1 on real prompt tokens
     response_ids: torch.Tensor  # (B, T) generated ids, pad after EOS
-    response_mask: torch.Tensor  # (B, T) float, 1 up to and including the first EOS
+    response_mask: torch.Tensor  # (B, T) float, 1 up to and including the first EOS (ENV: on the policy's tokens)
     ended: torch.Tensor  # (B,) bool, an EOS was generated
     texts: list  # B decoded responses (EOS and pads stripped)
     group: Optional[torch.Tensor] = None  # (B,) long, global id of the prompt each response answers
@@ -45,6 +46,9 @@ class Rollout:
     kl: Optional[torch.Tensor] = None  # (B, T) per-token KL estimate
     advantages: Optional[torch.Tensor] = None  # (B, T) whitened GAE advantages, or the estimator's
     returns: Optional[torch.Tensor] = None  # (B, T) value targets (gae), discounted returns (reinforce_pp)
+    response_attn: Optional[torch.Tensor] = None  # (B, T) float, ENV: 1 on every dialogue token (policy and env)
+    dialogues: Optional[list] = None  # ENV: B rollout.multiturn.Dialogue (turns, messages)
+    env_rewards: Optional[torch.Tensor] = None  # (B, T) ENV: its per-turn rewards, each on its turn's last token
 
     def select(self, idx: torch.Tensor) -> dict:
         """The tensors of rows ``idx`` (for minibatches)."""
@@ -110,6 +114,56 @@ def generate(run: PhaseContext, examples: list[Example]) -> Rollout:
     return Rollout(q_ids, q_mask, resp, mask, ended, texts, group=group, logprobs=logprobs, values=values)
 
 
+@torch.no_grad()
+def generate_dialogues(run: PhaseContext, examples: list[Example]) -> Rollout:
+    """ENV: NUM_GENERATIONS dialogues per prompt of up to MAX_TURNS policy turns with the environment
+    (hybrid_ds/rollout/multiturn.py), each turn sampled by the lean sampler over the rows still
+    talking. The response is the whole dialogue, ``response_attn`` its attention mask and
+    ``response_mask`` 1 on the policy's tokens only; ``texts`` are the policy's last turns. Old
+    log-probs and values are always recomputed on the whole sequence (step 3)."""
+    from hybrid_ds.rollout import multiturn as mt
+    from hybrid_ds.rollout.sampler import SamplingSettings, sample
+
+    cfg, tok, dev = run.cfg, run.tokenizer, run.dist.device
+    K, pad, g = cfg.ppo.num_generations, tok.pad_token_id, cfg.gen
+    stops = stop_token_ids(tok)
+    st = SamplingSettings.from_gen_config(g, stops[0] if len(stops) == 1 else stops, pad)
+    starts = [mt.dialogue_start(e) for e in examples for _ in range(K)]
+    max_prompt = max(1, cfg.data.maxseq - g.max_new_tokens)
+    prompts = [p[-max_prompt:] for p, _ in starts]
+    group = (run.dist.rank * len(examples) + torch.arange(len(examples), device=dev)).repeat_interleave(K)
+
+    def policy_turn(contexts: list, n: int) -> list:  # left-padded contexts -> each row's ids up to its stop
+        ids, att = tm.left_pad(contexts, pad, dev)
+        out = sample(lm, ids, att, replace(st, max_new_tokens=n, min_new_tokens=min(st.min_new_tokens, n)),
+                     hf_rng=g.sampler == "lean_exact")
+        lengths = out.response_mask.sum(1).long().tolist()
+        return [row[:k] for row, k in zip(out.response_ids.tolist(), lengths)]
+
+    run.engine.eval()
+    torch.manual_seed(run.seed_for("rollout", run.counters.ppo_update))  # as generate
+    with run.dist.generation_model(run.engine) as lm:
+        dialogues = mt.roll_dialogues(policy_turn, mt.load_env(cfg.ppo.env), tok, prompts, [h for _, h in starts],
+                                      [e.item for e in examples for _ in range(K)], max_turns=cfg.ppo.max_turns,
+                                      max_len=cfg.data.maxseq, max_new_tokens=g.max_new_tokens, stops=stops)
+    q_ids, q_mask = tm.left_pad(prompts, pad, dev)
+    resp, attn = tm.right_pad([d.ids for d in dialogues], pad, dev)
+    actions, _ = tm.right_pad([d.actions for d in dialogues], 0, dev)
+    ended = torch.tensor([d.ended for d in dialogues], dtype=torch.bool, device=dev)
+    env_rewards = torch.zeros(resp.shape, dtype=torch.float32)
+    for r, d in enumerate(dialogues):
+        env_rewards[r, d.turn_ends] = torch.tensor(d.turn_rewards)
+    clip = cfg.ppo.score_clip
+    env_rewards = (env_rewards.clamp(-clip, clip) if clip > 0 else env_rewards).to(dev)
+    return Rollout(q_ids, q_mask, resp, actions.float(), ended, [d.turns[-1] for d in dialogues], group=group,
+                   response_attn=attn.float(), dialogues=dialogues, env_rewards=env_rewards)
+
+
+def _attention(ro: Rollout) -> torch.Tensor:
+    """The response's attention mask ``(B, T)``: every dialogue token under ENV, else the response mask."""
+    return ro.response_mask if ro.response_attn is None else ro.response_attn
+
+
 def old_from_rollout(run: PhaseContext) -> bool:
     """Whether PPO's old log-probs and values are the sampler's own (OLD_LOGPROBS, docs/config.md).
 
@@ -130,8 +184,10 @@ def old_from_rollout(run: PhaseContext) -> bool:
 def score(run: PhaseContext, ro: Rollout, examples: list[Example]) -> None:
     """Task scores ``(B,)`` from the reward on (response, target, prompt, item) for the whole batch;
     ``examples`` has one entry per rollout row (a prompt repeated NUM_GENERATIONS times)."""
-    s = run.reward.score_batch(ro.texts, [e.target for e in examples], [e.prompt for e in examples],
-                               [e.item for e in examples])
+    items = [e.item for e in examples]
+    if ro.dialogues is not None:  # ENV: the response is the policy's last turn; the item carries the dialogue
+        items = [{**it, "dialogue": d.messages} for it, d in zip(items, ro.dialogues)]
+    s = run.reward.score_batch(ro.texts, [e.target for e in examples], [e.prompt for e in examples], items)
     s = torch.as_tensor(s, dtype=torch.float32, device=run.dist.device).reshape(-1)
     if not torch.isfinite(s).all():  # the reward's fault policy should have caught this
         bad = int((~torch.isfinite(s)).nonzero()[0])
@@ -149,7 +205,7 @@ def forward_logprobs(model, ro: Rollout, temperature: float, chunk: int, with_va
     """Log-probs (and values) ``(B, T)`` of the rollout under ``model``, ``chunk`` rows at a time:
     the policy engine when ``with_values`` (values None without a value head), a plain causal LM (the
     reference) otherwise."""
-    ids, att, pos = sequence_inputs(ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask)
+    ids, att, pos = sequence_inputs(ro.query_ids, ro.query_mask, ro.response_ids, _attention(ro))
     T = ro.response_ids.shape[1]
     lps, vals = [], []
     for s in range(0, ids.shape[0], chunk):
@@ -172,7 +228,7 @@ def reference_model(run: PhaseContext):
 
 def request_reference(run: PhaseContext, ro: Rollout):
     """Send the rollout's ids and masks to this rank's reference rank; ``.wait()`` gives ``(B, T)`` fp32."""
-    ids, att, _ = sequence_inputs(ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask)
+    ids, att, _ = sequence_inputs(ro.query_ids, ro.query_mask, ro.response_ids, _attention(ro))
     return run.ref_client.request(ids, att, ro.query_ids.shape[1], ro.response_ids.shape[1],
                                   run.cfg.gen.temperature)
 
@@ -189,12 +245,18 @@ def compute_advantages(run: PhaseContext, ro: Rollout) -> None:
     * grpo / rloo: each sequence's summed reward against its group (estimators.group_advantages),
       the same advantage on every token of the sequence;
     * reinforce_pp: discounted returns whitened over the batch.
+
+    Under ENV the mask holds the policy's tokens of the whole dialogue: the KL and the score sit on
+    them only (the environment's per-turn rewards on each turn's last token), and GAE and the returns
+    run over them as one episode, skipping the environment's tokens (turn_math.py).
     """
     c, m = run.cfg.ppo, ro.response_mask
     beta = run.kl_ctl.value if c.kl_in == "reward" else 0.0
     ro.rewards, ro.kl = pm.shape_rewards(ro.scores, ro.logprobs, ro.ref_logprobs, m, beta,
                                          estimator=c.kl_estimator, missing_eos_penalty=c.missing_eos_penalty,
                                          ended_with_eos=ro.ended)
+    if ro.env_rewards is not None:  # ENV's per-turn rewards, on the last token of the turns they answer
+        ro.rewards = ro.rewards + ro.env_rewards.to(ro.rewards.dtype)
     if c.advantage in est.GROUP_ESTIMATORS:
         seq = ro.rewards.sum(1)
         n_groups = (ro.group.shape[0] // c.num_generations) * run.dist.world
@@ -203,14 +265,16 @@ def compute_advantages(run: PhaseContext, ro: Rollout) -> None:
         ro.advantages = adv[:, None] * m
         return
     if c.advantage == "reinforce_pp":
-        ro.returns = est.discounted_returns(ro.rewards, m, c.discount)
+        returns = est.discounted_returns if ro.response_attn is None else tm.returns_over_actions
+        ro.returns = returns(ro.rewards, m, c.discount)
         stats = pm.moments_from_sums(run.dist.all_reduce_sum(pm.moment_sums(ro.returns, m)))
         ro.advantages = pm.whiten(ro.returns, m, shift_mean=True, stats=stats)
         return
     if c.whiten_rewards:
         stats = pm.moments_from_sums(run.dist.all_reduce_sum(pm.moment_sums(ro.rewards, m)))
         ro.rewards = pm.whiten(ro.rewards, m, shift_mean=False, stats=stats)
-    adv, ro.returns = pm.gae(ro.rewards, ro.values, m, gamma=c.discount, lam=c.gae_lambda)
+    gae = pm.gae if ro.response_attn is None else tm.gae_over_actions
+    adv, ro.returns = gae(ro.rewards, ro.values, m, gamma=c.discount, lam=c.gae_lambda)
     stats = pm.moments_from_sums(run.dist.all_reduce_sum(pm.moment_sums(adv, m)))
     ro.advantages = pm.whiten(adv, m, shift_mean=True, stats=stats)
 
@@ -247,7 +311,7 @@ def ppo_epochs(run: PhaseContext, ro: Rollout, ptx_examples: Optional[list[Examp
             b = ro.select(torch.tensor(mb, device=ro.response_ids.device))
             with engine.no_sync(boundary):
                 ids, att, pos = sequence_inputs(b["query_ids"], b["query_mask"], b["response_ids"],
-                                                b["response_mask"])
+                                                b.get("response_attn", b["response_mask"]))
                 logits, values = policy_response_outputs(engine, ids, att, pos, T, with_values=critic)
                 logp = logprobs_from_logits(logits, b["response_ids"], cfg.gen.temperature)
                 m, n = b["response_mask"], global_tokens[step_i]
@@ -329,8 +393,8 @@ def ppo_update(run: PhaseContext, examples: list[Example], ptx_examples: Optiona
     6. adapt the KL coefficient (only after a finite update: a skipped one teaches it nothing)
     """
     cfg, dist, chunk, timer = run.cfg, run.dist, run.batches.ppo.forward_chunk, PhaseTimer()
-    # 1. rollout
-    ro = generate(run, examples)
+    # 1. rollout (ENV: whole dialogues with the environment)
+    ro = generate_dialogues(run, examples) if cfg.ppo.env else generate(run, examples)
     timer.mark("rollout")
     # (separate reference ranks start on the reference log-probs now, while this rank scores)
     pending = request_reference(run, ro) if run.ref_client is not None else None
@@ -353,7 +417,8 @@ def ppo_update(run: PhaseContext, examples: list[Example], ptx_examples: Optiona
     m = ppo_epochs(run, ro, ptx_examples)
     timer.mark("update")
     # 6. KL controller, on the global mean KL per sequence
-    metrics = {**dist.mean_metrics({**rollout_metrics(run, ro), **m}), **dist.memory_metrics(run.engine)}
+    metrics = {**dist.mean_metrics({**rollout_metrics(run, ro), **dialogue_metrics(ro), **m}),
+               **dist.memory_metrics(run.engine)}
     n_seqs = cfg.ppo.batch * cfg.ppo.num_generations
     if all(math.isfinite(v) for k, v in metrics.items() if k.startswith("ppo/loss/")):
         run.kl_ctl.update(metrics["objective/kl"], n_seqs)
@@ -391,3 +456,12 @@ def rollout_metrics(run: PhaseContext, ro: Rollout) -> dict[str, float]:
         **({"ppo/return_mean": float(pm.masked_mean(ro.returns, m))} if ro.returns is not None else {}),
         **({"ppo/value_mean_old": float(pm.masked_mean(ro.values, m))} if ro.values is not None else {}),
     }
+
+
+def dialogue_metrics(ro: Rollout) -> dict[str, float]:
+    """ENV: per-rank means of the policy's turns per dialogue and the dialogue's tokens (reduced by the caller)."""
+    if ro.dialogues is None:
+        return {}
+    return {"ppo/turns": sum(len(d.turns) for d in ro.dialogues) / len(ro.dialogues),
+            "ppo/dialogue_len": float(ro.response_attn.sum(1).mean()),
+            "ppo/env_reward_mean": float(ro.env_rewards.sum(1).mean())}

@@ -85,6 +85,20 @@ def validate(cfg: Config) -> list[str]:
         problems.append("REF_INIT=after_warmup needs the reference on the policy ranks (REF_PLACEMENT=colocated).")
     problems += lora_problems(cfg)
     problems += eval_problems(cfg)
+    problems += multiturn_problems(cfg)
+    return problems
+
+
+def multiturn_problems(cfg: Config) -> list[str]:
+    """ENV and MAX_TURNS combinations (the callable itself is imported and checked by
+    hybrid_ds/rollout/multiturn.py, from the preflight)."""
+    problems = []
+    if cfg.ppo.max_turns > 1 and not cfg.ppo.env:
+        problems.append(f"MAX_TURNS ({cfg.ppo.max_turns}) counts the policy's turns of a dialogue with an "
+                        f"environment: set ENV (package.module:function), or MAX_TURNS 1.")
+    if cfg.ppo.env and cfg.gen.sampler == "hf":
+        problems.append("ENV: multi-turn rollouts sample each turn with the lean sampler; set SAMPLER lean or "
+                        "lean_exact.")
     return problems
 
 

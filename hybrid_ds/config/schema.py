@@ -193,6 +193,10 @@ class PPOConfig:
     kl_in: str = opt("reward", "Where the KL to the reference acts: reward (a per-token penalty in the reward, "
                                "INIT_KL_COEF x KL_ESTIMATOR) or loss (beta x the k3 KL in the loss, as GRPO).",
                      key="KL_IN", choices=("reward", "loss"))
+    env: str = opt("", "Multi-turn rollouts: a Python callable package.module:function (imported, never evaluated) "
+                       "that gets the conversation so far and the item and returns the next user/tool message, or "
+                       "None to end the dialogue; empty = one response per prompt. See docs/ppo.md.", key="ENV")
+    max_turns: int = opt(1, "ENV: most policy turns per dialogue.", key="MAX_TURNS", lo=1)
 
 
 @dataclass

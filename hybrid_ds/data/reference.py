@@ -50,7 +50,9 @@ EXAMPLES = [
     ("messages", {}, {"messages": _CHAT},
      "TRL's conversational format: one conversation is one SFT example whose labels cover every "
      "assistant turn; system, user and tool turns and the template's scaffolding are not labelled. PPO "
-     "generates from the history before the last assistant turn; the reward compares with that turn."),
+     "generates from the history before the last assistant turn; the reward compares with that turn. With "
+     "ENV (multi-turn rollouts, docs/ppo.md §21) PPO starts the dialogue before the first assistant turn "
+     "and the environment plays the later user and tool turns."),
 ]
 
 

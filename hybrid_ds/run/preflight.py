@@ -28,6 +28,7 @@ from hybrid_ds.engine.dist import plan_launch
 from hybrid_ds.engine.placement import launch_world_size, placement_problems, policy_world_size
 from hybrid_ds.optim import make_phase_schedules, schedule_warnings, validate_optim_config
 from hybrid_ds.rewards import validate_reward_spec
+from hybrid_ds.rollout.multiturn import env_problem
 from hybrid_ds.run.resume import describe_resume, resume_problems
 from hybrid_ds.run.schedule import Schedule, plan_schedule
 
@@ -72,6 +73,7 @@ def config_problems(cfg: Config, *, check_files: bool = True, world_size: Option
     problems += quantized_base_problems(cfg)
     if cfg.run.mode != "sft":
         problems += validate_reward_spec(cfg.reward, path=REWARD_KEY)
+        problems += [p for p in (env_problem(cfg.ppo.env),) if p]
     if check_files:
         problems += launch_dtype_problems(cfg)
         problems += file_problems(cfg)
