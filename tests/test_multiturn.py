@@ -155,7 +155,7 @@ def _losses(logp, old, ref, values, new_values, mask, score):
     adv, ret = tm.gae_over_actions(rewards, values, mask, gamma=1.0, lam=0.95)
     pg, _ = pm.policy_loss(logp, old, adv, mask, 0.2)
     vf, _ = pm.value_loss(new_values, values, ret, mask, 0.2)
-    k3 = pm._token_mean(est.kl_k3(logp, ref), mask, None)
+    k3 = pm.token_mean(est.kl_k3(logp, ref), mask, None)
     rp = tm.returns_over_actions(rewards, mask, 1.0)
     return rewards, kl, adv, ret, rp, pg, vf, k3
 

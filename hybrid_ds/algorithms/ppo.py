@@ -333,10 +333,10 @@ def ppo_epochs(run: PhaseContext, ro: Rollout, ptx_examples: Optional[list[Examp
                     loss, shares["loss/value"] = loss + c.vf_coef * vf, vf
                     pg_stats = {**pg_stats, **vf_stats}
                 if kl_in_loss:  # GRPO's KL term: beta x k3(pi, ref), aggregated as the policy loss
-                    kl = pm._token_mean(est.kl_k3(logp, b["ref_logprobs"]), m, n, w)
+                    kl = pm.token_mean(est.kl_k3(logp, b["ref_logprobs"]), m, n, w)
                     loss, shares["loss/kl"] = loss + run.kl_ctl.value * kl, kl
                 if c.entropy_coef > 0:
-                    ent = pm._token_mean(entropy_from_logits(_cut_if(guard, logits), cfg.gen.temperature), m, n, w)
+                    ent = pm.token_mean(entropy_from_logits(_cut_if(guard, logits), cfg.gen.temperature), m, n, w)
                     loss = loss - c.entropy_coef * ent
                 loss = torch.where(guard, torch.zeros_like(loss), loss)
                 skipped += guard.float()

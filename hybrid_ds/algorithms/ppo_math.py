@@ -289,8 +289,8 @@ def gae(
 # ----------------------------------------------------------------------------------------------
 # Losses
 # ----------------------------------------------------------------------------------------------
-def _token_mean(x: Tensor, mask: Tensor, num_tokens: Optional[Union[Tensor, Number]],
-                weights: Optional[Tensor] = None) -> Tensor:
+def token_mean(x: Tensor, mask: Tensor, num_tokens: Optional[Union[Tensor, Number]],
+               weights: Optional[Tensor] = None) -> Tensor:
     """Masked mean, or masked sum / ``num_tokens`` when a global token count is given, or the
     masked sum of ``x * weights`` when per-token weights are (LOSS_AGG, algorithms/estimators.py)."""
     if weights is not None:
@@ -332,7 +332,7 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = _token_mean(torch.maximum(unclipped, clipped), m, num_tokens, weights)
+    loss = token_mean(torch.maximum(unclipped, clipped), m, num_tokens, weights)
     with torch.no_grad():
         ratio_d = ratio.detach()
         stats = {
@@ -377,7 +377,7 @@ def value_loss(
         # Inside the range v_clip is v only up to rounding (old + (v - old) is inexact when v and old
         # differ in sign or scale), so a token counts as clipped only where the clip acts.
         active = (values - old_values).abs() > clip_range
-    loss = 0.5 * _token_mean(torch.maximum(unclipped, clipped), m, num_tokens, weights)
+    loss = 0.5 * token_mean(torch.maximum(unclipped, clipped), m, num_tokens, weights)
     with torch.no_grad():
         v = values.detach()
         var_r = masked_var(returns, m)

@@ -26,7 +26,7 @@ from hybrid_ds.data.items import DataError
 
 PLAIN_HEADER = "### {role}:\n"  # a turn without a chat template: header, content, (EOS), blank line
 PLAIN_TURN_END = "\n\n"
-_PROBE = "\u2063probe\u2063"  # content that no template produces on its own
+PROBE = "\u2063probe\u2063"  # content that no template produces on its own
 
 
 def use_chat_template(tokenizer, setting: str) -> None:
@@ -54,7 +54,8 @@ def chat_template_problem(setting: str) -> Optional[str]:
             f"leave it empty.")
 
 
-def _render(tokenizer, messages: list, gen: bool) -> str:
+def render_messages(tokenizer, messages: list, gen: bool) -> str:
+    """The chat template's text of ``messages`` (``gen``: with the generation prompt after them)."""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
 
 
@@ -64,13 +65,13 @@ def end_of_turn_id(tokenizer) -> Optional[int]:
     if not getattr(tokenizer, "chat_template", None):
         return None
     try:
-        text = _render(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}],
+        text = render_messages(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": PROBE}],
                        False)
     except Exception:  # noqa: BLE001 - a template that refuses this conversation marks no end of turn
         return None
-    if _PROBE not in text:
+    if PROBE not in text:
         return None
-    tail = text[text.rindex(_PROBE) + len(_PROBE):]
+    tail = text[text.rindex(PROBE) + len(PROBE):]
     special = set(tokenizer.all_special_ids)
     return next((i for i in tokenizer(tail, add_special_tokens=False)["input_ids"] if i in special), None)
 
@@ -100,10 +101,10 @@ def conversation_pieces(messages: list, first_labelled: int, tokenizer) -> list[
             pieces += [(m["content"], i in turns), (int(tokenizer.eos_token_id), i in turns)]
             text = PLAIN_TURN_END
         return pieces + [(text, False)]
-    full = _render(tokenizer, messages, False)
+    full = render_messages(tokenizer, messages, False)
     pieces, pos = [], 0
     for i in turns:
-        start, end = _render(tokenizer, messages[:i], True), _render(tokenizer, messages[:i + 1], False)
+        start, end = render_messages(tokenizer, messages[:i], True), render_messages(tokenizer, messages[:i + 1], False)
         if not (full.startswith(start) and full.startswith(end) and len(start) <= len(end)):
             raise ValueError(f"the chat template renders messages[:{i}] differently inside the whole conversation "
                              f"(it is not a prefix), so turn {i}'s tokens cannot be found; use another template "

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from hybrid_ds.data.batches import IGNORE_INDEX
-from hybrid_ds.data.chat import _PROBE, PLAIN_HEADER, PLAIN_TURN_END, _render
+from hybrid_ds.data.chat import PROBE, PLAIN_HEADER, PLAIN_TURN_END, render_messages
 
 DONE = None  # what an environment returns to end the dialogue
 ENV_ROLES = ("user", "tool", "system")
@@ -122,11 +122,11 @@ def env_segment_ids(tokenizer, history: list, message: dict, stops: list, last_p
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         eos = int(tokenizer.eos_token_id)
         return list(ids) if last_policy_id == eos else [eos] + list(ids)
-    rendered = _render(tokenizer, list(history) + [{"role": "assistant", "content": _PROBE}, message], True)
-    if _PROBE not in rendered:
+    rendered = render_messages(tokenizer, list(history) + [{"role": "assistant", "content": PROBE}, message], True)
+    if PROBE not in rendered:
         raise EnvError("the chat template does not render an assistant turn's content, so the environment's turn "
                        "cannot be placed after it; use another template (CHAT_TEMPLATE)")
-    ids = list(tokenizer(rendered[rendered.rindex(_PROBE) + len(_PROBE):], add_special_tokens=False)["input_ids"])
+    ids = list(tokenizer(rendered[rendered.rindex(PROBE) + len(PROBE):], add_special_tokens=False)["input_ids"])
     if ids and last_policy_id is not None and last_policy_id in stops and ids[0] == last_policy_id:
         ids = ids[1:]
     return ids
