@@ -1,12 +1,13 @@
-"""A hybrid run on conversational data through the real entry point: 2 processes under ZeRO-2, a
-tiny model whose tokenizer carries a ChatML-like chat template (tests/chat_data.py)."""
+"""A hybrid run on conversational data through the real entry point (``hybrid_ds.run.cli.main`` on 2
+forked ranks under ZeRO-2), a tiny model whose tokenizer carries a ChatML-like chat template
+(tests/chat_data.py)."""
 
 import os
 
 import pytest
 
 from chat_data import chat_model_dir, conversations, write_jsonl
-from launch_utils import assert_finite_rows, launch, metrics
+from launch_utils import assert_finite_rows, forked_launch, metrics
 
 pytestmark = pytest.mark.slow
 
@@ -16,7 +17,7 @@ def test_hybrid_on_messages_zero2_two_processes(tmp_path):
     cfg = {"MODE": "hybrid", "MODEL": chat_model_dir(), "TRAIN_FILE": data, "OUTPUT_DIR": str(tmp_path / "run"),
            "SEED": 0, "SFT_BATCH": 4, "PPO_BATCH": 4, "PPO_EPOCHS": 1, "MAXSEQ": 96, "MAX_NEW_TOKENS": 4,
            "MAX_STEPS": 2, "LR_SFT": 1e-3, "LR_PPO": 1e-4, "SCHEDULER": "constant", "REWARD": {"type": "word_f1"}}
-    p = launch(cfg, tmp_path, nproc=2, zero=2)
+    p = forked_launch(cfg, tmp_path, nproc=2, zero=2)
     log = p.stdout + p.stderr
     assert "format: messages (detected)" in log
     out = cfg["OUTPUT_DIR"]
