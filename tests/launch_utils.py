@@ -46,22 +46,28 @@ def launch(cfg: dict, tmp_path, *, nproc: int = 1, zero: int = 0, overrides=(), 
     return p
 
 
-def forked_launch(cfg: dict, tmp_path, *, nproc: int, zero: int, timeout=600):
-    """Train ``cfg`` on ``nproc`` ranks under ZeRO ``zero`` through tests/scripts/forked_runs.py: the
-    entry point's ``main`` on ranks forked from one interpreter after its imports (a torchrun-style
-    rendezvous, DeepSpeed from ZERO_STAGE), for runs whose point is what trains, not the launcher."""
-    path = os.path.join(str(tmp_path), "cfg.json")
-    with open(path, "w") as f:
-        json.dump({**cfg, "ZERO_STAGE": zero}, f)
-    jobs = os.path.join(str(tmp_path), "jobs.json")
-    with open(jobs, "w") as f:
-        json.dump([{"name": "run", "nproc": nproc, "config": path}], f)
-    cmd = [sys.executable, os.path.join(REPO, "tests", "scripts", "forked_runs.py"), jobs]
-    p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
-    if p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}: {' '.join(cmd)}\n--- stdout\n{p.stdout[-3000:]}\n"
-                             f"--- stderr\n{p.stderr[-6000:]}")
-    return p
+def forked_runs(runs: dict, tmp_path, timeout=900):
+    """Train each ``{name: (config, nproc)}`` of ``runs`` through tests/scripts/forked_runs.py: the entry
+    point's ``main`` on ranks forked from one interpreter after its imports (a torchrun-style rendezvous,
+    DeepSpeed from each config's ZERO_STAGE), for runs whose point is what trains, not the launcher.
+    Returns ``({name: (exit code, seconds)}, the whole log: stdout, then stderr)``."""
+    jobs = []
+    for name, (cfg, nproc) in runs.items():
+        path = os.path.join(str(tmp_path), f"{name}.json")
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+        jobs.append({"name": name, "nproc": nproc, "config": path})
+    jobs_path = os.path.join(str(tmp_path), "jobs.json")
+    with open(jobs_path, "w") as f:
+        json.dump(jobs, f)
+    p = subprocess.run([sys.executable, os.path.join(REPO, "tests", "scripts", "forked_runs.py"), jobs_path],
+                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    done = {}
+    for line in p.stdout.splitlines():
+        if line.startswith("JOB "):
+            _, name, code, seconds = line.split()
+            done[name] = (int(code), float(seconds))
+    return done, p.stdout + p.stderr
 
 
 def metrics(output_dir, phase=None):

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from chat_data import chat_model_dir, conversations, write_jsonl
-from launch_utils import assert_finite_rows, forked_launch, metrics
+from launch_utils import assert_finite_rows, forked_runs, metrics
 
 pytestmark = pytest.mark.slow
 
@@ -17,8 +17,8 @@ def test_hybrid_on_messages_zero2_two_processes(tmp_path):
     cfg = {"MODE": "hybrid", "MODEL": chat_model_dir(), "TRAIN_FILE": data, "OUTPUT_DIR": str(tmp_path / "run"),
            "SEED": 0, "SFT_BATCH": 4, "PPO_BATCH": 4, "PPO_EPOCHS": 1, "MAXSEQ": 96, "MAX_NEW_TOKENS": 4,
            "MAX_STEPS": 2, "LR_SFT": 1e-3, "LR_PPO": 1e-4, "SCHEDULER": "constant", "REWARD": {"type": "word_f1"}}
-    p = forked_launch(cfg, tmp_path, nproc=2, zero=2)
-    log = p.stdout + p.stderr
+    done, log = forked_runs({"chat": ({**cfg, "ZERO_STAGE": 2}, 2)}, tmp_path)
+    assert done.get("chat", (None,))[0] == 0, log
     assert "format: messages (detected)" in log
     out = cfg["OUTPUT_DIR"]
     assert_finite_rows(metrics(out, "sft"), 2, "sft")

@@ -6,16 +6,13 @@ process under ZeRO-2. All are forked from one process that did the imports once
 (tests/scripts/forked_runs.py), so a run costs its own work, ~2 s on one process and ~5 s on two.
 """
 
-import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from launch_utils import REPO, env, load_weights, metrics
+from launch_utils import forked_runs, load_weights, metrics
 from tiny_models import FAMILIES, family_config, tiny_model_dir
 
 from hybrid_ds.models.policy_value import PolicyValue, logits_to_keep
@@ -81,21 +78,9 @@ def family_cfg(family: str, root) -> dict:
 def family_runs(tmp_path_factory):
     """Every family's run, once: {family: (config, exit code, seconds)}."""
     root = tmp_path_factory.mktemp("families")
-    jobs, cfgs = [], {}
-    for family in FAMILIES:
-        cfgs[family] = family_cfg(family, root)
-        path = root / f"{family}.json"
-        path.write_text(json.dumps(cfgs[family]))
-        jobs.append({"name": family, "nproc": 2 if family in ZERO3_TWO_PROCESSES else 1, "config": str(path)})
-    (root / "jobs.json").write_text(json.dumps(jobs))
-    p = subprocess.run([sys.executable, os.path.join(REPO, "tests", "scripts", "forked_runs.py"),
-                        str(root / "jobs.json")], cwd=REPO, env=env(), capture_output=True, text=True, timeout=900)
-    done = {}
-    for line in p.stdout.splitlines():
-        if line.startswith("JOB "):
-            _, name, code, seconds = line.split()
-            done[name] = (cfgs[name], int(code), float(seconds))
-    return done, p.stdout[-3000:] + p.stderr[-6000:]
+    cfgs = {family: family_cfg(family, root) for family in FAMILIES}
+    done, log = forked_runs({f: (cfgs[f], 2 if f in ZERO3_TWO_PROCESSES else 1) for f in FAMILIES}, root)
+    return {name: (cfgs[name], code, seconds) for name, (code, seconds) in done.items()}, log[-9000:]
 
 
 @pytest.mark.slow

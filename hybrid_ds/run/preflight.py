@@ -70,45 +70,42 @@ def config_problems(cfg: Config, *, check_files: bool = True, world_size: Option
     problems += validate_optim_config(cfg)
     problems += [p for p in (prompt_template_problem(cfg.data.prompt_template, cfg.data.select_output),
                              chat_template_problem(cfg.data.chat_template) if check_files else None) if p]
-    problems += quantized_base_problems(cfg)
+    problems += launch_problems(cfg, check_files)
     if cfg.run.mode != "sft":
         problems += validate_reward_spec(cfg.reward, path=REWARD_KEY)
         problems += [p for p in (env_problem(cfg.ppo.env),) if p]
     if check_files:
-        problems += launch_dtype_problems(cfg)
         problems += file_problems(cfg)
         if cfg.run.output_dir and not output_dir_problem(cfg.run.output_dir):
             problems += resume_problems(cfg)  # a run already there: resumed, refused or moved aside (RESUME)
     return problems
 
 
-def quantized_base_problems(cfg: Config) -> list[str]:
-    """LOAD_IN_4BIT/LOAD_IN_8BIT under ZeRO-3 (from the config or the launcher): ZeRO-3 partitions every
-    weight at load, and bitsandbytes' quantised weights cannot be partitioned that way; ZeRO-2 and
-    plain torch/DDP keep the quantised base whole on every rank."""
-    key = "LOAD_IN_4BIT" if cfg.lora.load_in_4bit else "LOAD_IN_8BIT" if cfg.lora.load_in_8bit else ""
-    if not key:
-        return []
-    try:
-        stage = plan_launch(cfg).zero_stage
-    except (OSError, ValueError):  # an unreadable DS_CONFIG: file_problems names it
-        return []
-    if stage == 3:
-        return [f"{key} with ZeRO stage 3: a bitsandbytes-quantised base cannot be partitioned; use ZeRO-2 "
-                f"(ZERO_STAGE=2) or no DeepSpeed, which keep the quantised base whole on each rank."]
-    return []
+def launch_problems(cfg: Config, check_files: bool = True) -> list[str]:
+    """What the launch the config and the launcher resolve to (DeepSpeed stage, precision) cannot run:
 
-
-def launch_dtype_problems(cfg: Config) -> list[str]:
-    """TORCH_DTYPE against the precision and DeepSpeed use the launch resolves to (config + launcher)."""
+    * LOAD_IN_4BIT/LOAD_IN_8BIT under ZeRO-3: ZeRO-3 partitions every weight at load, and bitsandbytes'
+      quantised weights cannot be partitioned that way; ZeRO-2 and plain torch/DDP keep the quantised
+      base whole on every rank;
+    * TORCH_DTYPE against the precision and DeepSpeed use (``check_files``: it reads DS_CONFIG)."""
     from hybrid_ds.models.policy_value import dtype_problem
 
+    key = "LOAD_IN_4BIT" if cfg.lora.load_in_4bit else "LOAD_IN_8BIT" if cfg.lora.load_in_8bit else ""
+    if not (key or check_files):
+        return []
     try:
         plan = plan_launch(cfg)
     except (OSError, ValueError):  # an unreadable DS_CONFIG: file_problems names it
         return []
-    p = dtype_problem(cfg.model.torch_dtype, plan.mixed_precision, plan.zero_stage > 0, frozen_base=cfg.lora.r > 0)
-    return [p] if p else []
+    problems = []
+    if key and plan.zero_stage == 3:
+        problems.append(f"{key} with ZeRO stage 3: a bitsandbytes-quantised base cannot be partitioned; use ZeRO-2 "
+                        f"(ZERO_STAGE=2) or no DeepSpeed, which keep the quantised base whole on each rank.")
+    if check_files:
+        p = dtype_problem(cfg.model.torch_dtype, plan.mixed_precision, plan.zero_stage > 0,
+                          frozen_base=cfg.lora.r > 0)
+        problems += [p] if p else []
+    return problems
 
 
 def prepare_data(cfg: Config, tokenizer, seed: int, report: Optional[DataReport] = None) -> list[Example]:
