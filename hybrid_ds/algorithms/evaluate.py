@@ -29,8 +29,8 @@ import time
 
 import torch
 
-from hybrid_ds.algorithms import ppo_math as pm
 from hybrid_ds.algorithms.context import PhaseContext
+from hybrid_ds.algorithms.ppo import eos_arg, finish_responses
 from hybrid_ds.algorithms.sft import labelled_ce_sum
 from hybrid_ds.data import IGNORE_INDEX, Example, collate_prompts, collate_sft, stop_token_ids
 
@@ -72,15 +72,10 @@ def greedy_responses(ctx: PhaseContext, examples: list[Example], chunk: int) -> 
             out = lm.generate(input_ids=q_ids.to(dev), attention_mask=q_mask.to(dev), do_sample=False,
                               max_new_tokens=g.max_new_tokens, min_new_tokens=g.min_new_tokens,
                               no_repeat_ngram_size=g.no_repeat_ngram_size, repetition_penalty=g.repetition_penalty,
-                              eos_token_id=stops[0] if len(stops) == 1 else stops, pad_token_id=tok.pad_token_id,
+                              eos_token_id=eos_arg(stops), pad_token_id=tok.pad_token_id,
                               use_cache=True, synced_gpus=False)  # whole weights: no per-token collective
-            resp = out[:, q_ids.shape[1]:]
-            if resp.shape[1] == 0:
-                resp = torch.full((q_ids.shape[0], 1), tok.eos_token_id, dtype=torch.long, device=dev)
-            mask, end = pm.mask_after_eos(resp, stops)
-            shown = resp.masked_fill(~mask.bool() | torch.isin(resp, torch.tensor(stops, device=resp.device)),
-                                     tok.pad_token_id)
-            texts += tok.batch_decode(shown, skip_special_tokens=True)
+            _, mask, end, shown = finish_responses(out[:, q_ids.shape[1]:], stops, tok, q_ids.shape[0])
+            texts += shown
             lengths.append(mask.sum(1).cpu())
             ended.append(end.cpu())
     if not texts:

@@ -65,6 +65,33 @@ def has_critic(run: PhaseContext) -> bool:
     return run.engine.module.v_head is not None
 
 
+def group_ids(run: PhaseContext, n_prompts: int) -> torch.Tensor:
+    """``(n_prompts * K,)`` global group id of each rollout row (rank-major, K = NUM_GENERATIONS): group
+    statistics add up across ranks (estimators.py)."""
+    prompts = run.dist.rank * n_prompts + torch.arange(n_prompts, device=run.dist.device)
+    return prompts.repeat_interleave(run.cfg.ppo.num_generations)
+
+
+def eos_arg(stops: list) -> object:
+    """The stop ids as ``generate`` and the sampler take them: one id, or the list of several."""
+    return stops[0] if len(stops) == 1 else stops
+
+
+def finish_responses(resp: torch.Tensor, stops: list, tok, n_rows: int):
+    """Generated ids ``(B, T)`` -> ``(ids with pad after the first stop, mask (B, T), ended (B,), texts)``.
+
+    The mask runs up to and including the first stop id, whatever the ids: a pad id the policy sampled
+    mid-response is a token it conditioned on (not padding), so the recomputed forwards must attend to
+    it as well. Texts are decoded without the stop ids."""
+    if resp.shape[1] == 0:  # degenerate: nothing generated at all
+        resp = torch.full((n_rows, 1), tok.eos_token_id, dtype=torch.long, device=resp.device)
+    mask, ended = pm.mask_after_eos(resp, stops)
+    resp = torch.where(mask.bool(), resp, torch.full_like(resp, tok.pad_token_id))
+    texts = tok.batch_decode(resp.masked_fill(torch.isin(resp, torch.tensor(stops, device=resp.device)),
+                                              tok.pad_token_id), skip_special_tokens=True)
+    return resp, mask, ended, texts
+
+
 @torch.no_grad()
 def generate(run: PhaseContext, examples: list[Example]) -> Rollout:
     """Sample NUM_GENERATIONS responses per prompt (rows ``i*K .. i*K+K-1`` answer prompt ``i``) with
@@ -72,13 +99,11 @@ def generate(run: PhaseContext, examples: list[Example]) -> Rollout:
     (``stop_token_ids``, hybrid_ds/data/chat.py)."""
     cfg, tok, dev = run.cfg, run.tokenizer, run.dist.device
     stops = stop_token_ids(tok)
-    eos = stops[0] if len(stops) == 1 else stops
+    eos = eos_arg(stops)
     max_prompt = max(1, cfg.data.maxseq - cfg.gen.max_new_tokens)
     K = cfg.ppo.num_generations
     q_ids, q_mask = collate_prompts(examples, tok.pad_token_id, max_prompt)
     q_ids, q_mask = q_ids.repeat_interleave(K, 0).to(dev), q_mask.repeat_interleave(K, 0).to(dev)
-    # A prompt's group id is global (rank-major): group statistics add up across ranks (estimators.py).
-    group = (run.dist.rank * len(examples) + torch.arange(len(examples), device=dev)).repeat_interleave(K)
     g = cfg.gen
     kwargs = dict(do_sample=True, top_p=g.top_p, top_k=g.top_k, temperature=g.temperature,
                   no_repeat_ngram_size=g.no_repeat_ngram_size, repetition_penalty=g.repetition_penalty,
@@ -103,15 +128,9 @@ def generate(run: PhaseContext, examples: list[Example]) -> Rollout:
                 logprobs, values = out.logprobs, out.values
         else:
             resp = lm.generate(input_ids=q_ids, attention_mask=q_mask, **kwargs)[:, q_ids.shape[1]:]
-    if resp.shape[1] == 0:  # degenerate: nothing generated at all
-        resp = torch.full((q_ids.shape[0], 1), tok.eos_token_id, dtype=torch.long, device=dev)
-    # Up to and including the first EOS, whatever the ids: a pad id the policy sampled mid-response is
-    # a token it conditioned on (not padding), so the recomputed forwards must attend to it as well.
-    mask, ended = pm.mask_after_eos(resp, stops)
-    resp = torch.where(mask.bool(), resp, torch.full_like(resp, tok.pad_token_id))
-    texts = tok.batch_decode(resp.masked_fill(torch.isin(resp, torch.tensor(stops, device=dev)), tok.pad_token_id),
-                             skip_special_tokens=True)
-    return Rollout(q_ids, q_mask, resp, mask, ended, texts, group=group, logprobs=logprobs, values=values)
+    resp, mask, ended, texts = finish_responses(resp, stops, tok, q_ids.shape[0])
+    return Rollout(q_ids, q_mask, resp, mask, ended, texts, group=group_ids(run, len(examples)), logprobs=logprobs,
+                   values=values)
 
 
 @torch.no_grad()
@@ -127,11 +146,11 @@ def generate_dialogues(run: PhaseContext, examples: list[Example]) -> Rollout:
     cfg, tok, dev = run.cfg, run.tokenizer, run.dist.device
     K, pad, g = cfg.ppo.num_generations, tok.pad_token_id, cfg.gen
     stops = stop_token_ids(tok)
-    st = SamplingSettings.from_gen_config(g, stops[0] if len(stops) == 1 else stops, pad)
+    st = SamplingSettings.from_gen_config(g, eos_arg(stops), pad)
     starts = [mt.dialogue_start(e) for e in examples for _ in range(K)]
     max_prompt = max(1, cfg.data.maxseq - g.max_new_tokens)
     prompts = [p[-max_prompt:] for p, _ in starts]
-    group = (run.dist.rank * len(examples) + torch.arange(len(examples), device=dev)).repeat_interleave(K)
+    group = group_ids(run, len(examples))
 
     def policy_turn(contexts: list, n: int) -> list:  # left-padded contexts -> each row's ids up to its stop
         ids, att = tm.left_pad(contexts, pad, dev)
@@ -207,17 +226,17 @@ def forward_logprobs(model, ro: Rollout, temperature: float, chunk: int, with_va
     reference) otherwise."""
     ids, att, pos = sequence_inputs(ro.query_ids, ro.query_mask, ro.response_ids, _attention(ro))
     T = ro.response_ids.shape[1]
+    critic = with_values and model.module.v_head is not None
     lps, vals = [], []
     for s in range(0, ids.shape[0], chunk):
         sl, resp = slice(s, s + chunk), ro.response_ids[s:s + chunk]
         if with_values:
-            critic = model.module.v_head is not None
             logits, v = policy_response_outputs(model, ids[sl], att[sl], pos[sl], T, with_values=critic)
             lps.append(logprobs_from_logits(logits, resp, temperature))
             vals.append(v)
         else:
             lps.append(lm_response_logprobs(model, ids[sl], att[sl], pos[sl], resp, temperature))
-    return torch.cat(lps), (torch.cat(vals) if vals and vals[0] is not None else None)
+    return torch.cat(lps), (torch.cat(vals) if critic else None)
 
 
 def reference_model(run: PhaseContext):
