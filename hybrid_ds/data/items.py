@@ -213,13 +213,14 @@ def load_items(path: str, output_field: str = "output", *, split: str = "train",
     report = report if report is not None else DataReport()
     raw = read_items(path, split, config, key)
     report.total = len(raw)
-    fmt = detect_format(raw, output_field) if data_format == "auto" else data_format
+    detected = detect_format(raw, output_field)  # one scan: the format, and whether the file is a text corpus
+    fmt = detected if data_format == "auto" else data_format
     report.data_format, report.detected = fmt, data_format == "auto"
     if prompt_template and fmt != "fields":
         raise DataError(f"PROMPT_TEMPLATE applies to the fields format; {key} {path!r} is read as {fmt} "
                         f"({'detected' if data_format == 'auto' else 'DATA_FORMAT'}). Remove PROMPT_TEMPLATE, "
                         f"or set DATA_FORMAT=fields.")
-    text_only = bool(raw) and all(isinstance(r, dict) and set(r) == {output_field} for r in raw)
+    text_only = detected == "text"
     items = []
     for i, item in enumerate(raw):
         if text_only and not str(item[output_field]).strip():

@@ -29,6 +29,7 @@ hybrid_ds/algorithms/ppo.py ``generate_dialogues``), batched over the rows still
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import math
@@ -48,6 +49,7 @@ class EnvError(RuntimeError):
     """An environment returned something that is not a message or DONE."""
 
 
+@functools.lru_cache(maxsize=None)  # imported once per process: preflight checks it, every update calls it
 def load_env(spec: str) -> Callable:
     """The callable ENV names (``package.module:function``). Raises ValueError saying what is wrong:
     the form, the import, a missing or non-callable attribute, or a signature that cannot take

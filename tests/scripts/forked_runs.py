@@ -13,15 +13,11 @@ DeepSpeed. Prints ``JOB <name> <exit code> <seconds>`` per job; exits 1 if any j
 
 import json
 import os
-import socket
 import sys
 import time
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+from launch_utils import free_port  # noqa: E402
 
 
 def run_job(job: dict) -> int:
