@@ -185,7 +185,8 @@ def preflight(cfg: Config, seed: int) -> Preflight:
 
             problems += target_problems(cfg.lora, model_config, cfg.run.model)
         problems += [p for p in [attention_problem(model_config, cfg.model.attn_implementation),
-                                 value_head_problem(resolve_model(cfg.run.model), model_config)] if p]
+                                 value_head_problem(resolve_model(cfg.run.model), model_config)
+                                 if cfg.run.mode == "sft" or cfg.ppo.advantage == "gae" else None] if p]
     except ModelFileError as e:
         problems.append(f"MODEL: {e}.")
     if problems:
