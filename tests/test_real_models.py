@@ -167,6 +167,11 @@ def test_bad_dtype_attention_and_value_head_are_exit_2(tmp_path, llama_dir):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "ATTN_IMPLEMENTATION: 'spda' is not an attention implementation" in r.stderr
     assert "holds a value head of shape (1, 7)" in r.stderr and "value_head.pt" in r.stderr
+    # a critic-free run builds no value head, so the file is neither read nor a problem
+    from hybrid_ds.run.preflight import preflight
+
+    grpo = {**keys, "ATTN_IMPLEMENTATION": "", "ADVANTAGE": "grpo", "NUM_GENERATIONS": 2}
+    preflight(load_config(None, [f"{k}={json.dumps(v)}" for k, v in grpo.items()]), 0)
 
 
 # ---------------------------------------------------------------------------------------------
