@@ -111,11 +111,11 @@ def lm_sequence(tok, response: str, prompt: str | None, max_length: int, item=No
 
     Context = BOS (when the tokenizer has one) + the prompt (when given); the response is kept
     whole up to ``max_length`` and the context is cut from the left to fit. A tokenizer with a chat
-    template conditions on the conversation instead (:func:`chat_texts`): the context is the rendered
+    template conditions on the conversation instead (:func:`chat_context`): the context is the rendered
     history up to the assistant's generation prompt, the scored ids the response's own."""
-    chat = chat_texts(tok, prompt, response, item) if prompt or item is not None else None
+    chat = chat_context(tok, prompt, item) if prompt or item is not None else None
     if chat is not None:
-        context = tok(chat[0], add_special_tokens=False)["input_ids"] if chat[0] else []
+        context = tok(chat, add_special_tokens=False)["input_ids"] if chat else []
         if not context and tok.bos_token_id is not None:
             context = [tok.bos_token_id]
     else:
@@ -144,17 +144,23 @@ def chat_history(prompt: str | None, item) -> list[dict]:
     return [{"role": "user", "content": prompt}] if prompt else []
 
 
-def chat_texts(tok, prompt: str | None, response: str, item) -> tuple[str, str] | None:
-    """``(context, whole)`` when ``tok`` has a chat template, else None: the conversation before the
-    response rendered with the assistant's generation prompt, and the conversation with ``response`` as
-    the assistant turn (as TRL's and OpenRLHF's reward models see it). The rendered text holds the
-    template's own special tokens, so it is tokenised without adding more."""
+def chat_context(tok, prompt: str | None, item) -> str | None:
+    """The conversation before the response rendered with ``tok``'s chat template and the assistant's
+    generation prompt ("" without a history); None when ``tok`` has no template. The rendered text
+    holds the template's own special tokens, so it is tokenised without adding more."""
     if not getattr(tok, "chat_template", None):
         return None
     history = chat_history(prompt, item)
-    whole = tok.apply_chat_template(history + [{"role": "assistant", "content": response}], tokenize=False)
-    context = tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True) if history else ""
-    return context, whole
+    return tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True) if history else ""
+
+
+def chat_conversation(tok, prompt: str | None, response: str, item) -> str | None:
+    """The conversation with ``response`` as the assistant turn, rendered with ``tok``'s chat template
+    (as TRL's and OpenRLHF's reward models see it); None when ``tok`` has no template."""
+    if not getattr(tok, "chat_template", None):
+        return None
+    turns = chat_history(prompt, item) + [{"role": "assistant", "content": response}]
+    return tok.apply_chat_template(turns, tokenize=False)
 
 
 def mean_token_nll(model, seqs: list[tuple[list[int], int]], device) -> list[float]:
@@ -375,7 +381,7 @@ def build_cosine_sts(p: dict, ctx) -> BatchFn:
 
 def build_reward_model(p: dict, ctx) -> BatchFn:
     """Score of a sequence-classification reward model on ``prompt + separator + response``, or, when
-    its tokenizer has a chat template, on the conversation rendered with it (:func:`chat_texts`: the
+    its tokenizer has a chat template, on the conversation rendered with it (:func:`chat_conversation`: the
     prompt as the user turn, the response as the assistant turn; ``separator`` is then unused): the
     logit at ``label_index`` (through a sigmoid when ``sigmoid``)."""
     import torch
@@ -408,7 +414,7 @@ def build_reward_model(p: dict, ctx) -> BatchFn:
 
     def score(responses, targets, prompts, items):
         if templated:
-            texts = [chat_texts(tok, q, r, it)[1] for r, q, it in zip(responses, prompts, items)]
+            texts = [chat_conversation(tok, q, r, it) for r, q, it in zip(responses, prompts, items)]
         else:
             texts = [(q + p["separator"] if q else "") + r for r, q in zip(responses, prompts)]
         return score_in_chunks(run, texts, p["batch_size"])
