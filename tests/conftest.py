@@ -22,6 +22,16 @@ def write_json(path, obj):
     return str(path)
 
 
+@pytest.fixture(autouse=True)
+def _cpu_tier_stays_on_cpu(request, monkeypatch):
+    """Every test outside the GPU tier (`-m gpu`) launches its runs on the CPU, also on a machine with
+    GPUs: what the CPU tier proves (gloo, several processes on one box) is the same everywhere, and its
+    multi-process launches never contend for one GPU. GPU-tier tests see the GPUs and skip a launch
+    that needs more of them than there are."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 @pytest.fixture
 def demo_items():
     from hybrid_ds.assets import DEMO_TASKS

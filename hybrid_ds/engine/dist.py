@@ -167,6 +167,13 @@ class Dist:
         return self.rank == 0
 
     @property
+    def backend(self) -> str:
+        """The process group's backend (nccl on GPU, gloo on CPU); "none" for one plain process."""
+        import torch.distributed as tdist
+
+        return tdist.get_backend() if tdist.is_initialized() else "none"
+
+    @property
     def zero_stage(self) -> int:
         return self.plan.zero_stage
 

@@ -121,7 +121,7 @@ def run(cfg, world: int, pre=None) -> int:
                                f"({e.strerror or e}: {e.filename or cfg.run.output_dir})."], "the run") from None
         if dist.is_main:
             print(f"[hybrid_ds] {cfg.run.mode} on {dist.world} process(es), device {dist.device.type}, "
-                  f"ZeRO stage {dist.zero_stage} ({dist.plan.source}), precision {dist.plan.mixed_precision}, "
+                  f"process group {dist.backend}, ZeRO stage {dist.zero_stage} ({dist.plan.source}), precision {dist.plan.mixed_precision}, "
                   f"seed {seed}")
         with ref_client as client:  # SHUTDOWN to the reference at the end, ABORT on an error
             # 6. build, restore; 7. train; 8. the final checkpoint, inference_lm/ and ppo_full/
