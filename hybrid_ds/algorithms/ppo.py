@@ -381,8 +381,13 @@ def ppo_epochs(run: PhaseContext, ro: Rollout, ptx_examples: Optional[list[Examp
     if ptx_losses:  # PPO-ptx: the SFT loss term, before its PTX_COEF weight
         out["ppo/loss/ptx"] = torch.stack(ptx_losses).mean()
     out = {k: float(v) for k, v in out.items()}  # one host sync, after all epochs
+    # Under fp16 the loss scaler skips a step whose scaled gradients overflowed (and backs its scale
+    # off; the guard in TrainEngine.step does the same for any non-finite norm): the norm logged is
+    # the mean over the steps applied, and the skipped ones are counted beside it.
     norms = [g for g in grad_norms if g is not None]
-    out["ppo/grad_norm"] = sum(norms) / len(norms) if norms else float("nan")
+    applied = [g for g in norms if math.isfinite(g)]
+    out["ppo/grad_norm"] = sum(applied) / len(applied) if applied else float("nan")
+    out["ppo/skipped_steps"] = float(len(norms) - len(applied))
     return out
 
 
