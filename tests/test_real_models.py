@@ -196,3 +196,26 @@ def test_ppo_full_carries_its_value_head_over_exactly(tmp_path, capsys):
     fresh = make_run(base(tmp_path / "fresh", MODE="ppo"))  # the base model: a fresh head, not the trained one
     assert not torch.equal(fresh.engine.module.v_head.weight, trained["weight"])
     assert json.load(open(os.path.join(full, "config.json")))["model_type"] == "gpt2"
+
+
+def test_weights_holding_nan_are_a_model_file_error_with_exit_2(tmp_path, llama_dir, capsys):
+    """A model file whose header is sound but whose tensors hold NaN (a damaged copy, a diverged save)
+    stops the run before any step: exit 2 naming MODEL and the tensor, no traceback, nothing trained."""
+    from safetensors.torch import load_file, save_file
+
+    from hybrid_ds.run.cli import main
+
+    bad = tmp_path / "model"
+    os.makedirs(bad)
+    for f in os.listdir(llama_dir):
+        if f != "model.safetensors":
+            os.symlink(os.path.join(llama_dir, f), bad / f)
+    w = load_file(os.path.join(llama_dir, "model.safetensors"))
+    w["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+    save_file(w, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    cfg = write_json(tmp_path / "c.json", base(tmp_path, MODE="sft", MODEL=str(bad)))
+    assert main([cfg]) == 2
+    err = capsys.readouterr().err
+    assert f"MODEL {str(bad)!r}: its weights hold NaN or infinite values (model.layers.1.mlp.down_proj.weight)" \
+        in err and "Traceback" not in err, err
+    assert not os.path.exists(tmp_path / "out" / "checkpoints")

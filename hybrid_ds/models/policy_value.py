@@ -240,6 +240,11 @@ def load_lm(name: str, tokenizer, dtype: torch.dtype = torch.float32, attn_imple
 
     attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
     lm = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype, **attn, **from_pretrained)
+    bad = nonfinite_weights(lm)
+    if bad:  # a damaged file or a diverged save: training would only stop later at MAX_NAN_STEPS
+        raise ModelFileError(f"MODEL {name!r}: its weights hold NaN or infinite values ({', '.join(bad[:3])}"
+                             f"{', ...' if len(bad) > 3 else ''}); the files are damaged or were saved from a "
+                             f"run that diverged: load another copy or an earlier checkpoint.")
     if lm.get_input_embeddings().weight.shape[0] < len(tokenizer):
         lm.resize_token_embeddings(len(tokenizer))
     lm.config.pad_token_id = tokenizer.pad_token_id
@@ -247,6 +252,17 @@ def load_lm(name: str, tokenizer, dtype: torch.dtype = torch.float32, attn_imple
     disable_dropout(lm)
     fuse_activations(lm)
     return lm
+
+
+def nonfinite_weights(module: nn.Module) -> list[str]:
+    """Names of ``module``'s floating-point parameters and buffers that hold a NaN or an infinity.
+    Every rank that holds whole weights reaches the same verdict; a ZeRO-3 partition (``ds_id``: this
+    rank's shard only) and quantised storage (integer dtypes) are not read."""
+    bad = []
+    for n, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.is_floating_point() and not hasattr(t, "ds_id") and t.numel() and not bool(torch.isfinite(t).all()):
+            bad.append(n)
+    return bad
 
 
 def fuse_activations(module: nn.Module) -> int:

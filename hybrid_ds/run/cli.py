@@ -47,10 +47,11 @@ def user_errors() -> tuple:
     traceback. Anything else is a bug and keeps its traceback."""
     from hybrid_ds.config import ConfigError
     from hybrid_ds.data import DataError
+    from hybrid_ds.models.policy_value import ModelFileError
     from hybrid_ds.rewards import RewardSpecError
     from hybrid_ds.run.checkpoint_dir import ResumeError
 
-    return ConfigError, DataError, RewardSpecError, ResumeError
+    return ConfigError, DataError, ModelFileError, RewardSpecError, ResumeError
 
 
 def main(argv=None) -> int:
