@@ -294,3 +294,21 @@ def test_seed_specs_build_and_score_with_local_models(tiny, sts):
     out = make_reward(spec_example).score_batch(RESPONSES, TARGETS, PROMPTS, [{}] * 5)
     assert out == pytest.approx([min(max(0.6 * s + 0.4 * p, 0), 1) for s, p in zip(sim, ppl)], abs=1e-5)
     assert all(0 <= x <= 1 for x in out)
+
+
+class _RunsOnLoad:
+    """Unpickling this calls os.system, as a malicious checkpoint would."""
+
+    def __reduce__(self):
+        return (os.system, ("touch RAN",))
+
+
+def test_a_toxicity_checkpoint_that_would_run_code_is_refused(tmp_path, tiny, monkeypatch):
+    from hybrid_ds.rewards.base import RewardSpecError
+
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "evil.ckpt"
+    torch.save({"config": {"x": _RunsOnLoad()}, "state_dict": {}}, bad)
+    with pytest.raises(RewardSpecError, match=f"toxicity checkpoint {bad}: holds objects other than tensors"):
+        make_reward({"type": "toxicity", "checkpoint": str(bad), "huggingface_config_path": str(tiny["detox_hf"])})
+    assert not (tmp_path / "RAN").exists()

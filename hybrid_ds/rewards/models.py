@@ -8,8 +8,10 @@ importing this module (and validating specs) stays instant.
 from __future__ import annotations
 
 import math
+import pickle
 from pathlib import Path
 
+from .base import RewardSpecError
 from .text import BatchFn
 
 MINILM_NAMES = frozenset({"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"})
@@ -231,6 +233,8 @@ def build_toxicity(p: dict, ctx) -> BatchFn:
             detox = Detoxify(model_type=p["model"], checkpoint=p["checkpoint"], device="cpu",
                              huggingface_config_path=p["huggingface_config_path"])
             model, tok, classes = detox.model, detox.tokenizer, detox.class_names
+    except RewardSpecError:
+        raise
     except Exception as e:
         raise RuntimeError(f"toxicity: could not load Detoxify model {p['model']!r} (checkpoint="
                            f"{p['checkpoint']!r}); offline, pass 'checkpoint' (a local .ckpt) and "
@@ -261,7 +265,14 @@ def load_detoxify_offline(checkpoint: str, config_dir: str):
     import torch
     from detoxify.detoxify import get_model_and_tokenizer
 
-    loaded = torch.load(checkpoint, map_location="cpu", weights_only=False)  # holds a config dict
+    # The checkpoint is plain data (a config dict and tensors): weights_only never runs code that a
+    # user-named file could carry; a file that needs more is refused with its name.
+    try:
+        loaded = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise RewardSpecError([f"toxicity checkpoint {checkpoint}: holds objects other than tensors and plain "
+                               f"data, which torch.load(weights_only=True) does not run ({type(e).__name__}); "
+                               f"use a Detoxify checkpoint of tensors and a config dict"]) from None
     args = dict(loaded["config"]["arch"]["args"], model_type=config_dir)
     model, tok = get_model_and_tokenizer(**args, state_dict=loaded["state_dict"],
                                          huggingface_config_path=config_dir)
