@@ -45,3 +45,9 @@ def positional_only(prompts, completions, /, **kwargs):
 
 
 NOT_CALLABLE = 3
+
+
+def length_per_answer(prompts, completions, output, **item_fields):
+    """Characters of the completion per character of the item's ``output`` (+1); records each call."""
+    CALLS.append({"prompts": prompts, "completions": completions, "output": output, **item_fields})
+    return [len(c) / (len(o) + 1) for c, o in zip(completions, output)]

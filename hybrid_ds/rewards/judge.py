@@ -29,8 +29,10 @@ from .text import BatchFn
 PLACEHOLDERS = ("prompt", "response", "target")
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
+# Parameters of one score kind, and their defaults (the registry's); another value with another kind is a mistake.
 SCORE_ONLY = {"yes_token": "yes_prob", "no_token": "yes_prob", "max_score": "number", "default": "number",
               "max_new_tokens": "number"}
+DEFAULTS = {"yes_token": None, "no_token": None, "max_score": 10, "default": 0.0, "max_new_tokens": 8}
 PARSE_FAILURES = "reward/llm_judge/parse_failures"
 
 
@@ -53,8 +55,8 @@ def check_llm_judge(spec: dict, path: str) -> list[str]:
                             f"must see what it rates)")
     if kind == "yes_prob" and spec.get("yes_token") is None:
         problems.append(f"{path}.yes_token: required when score is 'yes_prob'")
-    for key, owner in SCORE_ONLY.items():
-        if key in spec and kind != owner and isinstance(kind, str):
+    for key, owner in SCORE_ONLY.items():  # a default value written out changes nothing: not a mistake
+        if key in spec and spec[key] != DEFAULTS[key] and kind != owner and isinstance(kind, str):
             problems.append(f"{path}.{key}: only used when score is {owner!r} (score is {kind!r})")
     return problems
 

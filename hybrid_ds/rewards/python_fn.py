@@ -109,12 +109,12 @@ def checked_scores(out, n: int, name: str) -> list[float]:
     if hasattr(out, "tolist"):  # a numpy array or a tensor
         out = out.tolist()
     if not isinstance(out, (list, tuple)):
-        raise ValueError(f"python reward {name} returned {type(out).__name__}, not a list of {n} floats")
+        raise ValueError(f"python reward {name} returned {type(out).__name__}, not a list of floats (one per sample)")
     if len(out) != n:
         raise ValueError(f"python reward {name} returned {len(out)} scores for {n} samples")
-    for i, s in enumerate(out):
+    for s in out:
         if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s):
-            raise ValueError(f"python reward {name} returned {s!r} for sample {i}; every score must be a finite number")
+            raise ValueError(f"python reward {name} returned {s!r} as a score; every score must be a finite number")
     return [float(s) for s in out]
 
 
