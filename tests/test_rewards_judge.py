@@ -20,7 +20,7 @@ from hybrid_ds.config import ConfigError  # noqa: E402
 from hybrid_ds.data.reference import chatml_tokenizer  # noqa: E402
 from hybrid_ds.rewards import RewardError, make_reward, validate_reward_spec  # noqa: E402
 from hybrid_ds.rewards.judge import parse_rating  # noqa: E402
-from hybrid_ds.rewards.models import _cached_causal_lm  # noqa: E402
+from hybrid_ds.rewards.models import _cached_causal_lm, load_causal_lm  # noqa: E402
 from tiny_models import tiny_model_dir  # noqa: E402
 
 RESPONSES = ["c b a", "forest", "a much longer answer than the others"]
@@ -181,8 +181,21 @@ def test_judges_of_one_model_share_one_load(dirs):
     make_reward(spec, device="cpu")
     info = _cached_causal_lm.cache_info()
     assert (info.misses, info.hits) == (1, 2)
-    model = _cached_causal_lm(dirs["gpt2"], "cpu")[1]
+    tok, model = load_causal_lm(dirs["gpt2"], "cpu")
+    assert _cached_causal_lm.cache_info().hits == 3
     assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
+def test_a_model_dir_written_again_is_loaded_again(dirs, tmp_path):
+    import shutil
+
+    path = str(tmp_path / "judge")
+    shutil.copytree(dirs["gpt2"], path)
+    first = load_causal_lm(path, "cpu")[1]
+    assert load_causal_lm(path, "cpu")[1] is first and first.transformer.ln_f.weight.abs().sum() > 0
+    shutil.copytree(dirs["rated"], path, dirs_exist_ok=True, copy_function=shutil.copy)  # saved again: new mtimes
+    second = load_causal_lm(path, "cpu")[1]
+    assert second is not first and second.transformer.ln_f.weight.abs().sum() == 0  # the rigged judge's
 
 
 def test_a_yes_token_of_several_tokens_is_refused_at_build(dirs):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from pathlib import Path
 
 from .text import BatchFn
@@ -32,7 +33,7 @@ def resolve_device(*requested: str | None):
 
 
 @functools.lru_cache(maxsize=None)
-def _cached_causal_lm(name: str, device: str):
+def _cached_causal_lm(name: str, device: str, stamp: tuple = ()):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(name)
@@ -42,11 +43,21 @@ def _cached_causal_lm(name: str, device: str):
 
 def load_causal_lm(name: str, device):
     """``(tokenizer, model)`` of a causal LM (a local dir, a hub name or a builtin), frozen in eval mode
-    on ``device``; loaded once per process, so leaves that name the same model (``perplexity`` and
-    ``llm_judge``, or several judges) share one copy. Callers must not change the tokenizer."""
+    on ``device``; loaded once per process (again only if its files change), so leaves that name the
+    same model (``perplexity`` and ``llm_judge``, or several judges) share one copy. Callers must not
+    change the tokenizer or the model."""
     from hybrid_ds.assets import resolve_model  # MODEL may be a builtin (the default: the policy's model)
 
-    return _cached_causal_lm(resolve_model(name), str(device))
+    name = resolve_model(name)
+    return _cached_causal_lm(name, str(device), dir_stamp(name))
+
+
+def dir_stamp(path: str) -> tuple:
+    """(name, size, mtime) of each file of a local model dir, so a dir written again (a run's own
+    ``inference_lm/``) is loaded again; empty for a hub name."""
+    if not os.path.isdir(path):
+        return ()
+    return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path) if e.is_file()))
 
 
 def chunked(n: int, size: int) -> list[slice]:
