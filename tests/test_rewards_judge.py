@@ -226,6 +226,11 @@ def test_judge_validation_errors(extra, expected):
     assert validate_reward_spec({"type": "llm_judge", "model": "/models/judge", **extra}) == expected
 
 
+def test_a_default_written_out_for_another_score_kind_is_accepted():
+    assert validate_reward_spec({"type": "llm_judge", "model": "/m", "template": LOGLIK, "score": "loglik",
+                                 "max_score": 10, "default": 0.0}) == []
+
+
 def test_judge_without_a_model_is_refused():
     assert validate_reward_spec({"type": "llm_judge", "template": JUDGE, "yes_token": "Y"}) == [
         "REWARD.model: required parameter of 'llm_judge' is missing"]
@@ -366,3 +371,11 @@ def test_examples_dry_run_and_their_rewards_build_and_score(name, tmp_path, monk
     assert len(scores) == 2 and all(math.isfinite(s) for s in scores)
     if name == "python_reward.json":  # answer_words: 1 for both (all reference words present); length: 1
         assert scores == pytest.approx([1.0, 1.0])
+
+
+def test_a_trl_reward_function_runs_unchanged_on_conversational_items():
+    pytest.importorskip("trl")
+    reward = make_reward({"type": "python", "function": "trl.rewards:think_format_reward"})
+    responses = ["<think>\nstep\n</think>\nforest", "forest"]
+    items = [{"messages": CHAT}, {"messages": CHAT}]
+    assert reward.score_batch(responses, ["forest"] * 2, ["<rendered>"] * 2, items) == [1.0, 0.0]
