@@ -20,6 +20,7 @@ row's first real token, so a row scores as it would alone.
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 
@@ -120,6 +121,9 @@ def build_llm_judge(p: dict, ctx) -> BatchFn:
     templated = p["chat_template"] and bool(getattr(tok, "chat_template", None))
     pad_id = next(i for i in (tok.pad_token_id, tok.eos_token_id, 0) if i is not None)
     limit = p["max_length"]
+    # Only the last position's logits are read: ask for those alone where the model allows (a 150k
+    # vocabulary times 1024 positions is gigabytes per batch otherwise).
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
     def context_ids(prompt, response, target, item) -> list[int]:
         text = render_template(p["template"], prompt_text(prompt, item), response, target or "")
@@ -132,7 +136,7 @@ def build_llm_judge(p: dict, ctx) -> BatchFn:
 
     def next_token_logprobs(rows):  # (B, V) fp32 log-softmax after each row's last token
         ids, mask, pos = left_padded([r[-limit:] for r in rows], pad_id, device)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float()
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **last_only).logits[:, -1].float()
         return torch.log_softmax(logits, dim=-1)
 
     if p["score"] == "yes_prob":
