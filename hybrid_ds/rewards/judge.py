@@ -21,7 +21,6 @@ row's first real token, so a row scores as it would alone.
 from __future__ import annotations
 
 import inspect
-import math
 import re
 
 from .models import chat_history, load_causal_lm, mean_token_nll, resolve_device, score_in_chunks
@@ -166,7 +165,7 @@ def build_llm_judge(p: dict, ctx) -> BatchFn:
                 resp = resp[:limit]
                 context = context[max(0, len(context) + len(resp) - limit):]
                 seqs.append((context + resp, len(context)))
-            return [-n if not math.isnan(n) else n for n in mean_token_nll(model, seqs, device)]
+            return [-n for n in mean_token_nll(model, seqs, device)]  # NaN (no response token) stays NaN: a fault
 
     def score(responses, targets, prompts, items):
         if p["score"] == "loglik":
