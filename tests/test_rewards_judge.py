@@ -181,7 +181,7 @@ def test_judges_of_one_model_share_one_load(dirs):
     make_reward(spec, device="cpu")
     info = _cached_causal_lm.cache_info()
     assert (info.misses, info.hits) == (1, 2)
-    tok, model = load_causal_lm(dirs["gpt2"], "cpu")
+    _, model = load_causal_lm(dirs["gpt2"], "cpu")
     assert _cached_causal_lm.cache_info().hits == 3
     assert not model.training and not any(p.requires_grad for p in model.parameters())
 
