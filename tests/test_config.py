@@ -21,13 +21,14 @@ def _local_overrides(tmp_path):
 
 SEED_CONFIGS = sorted(glob.glob(os.path.join(REPO, "examples", "seed", "*.json")))
 EXAMPLES = sorted(glob.glob(os.path.join(REPO, "examples", "*.json")))
+EXAMPLE_MODULES = sorted(glob.glob(os.path.join(REPO, "examples", "*.py")))  # imported by the EXAMPLES naming them
 DS_CONFIGS = sorted(glob.glob(os.path.join(REPO, "ds_configs", "*.json")))
 LAUNCH_CONFIGS = sorted(glob.glob(os.path.join(REPO, "launch", "*.yaml")))
 
 
 def test_every_shipped_config_file_is_tested():
     """Each file under examples/, launch/ and ds_configs/ is in one of the lists the tests below run."""
-    tested = set(SEED_CONFIGS + EXAMPLES + DS_CONFIGS + LAUNCH_CONFIGS)
+    tested = set(SEED_CONFIGS + EXAMPLES + EXAMPLE_MODULES + DS_CONFIGS + LAUNCH_CONFIGS)
     shipped = {os.path.join(d, n) for top in ("examples", "launch", "ds_configs")
                for d, _, names in os.walk(os.path.join(REPO, top)) for n in names}
     assert shipped and shipped <= tested, sorted(shipped - tested)

@@ -167,7 +167,8 @@ def test_registry_is_consistent():
 
 def _required(name):
     return {"perplexity": {"model": "m"}, "reward_model": {"model": "m"}, "length": {"max": 3},
-            "format": {"pattern": "x"}, "weighted_sum": {"components": [{"type": "bleu"}]}}.get(name, {})
+            "format": {"pattern": "x"}, "weighted_sum": {"components": [{"type": "bleu"}]},
+            "llm_judge": {"model": "m", "template": "{response}", "yes_token": "Y"}}.get(name, {})
 
 
 def test_committed_docs_match_the_registry():

@@ -37,6 +37,19 @@ EXAMPLES = [
      {"type": "weighted_sum",
       "components": [{"type": "format", "mode": "json", "json_type": "object"},
                      {"type": "keyword_coverage", "item_field": "required_keys"}]}),
+    ("A local instruct model as judge (its chat template applied): p(Yes) against p(No), and GPTScore",
+     {"type": "weighted_sum",
+      "components": [{"type": "llm_judge", "model": "/models/Qwen2.5-1.5B-Instruct", "score": "yes_prob",
+                      "yes_token": "Yes", "no_token": "No",
+                      "template": "Question: {prompt}\nReference: {target}\nAnswer: {response}\n"
+                                  "Is the answer correct? Reply Yes or No."},
+                     {"type": "llm_judge", "model": "/models/Qwen2.5-1.5B-Instruct", "score": "loglik",
+                      "chat_template": False, "template": "Question: {prompt}\nA helpful, correct answer:",
+                      "postprocess": [{"type": "scale", "mul": 0.1}]}]}),
+    ("A Python function written for TRL's reward_funcs (examples/rewards_example.py), with a length window",
+     {"type": "weighted_sum",
+      "components": [{"type": "python", "function": "examples.rewards_example:answer_words", "weight": 2},
+                     {"type": "length", "max": 8, "weight": 0.5}]}),
 ]
 
 INTRO = """\

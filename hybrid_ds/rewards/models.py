@@ -7,7 +7,9 @@ importing this module (and validating specs) stays instant.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import pickle
 from pathlib import Path
 
@@ -30,6 +32,34 @@ def resolve_device(*requested: str | None):
         if device:
             return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_causal_lm(name: str, device: str, stamp: tuple = ()):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForCausalLM.from_pretrained(name).to(device).eval().requires_grad_(False)
+    return tok, model
+
+
+def load_causal_lm(name: str, device):
+    """``(tokenizer, model)`` of a causal LM (a local dir, a hub name or a builtin), frozen in eval mode
+    on ``device``; loaded once per process (again only if its files change), so leaves that name the
+    same model (``perplexity`` and ``llm_judge``, or several judges) share one copy. Callers must not
+    change the tokenizer or the model."""
+    from hybrid_ds.assets import resolve_model  # MODEL may be a builtin (the default: the policy's model)
+
+    name = resolve_model(name)
+    return _cached_causal_lm(name, str(device), dir_stamp(name))
+
+
+def dir_stamp(path: str) -> tuple:
+    """(name, size, mtime) of each file of a local model dir, so a dir written again (a run's own
+    ``inference_lm/``) is loaded again; empty for a hub name."""
+    if not os.path.isdir(path):
+        return ()
+    return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path) if e.is_file()))
 
 
 def chunked(n: int, size: int) -> list[slice]:
@@ -191,14 +221,8 @@ def mean_token_nll(model, seqs: list[tuple[list[int], int]], device) -> list[flo
 def build_perplexity(p: dict, ctx) -> BatchFn:
     """Fluency under a causal LM: mean token NLL of the response (optionally conditioned on the
     prompt) mapped by ``nll_to_reward``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from hybrid_ds.assets import resolve_model  # MODEL may be a builtin (the default: the policy's model)
-
     device = resolve_device(p["device"], ctx.device)
-    name = resolve_model(p["model"])
-    tok = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForCausalLM.from_pretrained(name).to(device).eval()
+    tok, model = load_causal_lm(p["model"], device)
 
     def score(responses, targets, prompts, items):
         pairs = list(zip(responses, prompts, items))

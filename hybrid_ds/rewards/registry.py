@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import models, overlap, text
+from . import judge, models, overlap, python_fn, text
 
 
 @dataclass(frozen=True)
@@ -315,6 +315,45 @@ _TYPES = (
                nullable=True),
          _LOWER), "[0, 1]", "higher = more keywords covered", text.build_keyword_coverage,
         _check_keyword_coverage),
+    RewardType(
+        "python", "A Python function with the signature of TRL's `reward_funcs`, `fn(prompts, completions, "
+        "**item_fields) -> list[float]`, called once per batch with keyword arguments: `prompts` and "
+        "`completions` are lists, and every other field of the items (all but `prompt`) comes as a list "
+        "aligned with the batch, None where an item lacks it. A conversational item (`messages`, or "
+        "`prompt` + `completion` as message lists) gives its prompt as its turns before the response and its "
+        "completion as `[{\"role\": \"assistant\", \"content\": response}]` (TRL's conversational "
+        "format); other items give strings. The module is imported (from the working directory or "
+        "PYTHONPATH) and the signature checked when the spec is validated; nothing is evaluated from a "
+        "string. The return must be one finite number per sample; otherwise, or when the function raises, "
+        "the error names the function and the fault policy applies (the batch is then retried per sample).",
+        (Param("function", "str", None, "`package.module:name` of the function", required=True),),
+        "the function's", "the function's", python_fn.build_python, python_fn.check_python_spec),
+    RewardType(
+        "llm_judge", "A local causal LM as judge. `template` is filled in (`{prompt}`, `{response}`, "
+        "`{target}`; for a conversational item `{prompt}` is its turns before the response as text) and, when "
+        "the judge's tokenizer has a chat template (and `chat_template` is true), sent as the user turn with the "
+        "assistant's generation prompt. `yes_prob`: p(`yes_token`) as the next token, or p(yes) / (p(yes) + "
+        "p(no)) with `no_token`; `number`: the first number of a greedy answer of up to `max_new_tokens` "
+        "tokens, a rating in [1, `max_score`], else `default`, counted as `reward/llm_judge/parse_failures` "
+        "in `reward.pop_stats()`; `loglik`: GPTScore, the judge's mean token log-likelihood of the response "
+        "after the rendered template (which then must not hold `{response}`). Too long inputs lose their "
+        "left end. The judge is loaded once per process, frozen, on the leaf's device (every rank holds "
+        "its own copy; it is not served from ranks of its own).",
+        (Param("template", "str", None, "the judge's instruction with `{prompt}`, `{response}`, `{target}`",
+               required=True),
+         Param("score", "str", "yes_prob", "how the judge's output becomes the score",
+               choices=("yes_prob", "number", "loglik")),
+         Param("yes_token", "str", None, "yes_prob: the answer token rewarded, one token of the judge's "
+               "tokenizer (e.g. \" Yes\"; after a chat template's generation prompt often \"Yes\")",
+               nullable=True),
+         Param("no_token", "str", None, "yes_prob: normalise against this token", nullable=True),
+         Param("max_score", "int", judge.DEFAULTS["max_score"], "number: ratings are 1..max_score", low=2),
+         Param("default", "number", judge.DEFAULTS["default"], "number: the score of an answer without a rating in range"),
+         Param("max_new_tokens", "int", judge.DEFAULTS["max_new_tokens"], "number: greedy answer length", low=1),
+         Param("chat_template", "bool", True, "use the judge tokenizer's chat template when it has one"),
+         ) + _model_params(None, "causal LM: local dir or hub name", batch_size=8, max_length=1024),
+        "yes_prob: [0, 1]; number: [1, max_score] or default; loglik: (-inf, 0]",
+        "higher = better in the judge's view", judge.build_llm_judge, judge.check_llm_judge, needs_model=True),
 )
 
 REWARD_TYPES: dict[str, RewardType] = {t.name: t for t in _TYPES}
