@@ -167,11 +167,8 @@ class Dist:
         return self.rank == 0
 
     @property
-    def backend(self) -> str:
-        """The process group's backend (nccl on GPU, gloo on CPU); "none" for one plain process."""
-        import torch.distributed as tdist
-
-        return tdist.get_backend() if tdist.is_initialized() else "none"
+    def backend(self) -> str:  # nccl on GPU, gloo on CPU; "none" for one plain process
+        return torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
 
     @property
     def zero_stage(self) -> int:
