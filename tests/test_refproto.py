@@ -408,14 +408,19 @@ def test_zero3_policy_trains_while_the_reference_serves(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fault,expect", [("raise", "reference rank 2 failed: ValueError: boom"),
-                                          ("kill", "reference rank 2 closed its connection")])
+                                          ("kill", "reference rank 2 closed its connection"),
+                                          ("kill-sync", "reference rank 2 closed its connection")])
 def test_reference_fault_stops_every_rank(tmp_path, fault, expect):
-    """(d) compute_fn raises, (e) the reference is SIGKILLed: every process exits non-zero, well
-    within the bridge timeout after the fault, each policy rank naming the reference rank."""
+    """(d) compute_fn raises, (e) the reference is SIGKILLed, (f) SIGKILLed while it takes the policy's
+    weights (REF_SYNC_EVERY): every process exits non-zero, well within the bridge timeout after the
+    fault, each policy rank naming the reference rank."""
     timeout = 60
     codes, logs, ends = spawn(3, tmp_path, "--fault", fault, "--timeout", str(timeout), timeout=200)
     assert all(c != 0 for c in codes), codes
-    assert codes[2] == (-9 if fault == "kill" else 1)
+    assert codes[2] == (-9 if fault.startswith("kill") else 1)
     for log in logs[:2]:
         assert expect in log, log[-2500:]
+    if fault == "kill-sync":  # the sending rank mid-stream, the other waiting for the reference to take them
+        assert "while sending weight 4 of" in logs[0] or "while sending weight 5 of" in logs[0], logs[0][-2500:]
+        assert "while waiting for the reference to take the weights" in logs[1], logs[1][-2500:]
     assert max(ends) - min(ends) < timeout, ends  # nobody waited out the timeout after the fault
