@@ -9,7 +9,8 @@ the answer with ``ppo.forward_logprobs`` of the same tiny GPT-2 computed locally
 ``--zero3`` they also train a tiny model under DeepSpeed ZeRO-3 between requests. The last R ranks
 serve. ``--fault`` makes the reference raise / die / hang, or policy rank 1 fail, on the second
 request; ``kill-sync``: before the second request the policy ranks send their weights
-(REF_SYNC_EVERY's SYNC) and the reference dies while it takes the fourth. Each rank writes ``DIR/rank{N}.json`` when it finishes normally.
+(REF_SYNC_EVERY's SYNC) and the reference dies while it takes the fourth. Each rank writes
+``DIR/rank{N}.json`` when it finishes normally.
 """
 
 import argparse
