@@ -53,6 +53,9 @@ def train(run: Run) -> None:
     if cfg.hybrid.ref_init == "after_warmup" and not c.ref_snapshot:
         run.dist.copy_weights(run.engine.module.lm, run.ref)
         c.ref_snapshot = 1  # checkpoints from now on carry the reference
+    if run.ref_client is not None and 0 < cfg.hybrid.ref_sync_every <= c.cycle and run.dist.is_main:
+        print("[hybrid_ds] warning: resumed with the reference on its own ranks: they start from MODEL, not from "
+              "the synced reference (checkpoints do not carry it); the next REF_SYNC_EVERY sync moves them", flush=True)
     while c.cycle < plan.cycles:
         # 1. SFT steps, 2. RL updates, as many as the curriculum says for this cycle; the phases
         # meet at collectives, so no rank runs ahead.
