@@ -26,8 +26,10 @@ def cfg_for(tmp_path, name, **extra):
 
 @pytest.mark.parametrize("zero", [2, 3])
 def test_separate_reference_matches_colocated(tmp_path, zero):
-    a = cfg_for(tmp_path, "colocated")
-    b = cfg_for(tmp_path, "separate", REF_PLACEMENT="separate", REF_RANKS=1)
+    # Cycle 1 measures the KL from the starting reference; after cycle 2's SFT step the reference is
+    # synced to the policy (REF_SYNC_EVERY=2, a copy): over the bridge, under ZeRO-3 parameter by parameter.
+    a = cfg_for(tmp_path, "colocated", REF_SYNC_EVERY=2)
+    b = cfg_for(tmp_path, "separate", REF_PLACEMENT="separate", REF_RANKS=1, REF_SYNC_EVERY=2)
     launch(a, tmp_path, nproc=2, zero=zero, name="a")
     launch(b, tmp_path, nproc=3, zero=zero, name="b")
     # The colocated run is also test_ppo_runs' fp32 hybrid run on 2 processes at this ZeRO stage.
@@ -40,6 +42,10 @@ def test_separate_reference_matches_colocated(tmp_path, zero):
     for ra, rb in zip(ma, mb):
         for k in ("ppo/reward_mean", "objective/kl", "ppo/loss/policy", "ppo/loss/value"):
             assert abs(ra[k] - rb[k]) <= 1e-5 * max(1.0, abs(ra[k])), (k, ra[k], rb[k])
+    # the synced reference is the policy the rollout sampled from: KL 0 (before the sync it was not)
+    for m in (ma, mb):
+        assert abs(m[0]["objective/kl"]) > 1e-4 and abs(m[1]["objective/kl"]) < 1e-3, m
+    assert [r["step"] for r in metrics(b["OUTPUT_DIR"], "ref")] == [2]
     # Without the key third of c_attn.bias: its gradient is identically zero (softmax is invariant to a
     # per-query shift of the key scores), so Adam turns round-off there into +-lr steps (README).
     diffs = rel_norm_diffs(load_weights(os.path.join(a["OUTPUT_DIR"], "inference_lm")),

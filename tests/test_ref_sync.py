@@ -31,7 +31,9 @@ def test_reference_is_synced_after_the_cycles_sft_steps(tmp_path, alpha):
     assert all(torch.equal(plain.ref.state_dict()[k], start[k]) for k in start)
 
 
-def test_ref_sync_needs_hybrid_and_colocated():
+def test_ref_sync_needs_hybrid_and_no_lora():
+    """MODE=hybrid (it counts cycles) and a reference that is its own model (not LoRA's disabled
+    adapters); on its own ranks (REF_PLACEMENT=separate) the weights go over the bridge."""
     from hybrid_ds.config import ConfigError
     from hybrid_ds.run.preflight import load_config
 
@@ -39,5 +41,25 @@ def test_ref_sync_needs_hybrid_and_colocated():
               "REF_SYNC_EVERY=2"]
     with pytest.raises(ConfigError, match="applies to MODE=hybrid only"):
         load_config(None, ["MODE=ppo", *common], check_files=False)
-    with pytest.raises(ConfigError, match="REF_PLACEMENT=colocated"):
-        load_config(None, ["MODE=hybrid", "REF_PLACEMENT=separate", *common], check_files=False, world_size=2)
+    with pytest.raises(ConfigError, match="REF_SYNC_EVERY with LORA_R > 0"):
+        load_config(None, ["MODE=hybrid", "LORA_R=4", *common], check_files=False)
+    cfg = load_config(None, ["MODE=hybrid", "REF_PLACEMENT=separate", *common], check_files=False, world_size=2)
+    assert cfg.hybrid.ref_sync_every == 2 and cfg.run.ref_placement == "separate"
+
+
+def test_mix_into_against_hand_computed_numbers():
+    """ref <- alpha x policy + (1 - alpha) x ref, in the reference's dtype (models/weight_mix.py)."""
+    from hybrid_ds.models.weight_mix import mix_into
+
+    ref, pol = torch.tensor([[1.0, 2.0], [-4.0, 0.5]]), torch.tensor([3.0, 2.0, 0.0, 1.5])  # shapes differ
+    assert mix_into(ref.clone(), pol, 0.25).tolist() == [[1.5, 2.0], [-3.0, 0.75]]  # 0.25 p + 0.75 r
+    assert mix_into(ref.clone(), pol, 1.0).tolist() == [[3.0, 2.0], [0.0, 1.5]]  # a copy
+    assert torch.equal(mix_into(ref.clone(), pol, 0.0), ref)  # alpha 0: the reference stays
+    # bf16 reference, fp32 policy: mixed in fp32, rounded once to bf16 (1 + 0.5 * 2^-8 rounds to even: 1)
+    r16 = torch.ones(2, dtype=torch.bfloat16)
+    out = mix_into(r16, torch.tensor([1.0 + 2.0 ** -8, 3.0]), 0.5)
+    assert out is r16 and out.dtype == torch.bfloat16 and out.tolist() == [1.0, 2.0]
+    # the naive loop over elements gives the same numbers
+    a, b = torch.randn(7, generator=torch.Generator().manual_seed(0)), torch.randn(7)
+    naive = torch.tensor([0.3 * float(y) + 0.7 * float(x) for x, y in zip(a, b)])
+    torch.testing.assert_close(mix_into(a.clone(), b, 0.3), naive, rtol=1e-6, atol=1e-7)

@@ -282,6 +282,52 @@ def test_a_hung_reference_times_out_with_its_rank(model):
     assert 1 in errors  # the server notices too (its reply cannot be delivered)
 
 
+def test_sync_mixes_the_policy_weights_like_the_colocated_copy(model):
+    """REF_SYNC_EVERY over the bridge (2 policy ranks, 1 reference): a SYNC with alpha 0.25 leaves the
+    reference's weights bit-equal to ``Dist.copy_weights`` (the colocated path) and the next request is
+    answered by them; a policy of another architecture gets the reference's error, naming its rank."""
+    import copy
+
+    from hybrid_ds.engine.dist import Dist, LaunchPlan
+    from hybrid_ds.engine.param_stream import parameter_manifest, whole_parameters
+
+    policy_lm, alpha = W.tiny_gpt2(seed=1), 0.25
+    expected = copy.deepcopy(model)
+    Dist(0, 1, 0, torch.device("cpu"), LaunchPlan(0, "no", None, "test")).copy_weights(policy_lm, expected, alpha)
+    served = copy.deepcopy(model)
+
+    def policy(pl, bridge):
+        with RefClient(bridge) as client:
+            before = ask(client, W.rollout(pl.rank, 0))
+            client.sync(parameter_manifest(policy_lm), whole_parameters(policy_lm), alpha)
+            after = ask(client, W.rollout(pl.rank, 1))
+        return before, after
+
+    def server(pl, bridge):
+        return RefServer(bridge, model_logprob_fn(served), weights=list(served.parameters())).serve()
+
+    results, errors = run_layout(3, 1, policy, server)
+    assert not errors, errors
+    assert results[2].syncs == 1 and results[2].requests == 4
+    for (a, b), (c, d) in zip(expected.named_parameters(), served.named_parameters()):
+        assert a == c and torch.equal(b, d), a
+    for p in (0, 1):
+        assert torch.equal(results[p][0], local_logprobs(model, W.rollout(p, 0)))
+        assert torch.equal(results[p][1], local_logprobs(expected, W.rollout(p, 1)))
+
+    other = W.tiny_gpt2(seed=1)
+    other.transformer.h = other.transformer.h[:1]  # one block fewer: the manifest does not fit
+
+    def mismatched(pl, bridge):
+        with RefClient(bridge) as client:
+            client.sync(parameter_manifest(other), whole_parameters(other), 1.0)
+
+    results, errors = run_layout(3, 1, mismatched, server)
+    assert isinstance(errors[2], ValueError) and "the reference has" in str(errors[2])
+    for p in (0, 1):
+        assert "reference rank 2 failed: ValueError: reference sync: the policy sends" in str(errors[p]), errors[p]
+
+
 # --------------------------------------------------------------------------------------
 # real launches (slow tier)
 
@@ -362,14 +408,19 @@ def test_zero3_policy_trains_while_the_reference_serves(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fault,expect", [("raise", "reference rank 2 failed: ValueError: boom"),
-                                          ("kill", "reference rank 2 closed its connection")])
+                                          ("kill", "reference rank 2 closed its connection"),
+                                          ("kill-sync", "reference rank 2 closed its connection")])
 def test_reference_fault_stops_every_rank(tmp_path, fault, expect):
-    """(d) compute_fn raises, (e) the reference is SIGKILLed: every process exits non-zero, well
-    within the bridge timeout after the fault, each policy rank naming the reference rank."""
+    """(d) compute_fn raises, (e) the reference is SIGKILLed, (f) SIGKILLed while it takes the policy's
+    weights (REF_SYNC_EVERY): every process exits non-zero, well within the bridge timeout after the
+    fault, each policy rank naming the reference rank."""
     timeout = 60
     codes, logs, ends = spawn(3, tmp_path, "--fault", fault, "--timeout", str(timeout), timeout=200)
     assert all(c != 0 for c in codes), codes
-    assert codes[2] == (-9 if fault == "kill" else 1)
+    assert codes[2] == (-9 if fault.startswith("kill") else 1)
     for log in logs[:2]:
         assert expect in log, log[-2500:]
+    if fault == "kill-sync":  # the sending rank mid-stream, the other waiting for the reference to take them
+        assert "while sending weight 4 of" in logs[0] or "while sending weight 5 of" in logs[0], logs[0][-2500:]
+        assert "while waiting for the reference to take the weights" in logs[1], logs[1][-2500:]
     assert max(ends) - min(ends) < timeout, ends  # nobody waited out the timeout after the fault

@@ -78,9 +78,6 @@ def validate(cfg: Config) -> list[str]:
     if cfg.hybrid.ref_sync_every and cfg.run.mode != "hybrid":
         problems.append(f"REF_SYNC_EVERY ({cfg.hybrid.ref_sync_every}) counts hybrid cycles: it applies to "
                         f"MODE=hybrid only.")
-    if cfg.hybrid.ref_sync_every and cfg.run.ref_placement == "separate":
-        problems.append("REF_SYNC_EVERY needs the reference on the policy ranks (REF_PLACEMENT=colocated): weights "
-                        "are not sent to reference ranks yet.")
     if cfg.run.ref_placement == "separate" and cfg.hybrid.ref_init != "start":
         problems.append("REF_INIT=after_warmup needs the reference on the policy ranks (REF_PLACEMENT=colocated).")
     problems += lora_problems(cfg)

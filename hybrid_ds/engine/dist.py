@@ -29,6 +29,7 @@ import torch
 from hybrid_ds.config import Config, resolve_ds_config
 from hybrid_ds.engine.train_engine import TrainEngine, model_state_bytes
 from hybrid_ds.engine.shm import SHM_DIR, remove_shm_segments
+from hybrid_ds.models.weight_mix import mix_into
 
 _LAUNCHED_BY_DEEPSPEED = "DS_LAUNCHER" in os.environ or "DEEPSPEED_LAUNCHER" in os.environ
 
@@ -291,7 +292,8 @@ class Dist:
     @torch.no_grad()
     def copy_weights(self, src: torch.nn.Module, dst: torch.nn.Module, alpha: float = 1.0) -> None:
         """Overwrite ``dst``'s weights with ``src``'s (same architecture), e.g. policy -> reference;
-        ``alpha < 1`` mixes instead: ``dst = alpha * src + (1 - alpha) * dst`` (in ``dst``'s dtype).
+        ``alpha < 1`` mixes instead: ``dst = alpha * src + (1 - alpha) * dst`` (in ``dst``'s dtype,
+        :func:`hybrid_ds.models.weight_mix.mix_into`).
 
         Under ZeRO-3 both are partitioned the same way over the same ranks, so each rank copies its
         own partitions and nothing is gathered."""
@@ -300,10 +302,7 @@ class Dist:
         for name, p in dst_module.named_parameters():
             s = src_p[name]
             d, new = (p.ds_tensor.data, s.ds_tensor.data) if hasattr(p, "ds_tensor") else (p.data, s.data)
-            if alpha == 1.0:
-                d.copy_(new.to(d.dtype))
-            else:
-                d.copy_((alpha * new.float() + (1.0 - alpha) * d.float()).to(d.dtype))
+            mix_into(d, new, alpha)  # the arithmetic a separate reference applies too
 
     @contextlib.contextmanager
     def generation_model(self, engine: "TrainEngine") -> Iterator[torch.nn.Module]:

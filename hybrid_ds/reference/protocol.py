@@ -11,9 +11,13 @@ What is sent (H = an int64[8] header; headers on tag 1, payloads on tag 2)
                 then int64 (2, B, L): input_ids and attention_mask stacked, L = P + T
       SHUTDOWN  H = [SHUTDOWN, 0, 0, 0, 0, 0, seq, 0]          this client is done, nothing follows
       ABORT     H = [ABORT, 0, 0, 0, 0, 0, seq, 0]             this client failed, the reference stops
+      SYNC      H = [SYNC, n, sends, alpha as float64 bits, 0, 0, seq, 0]   REF_SYNC_EVERY: every client of
+                the reference in one round; the first (sends 1) follows with the manifest and the n
+                weights (reference/weights.py), the others (sends 0) with nothing
     reference -> policy
       RESULT    H = [RESULT, B, T, 0, 0, 0, seq, 0]   then float32 (B, T) log-probs of the response
       ERROR     H = [ERROR, nbytes, 0, 0, 0, 0, seq, 0] then uint8 (nbytes,) UTF-8 message
+      SYNCED    H = [SYNCED, n, 0, 0, 0, 0, seq, 0]   to every client of a SYNC round, once the weights are in
 
 In which order
     Each client's messages are FIFO, and each REQUEST is answered by exactly one RESULT or ERROR,
@@ -50,15 +54,16 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
 from hybrid_ds.models.logprobs import lm_response_logprobs, sequence_inputs
 from hybrid_ds.engine.placement import TAG_HEADER, TAG_PAYLOAD, Bridge, BridgeError
+from hybrid_ds.reference.weights import manifest_tensor, receive_weights, send_sync
 
-REQUEST, SHUTDOWN, ABORT, RESULT, ERROR = 1, 2, 3, 4, 5
-_OP_NAMES = {REQUEST: "REQUEST", SHUTDOWN: "SHUTDOWN", ABORT: "ABORT", RESULT: "RESULT", ERROR: "ERROR"}
+REQUEST, SHUTDOWN, ABORT, RESULT, ERROR, SYNC, SYNCED = 1, 2, 3, 4, 5, 6, 7
+_OP_NAMES = dict(enumerate(("REQUEST", "SHUTDOWN", "ABORT", "RESULT", "ERROR", "SYNC", "SYNCED"), start=1))
 HEADER_LEN = 8
 ABORT_WAIT_S = 5.0  # how long a failing side waits to deliver its last words
 IDLE_TIMEOUT_S = 7 * 24 * 3600.0  # a server waits this long for its next request (SFT phases run between)
@@ -152,6 +157,28 @@ class RefClient:
                                   reply_header, reply_work)
         self._pending.append(pending)
         return pending
+
+    def sync(self, manifest: Sequence[tuple[int, torch.dtype]], weights: Iterable[torch.Tensor], alpha: float) -> None:
+        """``ref = alpha * policy + (1 - alpha) * ref`` (REF_SYNC_ALPHA) from ``engine/param_stream.py``'s weights, by
+        every client at once (lock step); returns once the reference has them; faults raise as requests do."""
+        self._check_open()
+        if self._pending:
+            self._complete_through(self._pending[-1])
+        br, ref, sender = self.bridge, self.ref, self.bridge.placement.rank == self.bridge.clients[0]
+        table = manifest_tensor(manifest)  # before anything is sent: every rank raises alike
+        self._seq += 1
+        try:
+            header = _header(SYNC, len(manifest), int(sender), _float_bits(float(alpha)), seq=self._seq)
+            reply = send_sync(br, ref, header, table if sender else None, weights)
+            op, n, seq = (int(x) for x in reply[[0, 1, 6]])
+            if op == ERROR:
+                raise BridgeError(f"{br.describe(ref)} failed: {self._error_text(n)}", ref)
+            if op != SYNCED or seq != self._seq or n != len(manifest):
+                raise BridgeError(f"protocol error: expected SYNCED seq {self._seq} from {br.describe(ref)}, got "
+                                  f"{_OP_NAMES.get(op, op)} seq {seq}", ref)
+        except BridgeError as e:
+            self._failed = e
+            raise
 
     def _complete_through(self, target: PendingLogprobs) -> None:
         while True:
@@ -271,6 +298,7 @@ class ServeStats:
     rounds: int = 0
     requests: int = 0
     rows: int = 0
+    syncs: int = 0  # SYNC rounds: the policy's weights taken (REF_SYNC_EVERY)
     compute_s: float = 0.0
     idle_s: float = 0.0
     per_client: dict = field(default_factory=dict)
@@ -286,13 +314,16 @@ class RefServer:
     ``compute_fn(input_ids, attention_mask, P, T, temperature) -> (B, T)`` float32 (see
     :func:`model_logprob_fn`). ``batch_clients``: run the requests of a round as one batch
     (False: one ``compute_fn`` call per request, each bit-identical to a local computation).
+    ``weights``: the parameters compute_fn's model reads, in ``named_parameters`` order, which a SYNC
+    round updates (None: SYNC is refused).
     """
 
     def __init__(self, bridge: Bridge, compute_fn: ComputeFn, *, batch_clients: bool = True,
-                 idle_timeout_s: float = IDLE_TIMEOUT_S, watchdog: bool = True):
+                 idle_timeout_s: float = IDLE_TIMEOUT_S, watchdog: bool = True,
+                 weights: Optional[Sequence[torch.Tensor]] = None):
         if bridge.placement.role != "reference":
             raise ValueError(f"RefServer runs on reference ranks; this is {bridge.describe(bridge.placement.rank)}")
-        self.bridge, self.compute_fn = bridge, compute_fn
+        self.bridge, self.compute_fn, self.weights = bridge, compute_fn, weights
         self.batch_clients, self.idle_timeout_s, self.watchdog = batch_clients, idle_timeout_s, watchdog
         self.me = bridge.describe(bridge.placement.rank)
         self.stats = ServeStats()
@@ -324,17 +355,20 @@ class RefServer:
         br = self.bridge
         headers = {c: torch.zeros(HEADER_LEN, dtype=torch.int64) for c in self._active}
         works = {c: br.irecv(headers[c], c, TAG_HEADER) for c in self._active}
-        reqs, t0 = [], time.perf_counter()
+        reqs, syncs, t0 = [], [], time.perf_counter()
         for c in list(self._active):
             br.wait(works[c], c, "waiting for its next request", self.idle_timeout_s)
             h = [int(x) for x in headers[c]]
             op, seq = h[0], h[6]
             if op == ABORT:
                 raise _ClientAborted(f"{br.describe(c)} aborted (see its log for the error)", c)
-            if seq != expected[c] or op not in (REQUEST, SHUTDOWN):
+            if seq != expected[c] or op not in (REQUEST, SHUTDOWN, SYNC):
                 raise BridgeError(f"protocol error: {br.describe(c)} sent {_OP_NAMES.get(op, op)} seq {seq}, "
-                                  f"expected REQUEST or SHUTDOWN seq {expected[c]}", c)
+                                  f"expected REQUEST, SYNC or SHUTDOWN seq {expected[c]}", c)
             expected[c] += 1
+            if op == SYNC:
+                syncs.append((c, seq, h[1], h[2], _bits_float(h[3])))
+                continue
             if op == SHUTDOWN:
                 self._active.remove(c)
                 continue
@@ -343,7 +377,25 @@ class RefServer:
             br.wait(br.irecv(payload, c, TAG_PAYLOAD), c, "receiving its request")
             reqs.append(Request(c, seq, payload[0], payload[1], P, T, _bits_float(h[5])))
         self.stats.idle_s += time.perf_counter() - t0
+        if syncs:
+            self._sync(syncs, mixed=len(syncs) != len(headers))
         return reqs
+
+    def _sync(self, syncs: list[tuple], mixed: bool) -> None:
+        """A SYNC round: take the weights from the one client that sends them, then answer SYNCED to all."""
+        br = self.bridge
+        senders = [c for c, _, _, sends, _ in syncs if sends]
+        if mixed or len(senders) != 1 or len({(n, a) for _, _, n, _, a in syncs}) != 1:
+            raise BridgeError(f"protocol error: a SYNC round needs SYNC (one size and alpha) from each of the "
+                              f"{len(self._active)} active clients, weights from one; got {syncs}", syncs[0][0])
+        if self.weights is None:
+            raise ValueError("this reference takes no weights (it was started without them)")
+        n, alpha = syncs[0][2], syncs[0][4]
+        receive_weights(br, senders[0], self.weights, n, alpha)
+        for c, seq, *_ in syncs:
+            done = _header(SYNCED, n, seq=seq)
+            br.wait(br.isend(done, c, TAG_HEADER), c, "taking SYNCED")
+        self.stats.syncs += 1
 
     def _compute(self, reqs: list[Request]) -> dict[int, torch.Tensor]:
         """Log-probs per request (keyed by client), requests of equal temperature batched together."""

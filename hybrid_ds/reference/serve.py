@@ -1,5 +1,6 @@
 """A reference rank's life (REF_PLACEMENT=separate): load the frozen reference, answer log-prob
-requests from its policy ranks until they all shut down, exit."""
+requests from its policy ranks (and take the policy's weights with REF_SYNC_EVERY) until they all
+shut down, exit."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def serve_reference(cfg: Config, placement, bridge) -> int:
     os.makedirs(cfg.run.output_dir, exist_ok=True)  # operators (and tests) find the process here
     with open(os.path.join(cfg.run.output_dir, f"reference-rank-{placement.rank}.pid"), "w") as f:
         f.write(str(os.getpid()))
-    stats = RefServer(bridge, model_logprob_fn(ref, chunk=chunk, device=dev)).serve()
-    print(f"[hybrid_ds] reference rank {placement.rank}: served {stats.requests} requests, "
-          f"peak_rss_mb {peak_rss_mb():.1f}", flush=True)
+    # REF_SYNC_EVERY: SYNC rounds mix the policy's weights into these (reference/weights.py)
+    stats = RefServer(bridge, model_logprob_fn(ref, chunk=chunk, device=dev), weights=list(ref.parameters())).serve()
+    print(f"[hybrid_ds] reference rank {placement.rank}: served {stats.requests} requests, took the policy's "
+          f"weights {stats.syncs} time(s), peak_rss_mb {peak_rss_mb():.1f}", flush=True)
     return 0

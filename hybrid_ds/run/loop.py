@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from hybrid_ds.algorithms.evaluate import evaluate
 from hybrid_ds.algorithms.registry import MODES, PHASES, Phase
+from hybrid_ds.engine.param_stream import parameter_manifest, whole_parameters
 from hybrid_ds.run import curriculum
 from hybrid_ds.run.checkpoint import at_boundary
 from hybrid_ds.run.faults import check_finite
@@ -52,6 +53,9 @@ def train(run: Run) -> None:
     if cfg.hybrid.ref_init == "after_warmup" and not c.ref_snapshot:
         run.dist.copy_weights(run.engine.module.lm, run.ref)
         c.ref_snapshot = 1  # checkpoints from now on carry the reference
+    if run.ref_client is not None and 0 < cfg.hybrid.ref_sync_every <= c.cycle and run.dist.is_main:
+        print("[hybrid_ds] warning: resumed with the reference on its own ranks: they start from MODEL, not from "
+              "the synced reference (checkpoints do not carry it); the next REF_SYNC_EVERY sync moves them", flush=True)
     while c.cycle < plan.cycles:
         # 1. SFT steps, 2. RL updates, as many as the curriculum says for this cycle; the phases
         # meet at collectives, so no rank runs ahead.
@@ -61,8 +65,12 @@ def train(run: Run) -> None:
             _log(run, c.sft_step + 1, sft.name, {**phase_step(run, sft), **mix}, advance=False)
         every = cfg.hybrid.ref_sync_every
         if every and (c.cycle + 1) % every == 0:  # 1b. the reference follows the policy SFT moved
-            run.dist.copy_weights(run.engine.module.lm, run.ref, alpha=cfg.hybrid.ref_sync_alpha)
-            c.ref_snapshot = 1  # checkpoints from now on carry the reference
+            lm, alpha = run.engine.module.lm, cfg.hybrid.ref_sync_alpha
+            if run.ref_client is not None:  # on its own ranks: over the bridge, one whole parameter at a time
+                run.ref_client.sync(parameter_manifest(lm), whole_parameters(lm), alpha)
+            else:
+                run.dist.copy_weights(lm, run.ref, alpha=alpha)
+                c.ref_snapshot = 1  # checkpoints from now on carry the reference
             _log(run, c.cycle + 1, "ref", {"ref/synced": 1.0, "ref/alpha": cfg.hybrid.ref_sync_alpha}, advance=False)
             if run.dist.is_main:
                 print(f"[hybrid_ds] cycle {c.cycle + 1}: reference synced to the policy "

@@ -8,7 +8,9 @@ that it holds only them, and each step send a rollout-shaped batch to their refe
 the answer with ``ppo.forward_logprobs`` of the same tiny GPT-2 computed locally. With
 ``--zero3`` they also train a tiny model under DeepSpeed ZeRO-3 between requests. The last R ranks
 serve. ``--fault`` makes the reference raise / die / hang, or policy rank 1 fail, on the second
-request. Each rank writes ``DIR/rank{N}.json`` when it finishes normally.
+request; ``kill-sync``: before the second request the policy ranks send their weights
+(REF_SYNC_EVERY's SYNC) and the reference dies while it takes the fourth. Each rank writes
+``DIR/rank{N}.json`` when it finishes normally.
 """
 
 import argparse
@@ -72,8 +74,21 @@ def serve(args, bridge, model):
             time.sleep(3600)
         return compute(*a)
 
-    stats = RefServer(bridge, faulty, batch_clients=not args.no_batch).serve()
+    weights = list(model.parameters())
+    if args.fault == "kill-sync":
+        weights = _DiesAt(weights)
+    stats = RefServer(bridge, faulty, batch_clients=not args.no_batch, weights=weights).serve()
     return {"requests": stats.requests, "rows": stats.rows, "rounds": stats.rounds}
+
+
+class _DiesAt(list):
+    """The reference's weights; mixing the fourth one in kills the process (a death mid-sync)."""
+
+    def __getitem__(self, i):
+        if i == 3:
+            log("dying while it takes weight 4")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().__getitem__(i)
 
 
 def zero3_engine():
@@ -116,6 +131,11 @@ def policy(args, bridge, placement, model):
         for step in range(args.steps):
             if args.fault == "policy" and step == 1 and placement.rank == 1:
                 raise RuntimeError("boom on policy rank 1")
+            if args.fault == "kill-sync" and step == 1:
+                from hybrid_ds.engine.param_stream import parameter_manifest, whole_parameters
+
+                policy_lm = tiny_gpt2(seed=2)
+                client.sync(parameter_manifest(policy_lm), whole_parameters(policy_lm), 1.0)
             ro = rollout(placement.rank, step)
             ids, att, _ = sequence_inputs(ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask)
             Pq, T = ro.query_ids.shape[1], ro.response_ids.shape[1]
@@ -148,7 +168,7 @@ def main():
     ap.add_argument("--chunk", type=int, default=0)
     ap.add_argument("--zero3", action="store_true")
     ap.add_argument("--no-batch", action="store_true")
-    ap.add_argument("--fault", choices=("none", "raise", "kill", "hang", "policy"), default="none")
+    ap.add_argument("--fault", choices=("none", "raise", "kill", "kill-sync", "hang", "policy"), default="none")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     placement = Placement.from_env("separate", args.ref_ranks)
