@@ -12,7 +12,7 @@ import pytest
 
 from launch_utils import BIN, REPO, env, free_port, metrics
 
-WALL = ("time/", "perf/", "mem/")  # wall-clock and memory: differ between any two runs
+WALL = ("time", "perf/", "mem/")  # wall-clock (time, time/*) and memory: differ between any two runs
 
 
 def write_cfg_json(cfg: dict, tmp_path) -> str:
@@ -136,4 +136,17 @@ def test_accelerate_launch_is_found_in_its_command_line_forms():
     for argv in (["python", "train.py", "accelerate", "launch"], ["/v/bin/accelerate", "config"], []):
         assert _accelerate_launch_args(argv) is None, argv
     assert accelerate_request() is None  # pytest is not under accelerate launch
+
+
+def test_only_a_launch_that_announced_its_world_is_judged(monkeypatch):
+    """MPI launches (accelerate's multi-CPU mpirun) announce no WORLD_SIZE: nothing to compare yet."""
+    from hybrid_ds.engine import launcher
+
+    asked = launcher.LaunchRequest(processes=4, machines=2, deepspeed=False, multinode_launcher="pdsh",
+                                   hostfile=None, pid=42)
+    monkeypatch.setattr(launcher, "accelerate_request", lambda: asked)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert launcher.launched_world_problem(1) is None
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert "asked for 4 processes" in launcher.launched_world_problem(2)
 

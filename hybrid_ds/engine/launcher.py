@@ -42,6 +42,15 @@ class LaunchRequest:
     pid: int  # the accelerate launch process
 
 
+def launched_world_problem(world: int) -> Optional[str]:
+    """:func:`world_problem` for this process: its launched ``world`` against the ``accelerate launch``
+    above it. Only where a launcher announced a world (WORLD_SIZE): an MPI launch sets its own
+    variables, which Accelerate reads later, and is not judged here."""
+    if "WORLD_SIZE" not in os.environ:
+        return None
+    return world_problem(world, accelerate_request())
+
+
 def accelerate_request(pid: Optional[int] = None) -> Optional[LaunchRequest]:
     """The request of the nearest ``accelerate launch`` process above ``pid`` (default: this
     process), or None when there is none or its command line cannot be read."""

@@ -26,7 +26,7 @@ from hybrid_ds.config.schema import REWARD_KEY
 from hybrid_ds.data import (DataReport, Example, chat_template_problem, load_items, prompt_template_problem,
                             tokenize_items, use_chat_template)
 from hybrid_ds.engine.dist import plan_launch
-from hybrid_ds.engine.launcher import accelerate_request, world_problem
+from hybrid_ds.engine.launcher import launched_world_problem
 from hybrid_ds.engine.placement import launch_world_size, placement_problems, policy_world_size
 from hybrid_ds.optim import make_phase_schedules, schedule_warnings, validate_optim_config
 from hybrid_ds.rewards import validate_reward_spec
@@ -68,7 +68,7 @@ def config_problems(cfg: Config, *, check_files: bool = True, world_size: Option
     place = placement_problems(cfg.run.ref_placement, cfg.run.ref_ranks, launched)
     problems += place
     if world_size is None:  # the real launch: did it start every process it asked for?
-        problems += [p for p in (world_problem(launched, accelerate_request()),) if p]
+        problems += [p for p in (launched_world_problem(launched),) if p]
     if not place:
         problems += batch_problems(cfg, policy_world_size(cfg.run.ref_placement, cfg.run.ref_ranks, launched))
     problems += validate_optim_config(cfg)
