@@ -121,7 +121,8 @@ def test_request_resolves_command_line_over_config_file():
     assert (conf.processes, conf.machines) == (16, 2)
     # uneven processes per machine: Accelerate starts num_processes // num_machines on each
     uneven = _request(["--config_file", "launch/multinode.yaml", "--num_machines", "2", "--num_processes", "3"])
-    assert "asked for 3 processes" in world_problem(2, uneven) and "num_machines x processes" in world_problem(2, uneven)
+    msg = world_problem(2, uneven)
+    assert "asked for 3 processes" in msg and "num_machines x processes" in msg and "pdsh" not in msg
     assert world_problem(1, None) is None
 
 
