@@ -45,3 +45,18 @@ def base_cfg(tmp_path):
     """A minimal valid config dict on the builtin model and data."""
     return {"MODE": "sft", "MODEL": "builtin:tiny-gpt2", "TRAIN_FILE": "builtin:demo-tasks",
             "OUTPUT_DIR": str(tmp_path / "out"), "SEED": 0}
+
+
+@pytest.fixture(scope="session")
+def hybrid_zero2_bf16_run(tmp_path_factory):
+    """The 2-process ZeRO-2 bf16 hybrid run (test_ppo_runs.rl_cfg through ``accelerate launch
+    --config_file launch/zero2.yaml``), launched once per session: tests/test_ppo_runs.py checks its
+    outputs and tests/test_multinode.py compares the same config launched as two machines with it.
+    Returns ``(config dict, its OUTPUT_DIR)``."""
+    from launch_utils import launch
+    from test_ppo_runs import rl_cfg
+
+    tmp = tmp_path_factory.mktemp("hybrid_zero2_bf16")
+    cfg = rl_cfg(tmp, "hybrid", BF16=True)
+    launch(cfg, tmp, nproc=2, zero=2)
+    return cfg, cfg["OUTPUT_DIR"]

@@ -24,11 +24,12 @@ EXAMPLES = sorted(glob.glob(os.path.join(REPO, "examples", "*.json")))
 EXAMPLE_MODULES = sorted(glob.glob(os.path.join(REPO, "examples", "*.py")))  # imported by the EXAMPLES naming them
 DS_CONFIGS = sorted(glob.glob(os.path.join(REPO, "ds_configs", "*.json")))
 LAUNCH_CONFIGS = sorted(glob.glob(os.path.join(REPO, "launch", "*.yaml")))
+HOSTFILE, SBATCH = os.path.join(REPO, "launch", "hostfile"), os.path.join(REPO, "launch", "slurm.sbatch")
 
 
 def test_every_shipped_config_file_is_tested():
     """Each file under examples/, launch/ and ds_configs/ is in one of the lists the tests below run."""
-    tested = set(SEED_CONFIGS + EXAMPLES + EXAMPLE_MODULES + DS_CONFIGS + LAUNCH_CONFIGS)
+    tested = set(SEED_CONFIGS + EXAMPLES + EXAMPLE_MODULES + DS_CONFIGS + LAUNCH_CONFIGS + [HOSTFILE, SBATCH])
     shipped = {os.path.join(d, n) for top in ("examples", "launch", "ds_configs")
                for d, _, names in os.walk(os.path.join(REPO, top)) for n in names}
     assert shipped and shipped <= tested, sorted(shipped - tested)
@@ -79,6 +80,59 @@ def test_launch_configs_parse_and_point_at_ds_configs(path):
     conf = yaml.safe_load(text)
     assert conf["distributed_type"] == "DEEPSPEED"
     assert os.path.isfile(os.path.join(REPO, conf["deepspeed_config"]["deepspeed_config_file"]))
+
+
+def test_hostfile_parses_as_deepspeed_reads_it():
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    with open(HOSTFILE) as f:
+        assert f.readline().startswith("# deepspeed --hostfile launch/hostfile "), "header must say how to launch"
+    assert dict(fetch_hostfile(HOSTFILE)) == {"node1": 8, "node2": 8}
+
+
+def test_slurm_script_starts_one_accelerate_launch_per_node(tmp_path):
+    """launch/slurm.sbatch under a stand-in SLURM (srun runs the task once per node with its
+    SLURM_NODEID; accelerate prints its arguments): each node's accelerate launch resolves, through
+    Accelerate's parser and launch/multinode.yaml, to the whole job, its own machine rank and
+    machine 0's host, with the config and overrides passed through."""
+    from hybrid_ds.engine.launcher import request_from_args
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fakes = {"scontrol": 'printf "gpu-a\\ngpu-b\\n"',
+             "srun": 'while [ "${1#-}" != "$1" ]; do shift; done\n'
+                     'for n in 0 1; do SLURM_NODEID=$n "$@"; done',
+             "accelerate": 'printf "%s\\0" "$@" > "$ARGS_DIR/node$SLURM_NODEID"'}
+    for name, body in fakes.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", ARGS_DIR=str(tmp_path),
+               SLURM_JOB_NODELIST="gpu-[a-b]", SLURM_NNODES="2")
+    p = subprocess.run(["bash", SBATCH, "cfg.json", "LR_SFT=1e-4"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    for rank in (0, 1):
+        argv = (tmp_path / f"node{rank}").read_text().split("\0")[:-1]
+        assert argv[0] == "launch" and argv[-4:] == ["-m", "hybrid_ds.train", "cfg.json", "LR_SFT=1e-4"], argv
+        req = request_from_args(argv[1:], REPO)
+        assert (req.processes, req.machines, req.multinode_launcher) == (16, 2, "standard"), argv
+        assert argv[argv.index("--machine_rank") + 1] == str(rank)
+        assert argv[argv.index("--main_process_ip") + 1] == "gpu-a"
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cpu"])
+def test_dockerfiles_copy_what_exists_and_install_through_setup_sh(name):
+    """No docker here to build them (README, Docker): what can be checked without it is that every
+    COPY source exists, the one install script runs in its --system mode and the entrypoint trains;
+    .ci/run checks that mode's install itself (setup.sh --system --check)."""
+    with open(os.path.join(REPO, "docker", name)) as f:
+        lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+    copies = [ln.split()[1:-1] for ln in lines if ln.startswith("COPY ")]
+    assert copies and all(os.path.exists(os.path.join(REPO, src)) for srcs in copies for src in srcs), copies
+    text = "\n".join(lines)
+    assert "bash scripts/setup.sh --system" in text and text.count("pip install") == 0
+    assert lines[0].startswith("ARG BASE=") and ":" in lines[0] and "latest" not in lines[0]  # pinned by tag
+    assert lines[-1] == 'ENTRYPOINT ["python", "-m", "hybrid_ds.train"]'
 
 
 def test_overrides_parse_json_values(tmp_path, base_cfg):

@@ -91,9 +91,12 @@ def assert_rl_outputs(out, mode):
 # the colocated run of test_placement_runs.test_separate_reference_matches_colocated[3]: each asserts
 # assert_rl_outputs on its own launch, so these layouts are not launched a second time here.
 @pytest.mark.parametrize("mode,zero,bf16", [("ppo", 3, False), ("hybrid", 2, True), ("hybrid", 3, True)])
-def test_ppo_and_hybrid_run_on_two_processes(tmp_path, mode, zero, bf16):
-    cfg = rl_cfg(tmp_path, mode, BF16=bf16)
-    launch(cfg, tmp_path, nproc=2, zero=zero)
+def test_ppo_and_hybrid_run_on_two_processes(tmp_path, request, mode, zero, bf16):
+    if (mode, zero, bf16) == ("hybrid", 2, True):  # shared with tests/test_multinode.py (conftest.py)
+        cfg, _ = request.getfixturevalue("hybrid_zero2_bf16_run")
+    else:
+        cfg = rl_cfg(tmp_path, mode, BF16=bf16)
+        launch(cfg, tmp_path, nproc=2, zero=zero)
     assert_rl_outputs(cfg["OUTPUT_DIR"], mode)
 
 

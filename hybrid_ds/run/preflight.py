@@ -3,6 +3,7 @@
 
 1. :func:`load_config`: read and build the Config, then every problem it has, at once: its keys on
    their own (:mod:`hybrid_ds.config.checks`), the optimizer and scheduler, the reward spec, the
+   launched world against the one the launch asked for (:mod:`hybrid_ds.engine.launcher`), the
    placement and batch arithmetic for the launched world, the files it names, and what OUTPUT_DIR
    holds (resume).
 2. :func:`preflight`: the checks that need the tokenizer, the model's config and the data: the
@@ -25,6 +26,7 @@ from hybrid_ds.config.schema import REWARD_KEY
 from hybrid_ds.data import (DataReport, Example, chat_template_problem, load_items, prompt_template_problem,
                             tokenize_items, use_chat_template)
 from hybrid_ds.engine.dist import plan_launch
+from hybrid_ds.engine.launcher import launched_world_problem
 from hybrid_ds.engine.placement import launch_world_size, placement_problems, policy_world_size
 from hybrid_ds.optim import make_phase_schedules, schedule_warnings, validate_optim_config
 from hybrid_ds.rewards import validate_reward_spec
@@ -65,6 +67,8 @@ def config_problems(cfg: Config, *, check_files: bool = True, world_size: Option
     launched = world_size or launch_world_size()
     place = placement_problems(cfg.run.ref_placement, cfg.run.ref_ranks, launched)
     problems += place
+    if world_size is None:  # the real launch: did it start every process it asked for?
+        problems += [p for p in (launched_world_problem(launched),) if p]
     if not place:
         problems += batch_problems(cfg, policy_world_size(cfg.run.ref_placement, cfg.run.ref_ranks, launched))
     problems += validate_optim_config(cfg)
