@@ -167,3 +167,29 @@ def test_nli_model_is_loaded_once_and_labels_are_checked(nli_dir):
     assert nli.load_cross_encoder(nli_dir, "cpu", 512) is first
     with pytest.raises(ValueError, match=r"nli: label 'yes' is not a label of model .*contradiction"):
         make_reward({"type": "nli", "model": nli_dir, "label": "yes", "device": "cpu"})
+
+
+def test_safety_bundle_runs_dry_and_scores_with_local_models(nli_dir, tmp_path, capsys):
+    """examples/safety_bundle.json with its models pointed at local ones (as README says): --dry-run
+    passes, and the reward it names builds and scores, reporting its learned weights."""
+    from pathlib import Path
+
+    from rewards_helpers import build_tiny_detoxify_checkpoint
+
+    from hybrid_ds.run.cli import main
+    from hybrid_ds.run.preflight import load_config
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "safety_bundle.json"
+    spec = json.loads(path.read_text())["REWARD"]
+    ckpt, hf_dir = build_tiny_detoxify_checkpoint(tmp_path / "detox")
+    spec["components"][1]["model"] = nli_dir
+    spec["components"][2].update(checkpoint=str(ckpt), huggingface_config_path=str(hf_dir))
+    overrides = [f"OUTPUT_DIR={tmp_path}/out", f"REWARD={json.dumps(spec)}"]
+    assert main([str(path), *overrides, "--dry-run"]) == 0
+    assert "mode: ppo" in capsys.readouterr().out
+    reward = make_reward(load_config(str(path), overrides).reward, device="cpu")
+    scores = reward.score_batch(RESPONSES, PREMISES)
+    assert len(scores) == 3 and all(-5 <= s <= 5 for s in scores)
+    weights = {k: v for k, v in reward.metrics().items() if k.startswith("reward/weight/")}
+    assert set(weights) == {"reward/weight/word_f1", "reward/weight/nli", "reward/weight/toxicity"}
+    assert sum(weights.values()) == pytest.approx(4.0) and weights["reward/weight/word_f1"] != 2.0
