@@ -193,3 +193,27 @@ def test_safety_bundle_runs_dry_and_scores_with_local_models(nli_dir, tmp_path, 
     weights = {k: v for k, v in reward.metrics().items() if k.startswith("reward/weight/")}
     assert set(weights) == {"reward/weight/word_f1", "reward/weight/nli", "reward/weight/toxicity"}
     assert sum(weights.values()) == pytest.approx(4.0) and weights["reward/weight/word_f1"] != 2.0
+
+
+def test_learned_weights_move_in_a_ppo_step_and_survive_a_checkpoint(tmp_path):
+    """A real PPO update (tests/inproc.py) scores its rollouts and moves the weights; the checkpoint that
+    run/checkpoint saves then, loaded back after more scoring, restores them: scoring again repeats the
+    scores and weights of the uninterrupted reward."""
+    from inproc import base, make_run
+
+    from hybrid_ds.algorithms.registry import PHASES
+    from hybrid_ds.run import checkpoint as ck
+    from hybrid_ds.run import checkpoint_dir as cdir
+    from hybrid_ds.run.loop import phase_step
+
+    run = make_run(base(tmp_path, "ppo", MAX_STEPS=2, REWARD=learned_spec()))
+    phase_step(run, PHASES["ppo"])
+    assert run.reward.count == 4 and run.reward.weights[0] > 1.0  # random responses never match
+    saved = json.loads(json.dumps(run.reward.state_dict()))
+    path = ck.save_checkpoint(run)
+    uninterrupted = [(run.reward.score_batch(r, t), list(run.reward.weights)) for r, t in BATCHES]
+    assert run.reward.state_dict() != saved
+    ck.load_checkpoint(run, cdir.read_point(path))
+    assert run.reward.state_dict() == saved
+    assert [(run.reward.score_batch(r, t), list(run.reward.weights)) for r, t in BATCHES] == uninterrupted
+    run.logger.close()
