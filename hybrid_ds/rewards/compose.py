@@ -1,7 +1,9 @@
-"""Composite rewards (``weighted_sum``) and post-processors (``clip``, ``scale``, ``ema_normalize``).
+"""Composite rewards (``weighted_sum``, with fixed or learned weights) and post-processors (``clip``,
+``scale``, ``ema_normalize``).
 
 A post-processor maps a batch of scores to a batch of scores and may keep state (the running
-statistics of ``ema_normalize``), exposed through ``state_dict``/``load_state_dict``.
+statistics of ``ema_normalize``), exposed through ``state_dict``/``load_state_dict``, as are the
+learned weights of ``LearnedWeightedSum``.
 """
 
 from __future__ import annotations
