@@ -167,7 +167,7 @@ def test_registry_is_consistent():
 
 def _required(name):
     return {"perplexity": {"model": "m"}, "reward_model": {"model": "m"}, "length": {"max": 3},
-            "format": {"pattern": "x"}, "weighted_sum": {"components": [{"type": "bleu"}]},
+            "format": {"pattern": "x"}, "weighted_sum": {"components": [{"type": "bleu"}]}, "nli": {"model": "m"},
             "llm_judge": {"model": "m", "template": "{response}", "yes_token": "Y"}}.get(name, {})
 
 

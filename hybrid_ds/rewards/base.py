@@ -104,6 +104,16 @@ class Reward:
         ``reward/batch_retries``."""
         return self._faults.pop()
 
+    def gauges(self, prefix: str = "reward/weight") -> dict[str, float]:
+        """Current values of the tree's state worth plotting: the learned weights of every
+        ``weighted_sum`` with ``learn_weights``, as ``<prefix>/<component>`` (none by default)."""
+        return {}
+
+    def metrics(self) -> dict[str, float]:
+        """What a run logs after each scoring step: the counters of ``pop_stats`` (reset by this
+        call) and the ``gauges``, e.g. ``reward/weight/<component>``."""
+        return {**self.pop_stats(), **self.gauges()}
+
     def state_dict(self) -> dict:
         return {}
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .base import FaultPolicy, Leaf, Reward, RewardSpecError
-from .compose import Clip, EmaNormalize, Postprocessed, Scale, WeightedSum
-from .registry import ON_ERROR_MODES, POSTPROCESS_TYPES, lookup, resolve_params
+from .compose import Clip, EmaNormalize, LearnedWeightedSum, Postprocessed, Scale, WeightedSum
+from .registry import LEARN_WEIGHTS_PARAMS, ON_ERROR_MODES, POSTPROCESS_TYPES, lookup, resolve_params
 from .validate import validate_reward_spec
 
 
@@ -50,7 +50,9 @@ def build_node(spec: dict, ctx: BuildContext) -> Reward:
     rtype = lookup(spec["type"])
     if rtype.name == "weighted_sum":
         parts = [(float(c.get("weight", 1.0)), build_node(c, ctx)) for c in spec["components"]]
-        node: Reward = WeightedSum(parts, ctx.faults)
+        learn = spec.get("learn_weights")
+        node: Reward = WeightedSum(parts, ctx.faults) if learn is None else \
+            build_learned_sum(parts, spec["components"], learn, ctx)
     else:
         node = Leaf(rtype.name, rtype.build(resolve_params(rtype, spec), ctx), ctx.faults)
     steps = [build_postprocess(step, ctx) for step in spec.get("postprocess", [])]
@@ -65,3 +67,16 @@ def build_postprocess(step: dict, ctx: BuildContext) -> Any:
     if step["type"] == "scale":
         return Scale(params["mul"], params["add"])
     return EmaNormalize(params["decay"], params["eps"], ctx.all_reduce_sum)
+
+
+def component_names(components: list[dict]) -> list[str]:
+    """Each component's name in metrics: its type, or ``<type>_<index>`` when the type repeats."""
+    types = [lookup(c["type"]).name for c in components]
+    return [t if types.count(t) == 1 else f"{t}_{i}" for i, t in enumerate(types)]
+
+
+def build_learned_sum(parts: list, components: list[dict], learn: dict, ctx: BuildContext) -> Reward:
+    """A ``weighted_sum`` with (validated) ``learn_weights``."""
+    p = {q.name: learn.get(q.name, q.default) for q in LEARN_WEIGHTS_PARAMS}
+    return LearnedWeightedSum(parts, component_names(components), ctx.faults, learn["targets"], p["lr"],
+                              p["decay"], p["min_weight"], ctx.all_reduce_sum)

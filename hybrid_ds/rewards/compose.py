@@ -1,7 +1,9 @@
-"""Composite rewards (``weighted_sum``) and post-processors (``clip``, ``scale``, ``ema_normalize``).
+"""Composite rewards (``weighted_sum``, with fixed or learned weights) and post-processors (``clip``,
+``scale``, ``ema_normalize``).
 
 A post-processor maps a batch of scores to a batch of scores and may keep state (the running
-statistics of ``ema_normalize``), exposed through ``state_dict``/``load_state_dict``.
+statistics of ``ema_normalize``), exposed through ``state_dict``/``load_state_dict``, as are the
+learned weights of ``LearnedWeightedSum``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ class WeightedSum(Reward):
     def state_dict(self) -> dict:
         return {"components": [r.state_dict() for _, r in self.components]}
 
+    def gauges(self, prefix: str = "reward/weight") -> dict[str, float]:
+        """Learned weights of nested sums, under ``<prefix>/<component index>``."""
+        return {k: v for i, (_, r) in enumerate(self.components) for k, v in r.gauges(f"{prefix}/{i}").items()}
+
     def load_state_dict(self, state: dict) -> None:
         states = state.get("components", [])
         if len(states) != len(self.components):
@@ -55,6 +61,9 @@ class Postprocessed(Reward):
 
     def state_dict(self) -> dict:
         return {"inner": self.inner.state_dict(), "postprocess": [s.state_dict() for s in self.steps]}
+
+    def gauges(self, prefix: str = "reward/weight") -> dict[str, float]:
+        return self.inner.gauges(prefix)
 
     def load_state_dict(self, state: dict) -> None:
         steps = state.get("postprocess", [])
@@ -155,3 +164,95 @@ class EmaNormalize:
 
     def load_state_dict(self, state: dict) -> None:
         self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])
+
+
+def eg_weight_update(weights: Sequence[float], means: Sequence[float], targets: Sequence[float],
+                     lr: float, total: float, min_weight: float = 0.0) -> list[float]:
+    """One exponentiated-gradient step on mixture weights toward per-component target levels.
+
+    ``w_i' = total * w_i exp(lr (t_i - m_i)) / sum_j w_j exp(lr (t_j - m_j))``: the multiplicative
+    update of Kivinen & Warmuth, "Exponentiated Gradient versus Gradient Descent for Linear
+    Predictors" (1997), with gradient ``m_i - t_i`` (how far component ``i``'s running mean ``m_i``
+    lies above its target ``t_i``), renormalised to the sum ``total``: a component that lags its
+    target gains weight, one above it loses weight. Computed in log space, so no factor overflows.
+    Then every weight below ``min_weight`` is raised to it and the others are rescaled to keep the
+    sum (repeated until none is below; needs ``min_weight * n <= total``). A zero weight without a
+    floor stays zero."""
+    logs = [math.log(w) + lr * (t - m) if w > 0 else -math.inf for w, t, m in zip(weights, targets, means)]
+    top = max(logs)
+    raw = [math.exp(a - top) for a in logs]
+    fixed = [False] * len(raw)
+    while True:
+        free = sum(r for r, f in zip(raw, fixed) if not f)
+        budget = total - min_weight * sum(fixed)
+        new = [min_weight if f else r * budget / free for r, f in zip(raw, fixed)]
+        low = [i for i, (w, f) in enumerate(zip(new, fixed)) if not f and w < min_weight]
+        if not low:
+            return new
+        for i in low:
+            fixed[i] = True
+
+
+def reduce_sums(all_reduce_sum: Callable | None, sums: list[float]) -> list[float]:
+    """``sums`` summed across ranks by ``all_reduce_sum`` (as a CPU float64 tensor), or as is without it."""
+    if all_reduce_sum is None:
+        return sums
+    import torch
+
+    local = torch.tensor(sums, dtype=torch.float64)
+    reduced = all_reduce_sum(local)
+    return (local if reduced is None else reduced).cpu().tolist()  # None: reduced in place
+
+
+class LearnedWeightedSum(WeightedSum):
+    """A ``weighted_sum`` whose weights adapt online toward per-component target levels.
+
+    Each batch (every rank must call it once per step, with an empty batch if it has no sample):
+    1. every component scores the batch; 2. each component's batch mean, summed across ranks with
+    ``all_reduce_sum`` (as ``EmaNormalize`` does), updates its running mean ``m_i``, an EMA over
+    batches with ``decay`` (the first batch initialises it); 3. ``eg_weight_update`` moves the
+    weights, keeping their initial sum; 4. the batch is combined with the updated weights (the ones
+    ``gauges`` then reports). Weights, running means and the batch count are the reward's state."""
+
+    def __init__(self, components: Sequence[tuple[float, Reward]], names: Sequence[str], faults: FaultPolicy,
+                 targets: Sequence[float], lr: float, decay: float = 0.9, min_weight: float = 0.0,
+                 all_reduce_sum: Callable | None = None):
+        super().__init__(components, faults)
+        self.names, self.targets = list(names), [float(t) for t in targets]
+        self.lr, self.decay, self.min_weight, self.all_reduce_sum = lr, decay, min_weight, all_reduce_sum
+        self.weights = [w for w, _ in self.components]
+        self.means, self.count = [0.0] * len(self.components), 0
+
+    def _score(self, responses, targets, prompts, items) -> list[float]:
+        # 1. every component scores (also on an empty batch: nested all-reduces must run on every rank)
+        per = [reward.score_batch(responses, targets, prompts, items) for _, reward in self.components]
+        # 2. running means from batch means over all ranks
+        count, *sums = reduce_sums(self.all_reduce_sum, [float(len(responses))] + [sum(s) for s in per])
+        if count > 0:
+            batch = [s / count for s in sums]
+            d = 0.0 if self.count == 0 else self.decay
+            self.means = [d * m + (1 - d) * b for m, b in zip(self.means, batch)]
+            self.count += int(round(count))
+            # 3. weights toward the targets
+            self.weights = eg_weight_update(self.weights, self.means, self.targets, self.lr,
+                                            self.total_weight, self.min_weight)
+        # 4. the weighted mean with the updated weights
+        return [sum(w * s[i] for w, s in zip(self.weights, per)) / self.total_weight for i in range(len(responses))]
+
+    def gauges(self, prefix: str = "reward/weight") -> dict[str, float]:
+        out = {f"{prefix}/{name}": w for name, w in zip(self.names, self.weights)}
+        for name, (_, reward) in zip(self.names, self.components):
+            out.update(reward.gauges(f"{prefix}/{name}"))
+        return out
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "weights": list(self.weights), "means": list(self.means), "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        n = len(self.components)
+        if len(state.get("weights", [])) != n or len(state.get("means", [])) != n:
+            raise ValueError(f"weighted_sum with learn_weights has {n} components; the state has "
+                             f"weights {state.get('weights')!r} and means {state.get('means')!r}")
+        super().load_state_dict(state)
+        self.weights = [float(w) for w in state["weights"]]
+        self.means, self.count = [float(m) for m in state["means"]], int(state["count"])

@@ -50,6 +50,13 @@ EXAMPLES = [
      {"type": "weighted_sum",
       "components": [{"type": "python", "function": "examples.rewards_example:answer_words", "weight": 2},
                      {"type": "length", "max": 8, "weight": 0.5}]}),
+    ("Consistency with a context passage (an NLI cross-encoder) and low toxicity, their weights learned "
+     "toward target levels",
+     {"type": "weighted_sum",
+      "components": [{"type": "nli", "model": "/models/nli-deberta-v3-base", "premise": "context"},
+                     {"type": "toxicity", "checkpoint": "/models/toxic_original.ckpt",
+                      "huggingface_config_path": "/models/bert-base-uncased"}],
+      "learn_weights": {"rule": "target", "targets": [0.8, 0.95], "lr": 0.5, "min_weight": 0.1}}),
 ]
 
 INTRO = """\
@@ -84,8 +91,20 @@ When a batched call raises, the leaf retries each sample alone, so only the bad 
 reward.
 
 **State.** `reward.state_dict()` / `load_state_dict()` hold the running moments of every
-`ema_normalize`, nested like the spec (`{"inner": ..., "postprocess": [...]}` for a node with
-post-processors, `{"components": [...]}` for `weighted_sum`). Checkpoint them with the trainer.
+`ema_normalize` and the learned weights of every `weighted_sum` with `learn_weights`, nested like
+the spec (`{"inner": ..., "postprocess": [...]}` for a node with post-processors, `{"components":
+[...]}` for `weighted_sum`, plus `"weights"`, `"means"` and `"count"` when it learns its weights).
+Checkpoint them with the trainer.
+
+**Learned weights.** `"learn_weights": {"rule": "target", "targets": [t_1, ..., t_n], "lr": 0.1,
+"decay": 0.9, "min_weight": 0}` on a `weighted_sum` adapts its weights online. Each batch, the
+running mean `m_i` of component `i` (an EMA over batches of its batch mean, after the component's
+own post-processors, summed over ranks like `ema_normalize`) moves the weights by an
+exponentiated-gradient step (Kivinen & Warmuth 1997): `w_i <- w_i exp(lr (t_i - m_i))`, renormalised
+to the initial sum of weights, each floored at `min_weight`. A component below its target gains
+weight; one above it loses weight. The batch is then scored with the updated weights.
+`reward.metrics()` returns `pop_stats()` plus the current weights as `reward/weight/<component
+type>` (`<type>_<index>` when a type repeats; `<prefix>/<index>/...` inside a nested sum).
 
 **Distributed.** With `make_reward(all_reduce_sum=fn)`, `ema_normalize` sums (count, sum,
 sum of squares) over data-parallel ranks with `fn(tensor) -> tensor`, so all ranks hold identical

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import judge, models, overlap, python_fn, text
+from . import judge, models, nli, overlap, python_fn, text
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,14 @@ _TYPES = (
     RewardType(
         "weighted_sum", "Weighted mean of component rewards: sum(w_k r_k) / sum(w_k).",
         (Param("components", "spec_list", None, "reward specs, each with an optional 'weight' "
-               "(number >= 0, default 1)", required=True),),
+               "(number >= 0, default 1)", required=True),
+         Param("learn_weights", "object", None, "adapt the weights online (the initial ones must be > 0): "
+               "`{\"rule\": \"target\", \"targets\": [t_1, ..., t_n], \"lr\": 0.1, \"decay\": 0.9, "
+               "\"min_weight\": 0}`; each batch, component i's running mean m_i (an EMA over batches with "
+               "`decay` of its batch mean over all ranks) moves its weight by exponentiated gradient, "
+               "w_i ∝ w_i exp(lr (t_i - m_i)), renormalised to the initial sum and floored at `min_weight`: a "
+               "component below its target gains weight. The weights are reward state (checkpointed) and "
+               "are reported as `reward/weight/<component type>` by `reward.metrics()`", nullable=True),),
         "that of the components", "as the components"),
     RewardType(
         "sentiment", "Probability of the `target` sentiment label of the response.",
@@ -213,6 +220,17 @@ _TYPES = (
                "obscene, threat, insult, identity_attack (unbiased adds sexual_explicit)"),
          ) + _model_params("original", "", max_length=512)[1:],
         "[0, 1]", "higher = less toxic (invert=true)", models.build_toxicity, needs_model=True),
+    RewardType(
+        "nli", "Factual consistency: the probability that the premise (the target, or a field of the item) "
+        "entails the response, by an NLI cross-encoder (sentence-transformers `CrossEncoder`, softmax over its "
+        "labels; the label's index is read from the model config's `id2label`). The model is loaded once per "
+        "process.",
+        (Param("premise", "str", "target", "'target', or the item field holding the premise (e.g. a context "
+               "passage); a sample whose item lacks it faults"),
+         Param("label", "str", "entailment", "label to reward (case-insensitive), one of the model's id2label"),
+         ) + _model_params(None, "NLI cross-encoder: local dir or hub name (e.g. "
+                           "cross-encoder/nli-deberta-v3-base)"),
+        "[0, 1]", "higher = more entailed by the premise", nli.build_nli, needs_model=True),
     RewardType(
         "bertscore", "BERTScore (greedy token matching of contextual embeddings, no idf, no "
         "baseline rescaling) of response vs target.",
@@ -373,6 +391,15 @@ POSTPROCESS_TYPES: dict[str, PostprocessType] = {t.name: t for t in (
 )}
 
 ON_ERROR_MODES = ("raise", "fallback")
+
+# The keys of a weighted_sum's ``learn_weights`` (``targets`` is checked on its own: one number per component).
+LEARN_WEIGHTS_PARAMS = (
+    Param("rule", "str", "target", "how the weights adapt", choices=("target",)),
+    Param("lr", "number", 0.1, "step size of the exponentiated-gradient update", low=0, low_open=True),
+    Param("decay", "number", 0.9, "EMA decay of the components' running means", low=0, high=1,
+          high_open=True),
+    Param("min_weight", "number", 0.0, "floor of every weight (n * min_weight <= the weights' sum)", low=0),
+)
 
 
 def lookup(name: str) -> RewardType:

@@ -9,11 +9,11 @@ import difflib
 import math
 from typing import Any
 
-from .registry import ALIASES, ON_ERROR_MODES, POSTPROCESS_TYPES, REWARD_TYPES, Param
+from .registry import ALIASES, LEARN_WEIGHTS_PARAMS, ON_ERROR_MODES, POSTPROCESS_TYPES, REWARD_TYPES, Param
 
 STRUCTURAL_KEYS = ("type", "postprocess", "weight", "on_error", "fallback")
 _KIND_NAMES = {"bool": "a boolean", "int": "an integer", "number": "a number", "str": "a string",
-               "str_list": "a list of strings", "spec_list": "a list of reward specs"}
+               "str_list": "a list of strings", "spec_list": "a list of reward specs", "object": "a JSON object"}
 
 
 def suggest(word: str, options) -> str:
@@ -48,6 +48,7 @@ def check_param(param: Param, value: Any, path: str) -> list[str]:
         "str": isinstance(value, str),
         "str_list": isinstance(value, list) and all(isinstance(v, str) for v in value),
         "spec_list": isinstance(value, list),
+        "object": isinstance(value, dict),
     }[param.kind]
     if not ok:
         return [f"{where}: must be {_KIND_NAMES[param.kind]}, got {_json_name(value)} {value!r}"]
@@ -141,6 +142,7 @@ def _check_node(spec: Any, path: str, in_components: bool) -> list[str]:
         problems += rtype.check(spec, path)
     if rtype.name == "weighted_sum" and isinstance(spec.get("components"), list):
         problems += _check_components(spec["components"], f"{path}.components")
+        problems += _check_learn_weights(spec, path)
     if in_components and "weight" in spec:
         problems += check_param(Param("weight", "number", 1.0, low=0), spec["weight"], path)
     if "postprocess" in spec:
@@ -158,6 +160,33 @@ def _check_components(components: list, path: str) -> list[str]:
     if all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights) \
             and all(w >= 0 for w in weights) and sum(weights) == 0:
         problems.append(f"{path}: weights sum to zero; give at least one component a positive weight")
+    return problems
+
+
+def _check_learn_weights(spec: dict, path: str) -> list[str]:
+    """The sub-keys of a weighted_sum's ``learn_weights``: one finite target per component, positive
+    initial weights (the multiplicative update keeps a zero weight at zero), a feasible floor."""
+    learn = spec.get("learn_weights")
+    if not isinstance(learn, dict):
+        return []
+    where = f"{path}.learn_weights"
+    problems = check_params(LEARN_WEIGHTS_PARAMS, learn, where, "learn_weights", ("targets",))
+    comps = [c for c in spec["components"] if isinstance(c, dict)]
+    targets = learn.get("targets")
+    if not isinstance(targets, list) or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in targets):
+        problems.append(f"{where}.targets: must be a list of finite numbers, one per component, got {targets!r}")
+    elif len(targets) != len(spec["components"]):
+        problems.append(f"{where}.targets: {len(targets)} targets for {len(spec['components'])} components")
+    weights = [c.get("weight", 1.0) for c in comps]
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+        return problems
+    if any(w <= 0 for w in weights):
+        problems.append(f"{path}.components: every weight must be > 0 with learn_weights (a zero weight stays zero)")
+    floor = learn.get("min_weight", 0.0)
+    if isinstance(floor, (int, float)) and floor * len(weights) > sum(weights):
+        problems.append(f"{where}.min_weight: {floor} x {len(weights)} components exceeds the weights' sum "
+                        f"{sum(weights)}")
     return problems
 
 
