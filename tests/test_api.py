@@ -175,6 +175,6 @@ def test_report_plot_writes_pngs(api_run, capsys):
     printed = capsys.readouterr().out
     plots = os.path.join(r.output_dir, "plots")
     assert f"in {plots}" in printed
-    for name in ("reward.png", "kl.png", "length.png", "time.png"):
+    for name in ("reward.png", "kl.png", "length.png", "time.png", "overview.png"):
         with open(os.path.join(plots, name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", name

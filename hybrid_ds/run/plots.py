@@ -29,8 +29,22 @@ def _series(rows: list[dict], key: str) -> tuple[list, list]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def _draw(left, title: str, drawn: list, xlabel: str) -> None:
+    """Curves ``(phase, key, axis, x, y)`` on ``left`` (and a right axis for axis 1)."""
+    right = left.twinx() if any(d[2] for d in drawn) else None
+    for i, (phase, key, ax, x, y) in enumerate(drawn):
+        (right if ax else left).plot(x, y, label=f"{key} ({phase})" if phase == "eval" else key,
+                                     color=f"C{i}", linewidth=1.2)
+    left.set_title(title, fontsize=10)
+    left.set_xlabel(xlabel, fontsize=8)
+    handles = [h for a in (left, right) if a is not None for h in a.get_legend_handles_labels()[0]]
+    left.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="best")
+    left.grid(alpha=0.3)
+
+
 def plot_run(output_dir: str, dest: str | None = None) -> list[str]:
-    """Write the figures that have data to ``dest`` (default OUTPUT_DIR/plots); returns their paths."""
+    """Write the figures that have data to ``dest`` (default OUTPUT_DIR/plots), and ``overview.png``
+    with the first four in a 2 x 2 grid; returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,7 +57,7 @@ def plot_run(output_dir: str, dest: str | None = None) -> list[str]:
                     and not k.startswith("reward/faults/")})
     times = {p: sorted({k for r in rows[p] for k in r if k.startswith("time/") and k.endswith("_s")})
              for p in ("sft", "ppo")}
-    written = []
+    panels = []
     for name, (title, curves) in FIGURES.items():
         curves = list(curves)
         if name == "reward.png":
@@ -52,22 +66,28 @@ def plot_run(output_dir: str, dest: str | None = None) -> list[str]:
             curves = [(p, k, 0) for p in times for k in times[p]]
         drawn = [(p, k, ax, *_series(rows[p], k)) for p, k, ax in curves]
         drawn = [d for d in drawn if d[3]]
-        if not drawn:
-            continue
-        fig, left = plt.subplots(figsize=(6, 3.2), dpi=80)
-        right = left.twinx() if any(d[2] for d in drawn) else None
-        for i, (phase, key, ax, x, y) in enumerate(drawn):
-            (right if ax else left).plot(x, y, label=f"{key} ({phase})" if phase == "eval" else key,
-                                         color=f"C{i}", linewidth=1.2)
-        left.set_title(title)
-        left.set_xlabel("step (SFT steps, PPO updates)" if name in ("time.png",) else
-                        "SFT step" if name == "sft_loss.png" else "PPO update")
-        handles = [h for a in (left, right) if a is not None for h in a.get_legend_handles_labels()[0]]
-        left.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="best")
-        left.grid(alpha=0.3)
+        if drawn:
+            xlabel = ("step (SFT steps, PPO updates)" if name == "time.png" else
+                      "SFT step" if name == "sft_loss.png" else "PPO update")
+            panels.append((name, title, drawn, xlabel))
+    written = []
+    for name, title, drawn, xlabel in panels:
+        fig, ax = plt.subplots(figsize=(6, 3.2), dpi=80)
+        _draw(ax, title, drawn, xlabel)
         fig.tight_layout()
-        path = os.path.join(dest, name)
-        fig.savefig(path)
+        written.append(os.path.join(dest, name))
+        fig.savefig(written[-1])
         plt.close(fig)
-        written.append(path)
+    if panels:
+        grid = [p for p in panels if p[0] != "time.png"][:4]
+        n_rows = (len(grid) + 1) // 2
+        fig, axes = plt.subplots(n_rows, 2, figsize=(9, 3.0 * n_rows), dpi=72, squeeze=False)
+        for ax, (_, title, drawn, xlabel) in zip(axes.flat, grid):
+            _draw(ax, title, drawn, xlabel)
+        for ax in list(axes.flat)[len(grid):]:
+            ax.set_visible(False)
+        fig.tight_layout()
+        written.append(os.path.join(dest, "overview.png"))
+        fig.savefig(written[-1])
+        plt.close(fig)
     return written
