@@ -178,3 +178,25 @@ def test_report_plot_writes_pngs(api_run, capsys):
     for name in ("reward.png", "kl.png", "length.png", "time.png", "overview.png"):
         with open(os.path.join(plots, name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_function_reward_components_and_faults():
+    """Repeated component types are numbered; a function's non-finite score meets the fault policy."""
+    from hybrid_ds.rewards import RewardError, make_reward
+    from hybrid_ds.rewards.callables import function_reward
+
+    spec = make_reward({"type": "weighted_sum", "components": [{"type": "length", "target": 4},
+                                                               {"type": "length", "target": 8}]})
+    r = function_reward([contains], spec)
+    items = [{"input": "a", "output": "yes"}, {"input": "b", "output": "no"}]
+    scores = r.score_batch(["yes it is", "maybe"], ["yes", "no"], ["p1", "p2"], items)
+    parts = r.components()
+    assert sorted(parts) == ["contains", "weighted_sum"] and parts["contains"] == [1.0, 0.0]
+    assert spec.components().keys() == {"length_1", "length_2"}
+    assert scores == pytest.approx([(a + b) / 2 for a, b in zip(parts["contains"], parts["weighted_sum"])])
+    with pytest.raises(RewardError, match="reward 'not_finite' failed on sample 1"):
+        function_reward([not_finite]).score_batch(["a", "b"], ["x", "y"], ["p", "q"], items)
+
+
+def not_finite(prompts, completions, **fields):
+    return [1.0, float("nan")]
