@@ -11,12 +11,12 @@ from hybrid_ds.algorithms.registry import MODES, PHASES
 from hybrid_ds.config import Config
 from hybrid_ds.config.batch_plan import BatchPlans
 from hybrid_ds.data import BatchStream
+from hybrid_ds.engine.trackers import Trackers
 from hybrid_ds.assets import resolve_model
 from hybrid_ds.models.lora import add_adapters, load_base
 from hybrid_ds.models.policy_value import (PolicyValue, build_param_groups, load_dtype, load_lm,
                                            load_value_head)
 from hybrid_ds.optim import build_optimizer
-from hybrid_ds.engine.trackers import Trackers
 from hybrid_ds.rewards import make_reward
 from hybrid_ds.rewards.callables import RewardFunctions, function_reward
 from hybrid_ds.run.metrics import MetricsLogger
@@ -48,7 +48,8 @@ def build_run(cfg: Config, dist, seed: int, ref_client=None, pre: Optional[Prefl
     # 2. models: policy+value trunk (trainable), reference (frozen copy of the start). With LoRA the
     #    trunk is a frozen base with adapters, and the reference is that base, adapters off (models/lora.py).
     if dist.is_main:
-        ref = " and its reference" if any(p.needs_reference for p in phases) and not cfg.lora.r else ""
+        ref = " and its reference" if (any(p.needs_reference for p in phases) and ref_client is None
+                                       and not cfg.lora.r) else ""
         print(f"[hybrid_ds] loading the model {cfg.run.model}{ref}", flush=True)
     dtype = load_dtype(cfg.model.torch_dtype, dist.plan.mixed_precision, dist.uses_deepspeed)
     load = dict(dtype=dtype, attn_implementation=cfg.model.attn_implementation)
