@@ -69,6 +69,8 @@ class PhaseContext(Protocol):
 
     def seed_for(self, tag: str, step: int) -> int: ...
 
+    def log_samples(self, update: int, rows: list[dict]) -> None: ...  # LOG_SAMPLES_EVERY's table of an update
+
 
 class PhaseTimer:
     """Wall time of a step's phases: ``mark(name)`` closes the phase that ran since the last mark."""

@@ -22,6 +22,7 @@ from hybrid_ds.algorithms import estimators as est
 from hybrid_ds.algorithms import ppo_math as pm
 from hybrid_ds.algorithms import turn_math as tm
 from hybrid_ds.algorithms.context import NextBatch, PhaseContext, PhaseTimer
+from hybrid_ds.algorithms.samples import component_metrics, sample_rows
 from hybrid_ds.data import Example, collate_prompts, collate_sft, micro_batches, stop_token_ids
 from hybrid_ds.models.logprobs import (entropy_from_logits, lm_response_logprobs, logprobs_from_logits,
                                        policy_response_outputs, sequence_inputs)
@@ -49,6 +50,7 @@ class Rollout:
     response_attn: Optional[torch.Tensor] = None  # (B, T) float, ENV: 1 on every dialogue token (policy and env)
     dialogues: Optional[list] = None  # ENV: B rollout.multiturn.Dialogue (turns, messages)
     env_rewards: Optional[torch.Tensor] = None  # (B, T) ENV: its per-turn rewards, each on its turn's last token
+    components: Optional[dict] = None  # REWARD's weighted_sum components: name -> B scores (Reward.components)
 
     def select(self, idx: torch.Tensor) -> dict:
         """The tensors of rows ``idx`` (for minibatches)."""
@@ -207,6 +209,7 @@ def score(run: PhaseContext, ro: Rollout, examples: list[Example]) -> None:
     if ro.dialogues is not None:  # ENV: the response is the policy's last turn; the item carries the dialogue
         items = [{**it, "dialogue": d.messages} for it, d in zip(items, ro.dialogues)]
     s = run.reward.score_batch(ro.texts, [e.target for e in examples], [e.prompt for e in examples], items)
+    ro.components = run.reward.components()  # each component's scores of this batch (empty for one reward)
     s = torch.as_tensor(s, dtype=torch.float32, device=run.dist.device).reshape(-1)
     if not torch.isfinite(s).all():  # the reward's fault policy should have caught this
         bad = int((~torch.isfinite(s)).nonzero()[0])
@@ -441,8 +444,8 @@ def ppo_update(run: PhaseContext, examples: list[Example], ptx_examples: Optiona
     m = ppo_epochs(run, ro, ptx_examples)
     timer.mark("update")
     # 6. KL controller, on the global mean KL per sequence
-    metrics = {**dist.mean_metrics({**rollout_metrics(run, ro), **dialogue_metrics(ro), **m}),
-               **dist.memory_metrics(run.engine)}
+    local = {**rollout_metrics(run, ro), **component_metrics(ro.components), **dialogue_metrics(ro), **m}
+    metrics = {**dist.mean_metrics(local), **dist.memory_metrics(run.engine)}
     n_seqs = cfg.ppo.batch * cfg.ppo.num_generations
     if all(math.isfinite(v) for k, v in metrics.items() if k.startswith("ppo/loss/")):
         run.kl_ctl.update(metrics["objective/kl"], n_seqs)
@@ -453,6 +456,10 @@ def ppo_update(run: PhaseContext, examples: list[Example], ptx_examples: Optiona
     metrics["perf/ppo_samples_per_s"] = n_seqs / timer.total
     metrics["ppo/lr"] = run.schedules["ppo"].lr
     metrics["objective/kl_coef"] = run.kl_ctl.value
+    # 7. every LOG_SAMPLES_EVERY updates, a table of samples for the run's logger (the main rank writes it)
+    update, every = run.counters.ppo_update + 1, cfg.log.log_samples_every
+    if every and update % every == 0:
+        run.log_samples(update, sample_rows(ro, examples, cfg.log.log_samples_rows))
     return metrics
 
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 from hybrid_ds.assets import BUILTIN_MODELS
 from hybrid_ds.config.batch_plan import BatchPlan
 from hybrid_ds.config.load import ds_config_names, resolve_ds_config
-from hybrid_ds.config.schema import REWARD_KEY, Config, key_table
+from hybrid_ds.config.schema import REWARD_KEY, TRACKER_PACKAGES, Config, key_table
 def _check_bounds(key: str, value, meta) -> Optional[str]:
     if value is None:
         return None
@@ -83,7 +83,39 @@ def validate(cfg: Config) -> list[str]:
     problems += lora_problems(cfg)
     problems += eval_problems(cfg)
     problems += multiturn_problems(cfg)
+    problems += log_problems(cfg)
     return problems
+
+
+def log_problems(cfg: Config) -> list[str]:
+    """REPORT_TO names known trackers (TRACKER_PACKAGES), or none on its own."""
+    r = cfg.log.report_to
+    names = [r] if isinstance(r, str) else r
+    known = ", ".join(TRACKER_PACKAGES)
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        return [f"REPORT_TO: expected a tracker name ({known}), a list of them, or none; got {r!r}."]
+    problems = []
+    for n in names:
+        if n != "none" and n not in TRACKER_PACKAGES:
+            near = difflib.get_close_matches(n, list(TRACKER_PACKAGES) + ["none"], n=1)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            problems.append(f"REPORT_TO: {n!r} is not a tracker hybrid_ds logs to ({known}, or none).{hint}")
+    if "none" in names and len(names) > 1:
+        problems.append(f"REPORT_TO: none cannot be combined with trackers, got {r!r}.")
+    if len(set(names)) != len(names):
+        problems.append(f"REPORT_TO: a tracker is named twice in {r!r}.")
+    return problems
+
+
+def tracker_package_problems(cfg: Config) -> list[str]:
+    """Each tracker of REPORT_TO is installed (its package is found, not imported). Accelerate would
+    otherwise drop a missing one silently and the run would log nowhere."""
+    import importlib.util
+
+    if log_problems(cfg):
+        return []
+    return [f"REPORT_TO: {n} is not installed; pip install {TRACKER_PACKAGES[n]} (or leave {n} out of REPORT_TO)."
+            for n in cfg.log.trackers if importlib.util.find_spec(n) is None]
 
 
 def multiturn_problems(cfg: Config) -> list[str]:

@@ -358,6 +358,31 @@ class LoraConfig:
                                     "not ZeRO-3.", key="LOAD_IN_8BIT")
 
 
+#: REPORT_TO's trackers (Accelerate's tracker classes, hybrid_ds/engine/trackers.py) -> the pip package each needs.
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny"}
+
+
+@dataclass
+class LogConfig:
+    report_to: Union[str, list] = opt("tensorboard", "Experiment trackers the main rank logs metrics to, through "
+                                                     "Accelerate's tracker API: tensorboard (OUTPUT_DIR/tensorboard), "
+                                                     "wandb, mlflow, a list of them, or none. metrics.jsonl is "
+                                                     "always written.", key="REPORT_TO")
+    tracker_project: str = opt("hybrid_ds", "W&B project and MLflow experiment name (the run is named after "
+                                            "OUTPUT_DIR).", key="TRACKER_PROJECT")
+    log_samples_every: int = opt(10, "Every N PPO updates, a table of samples (prompt, response, reward and each "
+                                     "REWARD component, KL, length) to OUTPUT_DIR/samples.jsonl and the trackers "
+                                     "(TensorBoard text, W&B table); 0 = off.", key="LOG_SAMPLES_EVERY", lo=0)
+    log_samples_rows: int = opt(8, "Rows per sample table: the first responses of the main rank's share of the "
+                                   "batch.", key="LOG_SAMPLES_ROWS", lo=1)
+
+    @property
+    def trackers(self) -> list[str]:
+        """REPORT_TO as a list of tracker names (empty for none)."""
+        names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        return [n for n in names if n != "none"]
+
+
 @dataclass
 class Config:
     """The whole run configuration (see docs/config.md for every key)."""
@@ -372,6 +397,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     reward: dict = field(default_factory=lambda: {"type": "cosine_sts"})
 
     # -- derived ------------------------------------------------------------------------
@@ -386,7 +412,7 @@ class Config:
         return out
 
 
-SECTIONS = ("run", "data", "sft", "ppo", "hybrid", "gen", "model", "lora", "optim", "sched")
+SECTIONS = ("run", "data", "sft", "ppo", "hybrid", "gen", "model", "lora", "optim", "sched", "log")
 ALIASES = {"ETA_MIN": "MIN_LR", "T_0": "T0"}  # other spellings: the seed configs' (examples/seed/), torch's argument names
 REWARD_KEY = "REWARD"
 

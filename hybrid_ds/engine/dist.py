@@ -30,6 +30,7 @@ from hybrid_ds.config import Config, resolve_ds_config
 from hybrid_ds.engine.train_engine import TrainEngine, model_state_bytes
 from hybrid_ds.engine.shm import SHM_DIR, remove_shm_segments
 from hybrid_ds.models.weight_mix import mix_into
+from hybrid_ds.engine.trackers import end_trackers, tracker_objects
 
 _LAUNCHED_BY_DEEPSPEED = "DS_LAUNCHER" in os.environ or "DEEPSPEED_LAUNCHER" in os.environ
 
@@ -366,6 +367,7 @@ class Dist:
             except Exception:  # pragma: no cover - best effort at exit
                 pass
         self.ds_engines.clear()
+        end_trackers(self.accelerator)  # REPORT_TO's (Accelerate's end_training also ends the group)
         if self.initialized:
             try:
                 torch.distributed.destroy_process_group()
@@ -378,13 +380,12 @@ class Dist:
 def _zero3_whole_weights(ds_engine, module: torch.nn.Module, device: torch.device) -> Iterator[None]:
     """Every ZeRO-3 parameter of ``module`` whole on every rank, with DeepSpeed's fetch hooks off.
 
-    One ``all_gather_into_tensor`` of each rank's partitions, laid end to end, then each parameter
-    reassembled from its ``world`` slices (DeepSpeed puts rank r's slice of a flattened parameter at
-    ``r * partition_size``). DeepSpeed's ``GatheredParameters`` does the same gather with per-parameter
-    bookkeeping that doubles its cost on small models (measured in bench/bench_zero.py); where its
-    layout differs (mixed dtypes, hpZ secondary partitions, partitions off the compute device, i.e.
-    parameter offload) its own ``unwrap_model_for_generation`` runs instead. On exit every parameter
-    gets back its partitioned placeholder and the hooks are registered again.
+    One all-gather (``all_gather_single``, torch 2.13's name for ``all_gather_into_tensor``) of each rank's
+    partitions laid end to end, then each parameter rebuilt from its ``world`` slices (rank r's slice of a
+    flattened parameter sits at ``r * partition_size``). DeepSpeed's ``GatheredParameters`` does the same with
+    per-parameter bookkeeping that doubles its cost on small models (bench/bench_zero.py); where its layout
+    differs (mixed dtypes, hpZ secondary partitions, partitions off the compute device: parameter offload)
+    its own ``unwrap_model_for_generation`` runs instead. On exit the placeholders and hooks come back.
     """
     import torch.distributed as tdist
 
@@ -402,7 +403,7 @@ def _zero3_whole_weights(ds_engine, module: torch.nn.Module, device: torch.devic
     sizes = [p.ds_tensor.ds_numel for p in params]  # padded partition size, equal on every rank
     local = torch.cat([p.ds_tensor.data.reshape(-1)[:n] for p, n in zip(params, sizes)])
     full = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device)
-    tdist.all_gather_into_tensor(full, local, group=group)
+    getattr(tdist, "all_gather_single", tdist.all_gather_into_tensor)(full, local, group=group)
     full = full.view(world, local.numel())
     placeholders, offset = [], 0
     for p, n in zip(params, sizes):
@@ -458,7 +459,8 @@ def init_dist(cfg: Config, *, sft_micro: int, sft_accum: int) -> Dist:
     mp = plan.mixed_precision
     if plan.zero_stage == 0 and mp == "fp16" and not torch.cuda.is_available():
         raise RuntimeError("FP16 without DeepSpeed needs a GPU; use BF16, or run under DeepSpeed (ZERO_STAGE>=1).")
-    acc = Accelerator(deepspeed_plugin=plugin, mixed_precision=mp, kwargs_handlers=kwargs)
+    acc = Accelerator(deepspeed_plugin=plugin, mixed_precision=mp, kwargs_handlers=kwargs,  # REPORT_TO's trackers:
+                      log_with=tracker_objects(cfg.log.trackers, cfg.run.output_dir, cfg.log.tracker_project))
     state = acc.state
     d = Dist(rank=state.process_index, world=state.num_processes, local_rank=state.local_process_index,
              device=acc.device, plan=plan, accelerator=acc, ds_config=ds_config,

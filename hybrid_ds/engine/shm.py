@@ -67,3 +67,20 @@ def _used_shm_names() -> set[str]:
         except OSError:  # gone, or another user's (which cannot open our 0600 segments)
             continue
     return out
+
+
+def shm_op_unbuilt() -> bool:
+    """Whether starting DeepSpeed's comm backend on CPU will compile its shared-memory all-reduce op first.
+
+    DeepSpeed's torch backend loads the op when it starts (``build_shm_op`` in deepspeed/comm/torch.py),
+    JIT-compiling it with ninja into torch's extension directory (``TORCH_EXTENSIONS_DIR`` or
+    ``~/.cache/torch_extensions``) on first use, which takes a while; later runs load the built library."""
+    import glob
+
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return not glob.glob(os.path.join(get_default_build_root(), "*", "deepspeed_shm_comm", "deepspeed_shm_comm*.so"))

@@ -94,6 +94,11 @@ class Reward:
             return float(score)
         return self._faults.handle(self.kind, index, response, ValueError(f"non-finite score {score!r}"))
 
+    def components(self) -> dict[str, list[float]]:
+        """The scores each component gave the last batch, by name (a ``weighted_sum``'s parts; a single
+        reward has none: its score is the reward)."""
+        return {}
+
     @property
     def fault_count(self) -> int:
         """Samples scored with the fallback value since the reward was built (whole tree)."""

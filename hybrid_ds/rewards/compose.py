@@ -19,20 +19,29 @@ class WeightedSum(Reward):
 
     def __init__(self, components: Sequence[tuple[float, Reward]], faults: FaultPolicy):
         super().__init__("weighted_sum", faults)
-        self.components = list(components)
-        self.total_weight = sum(w for w, _ in self.components)
+        self.parts = list(components)
+        self.total_weight = sum(w for w, _ in self.parts)
+        kinds = [r.kind for _, r in self.parts]  # a component's name: its type, numbered when repeated
+        self.names = [k if kinds.count(k) == 1 else f"{k}_{kinds[:i].count(k) + 1}" for i, k in enumerate(kinds)]
+        self._last: dict[str, list[float]] = {}
 
     def _score(self, responses, targets, prompts, items) -> list[float]:
         total = [0.0] * len(responses)
-        for weight, reward in self.components:
+        self._last = {}
+        for name, (weight, reward) in zip(self.names, self.parts):
             if weight == 0:
                 continue
-            for i, s in enumerate(reward.score_batch(responses, targets, prompts, items)):
+            scores = reward.score_batch(responses, targets, prompts, items)
+            self._last[name] = scores
+            for i, s in enumerate(scores):
                 total[i] += weight * s
         return [t / self.total_weight for t in total]
 
+    def components(self) -> dict[str, list[float]]:
+        return dict(self._last)
+
     def state_dict(self) -> dict:
-        return {"components": [r.state_dict() for _, r in self.components]}
+        return {"components": [r.state_dict() for _, r in self.parts]}
 
     def gauges(self, prefix: str = "reward/weight") -> dict[str, float]:
         """Learned weights of nested sums, under ``<prefix>/<component index>``."""
@@ -40,9 +49,9 @@ class WeightedSum(Reward):
 
     def load_state_dict(self, state: dict) -> None:
         states = state.get("components", [])
-        if len(states) != len(self.components):
-            raise ValueError(f"weighted_sum has {len(self.components)} components, state has {len(states)}")
-        for (_, reward), sub in zip(self.components, states):
+        if len(states) != len(self.parts):
+            raise ValueError(f"weighted_sum has {len(self.parts)} components, state has {len(states)}")
+        for (_, reward), sub in zip(self.parts, states):
             reward.load_state_dict(sub)
 
 
@@ -58,6 +67,9 @@ class Postprocessed(Reward):
         for step in self.steps:  # runs on empty batches too: ema_normalize's all-reduce must
             scores = step(scores)
         return scores
+
+    def components(self) -> dict[str, list[float]]:
+        return self.inner.components()  # before post-processing, as each component scored
 
     def state_dict(self) -> dict:
         return {"inner": self.inner.state_dict(), "postprocess": [s.state_dict() for s in self.steps]}

@@ -81,6 +81,16 @@ def make_cache(model, kind: str, capacity: int):
 # one decode step: the model's forward, or GPT-2's written against its weights
 
 
+def cache_arg(model, kv) -> dict:
+    """The KV cache as the model's forward names it: ``cache`` in transformers 5.2x, where
+    ``past_key_values`` is deprecated (a FutureWarning per run), ``past_key_values`` before that.
+    A peft wrapper passes keyword arguments through: its base model's forward decides."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values": kv}
+
+
 def uses_4d_bool_masks(model) -> bool:
     """Whether a prebuilt boolean ``(B, 1, 1, kv)`` mask is what the model's attention consumes.
 
@@ -109,17 +119,18 @@ def hf_step(model, kv, full_mask: Optional[Tensor], static: bool = False, hidden
     elif full_mask is not None and uses_4d_bool_masks(model):
         full_mask = full_mask.bool()[:, None, None, :]  # (B, 1, 1, L), sliced to the cache length
 
+    cache = cache_arg(model, kv)
+
     def step(tok, pos, n):
         if static:
             mask = masks & (slots <= n)
         else:
             mask = None if full_mask is None else full_mask[..., :n + 1]
         if not hidden:
-            return model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, past_key_values=kv,
-                         use_cache=True).logits[:, -1], None
+            return model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
+                         **cache).logits[:, -1], None
         with final_hidden(model) as final:
-            out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, past_key_values=kv,
-                        use_cache=True)
+            out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, use_cache=True, **cache)
         return out.logits[:, -1], final.hidden[:, -1]
     return step
 

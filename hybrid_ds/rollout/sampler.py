@@ -78,7 +78,7 @@ import torch
 from torch import Tensor
 
 from hybrid_ds.models.policy_value import final_hidden, logits_to_keep
-from hybrid_ds.rollout.decode import Gpt2Step, LlamaStep, hf_step, make_cache, uses_4d_bool_masks
+from hybrid_ds.rollout.decode import Gpt2Step, LlamaStep, cache_arg, hf_step, make_cache, uses_4d_bool_masks
 from hybrid_ds.rollout.processors import Processors
 from hybrid_ds.rollout.settings import SamplingSettings
 
@@ -153,7 +153,7 @@ def sample(model, input_ids: Tensor, attention_mask: Tensor, settings: SamplingS
     out_v = torch.zeros(B, N, dtype=torch.float32, device=dev) if want_h else None
     with final_hidden(model, on=want_h) as final:
         first = model(input_ids=input_ids, attention_mask=attention_mask if padded else None, position_ids=pos,
-                      past_key_values=kv, use_cache=True, **keep)
+                      use_cache=True, **cache_arg(model, kv), **keep)
     logits = first.logits[:, -1].float()
     hidden = final.hidden[:, -1] if want_h else None
     del first

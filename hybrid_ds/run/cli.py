@@ -83,14 +83,31 @@ def main(argv=None) -> int:
 
 def run(cfg, world: int, pre=None) -> int:
     """Steps 3-8 of a run (module docstring); returns the exit code."""
-    from hybrid_ds.config import ConfigError
-    from hybrid_ds.config.batch_plan import BatchPlans
-    from hybrid_ds.engine.dist import init_dist
-    from hybrid_ds.engine.placement import Placement, setup_placement
-    from hybrid_ds.reference.protocol import RefClient
-    from hybrid_ds.run import checkpoint as ckpt
     from hybrid_ds.run.checkpoint_dir import CheckpointError
     from hybrid_ds.run.faults import NonFiniteLossError
+
+    try:
+        execute(cfg, world, pre)
+    except user_errors() as e:  # a damaged checkpoint, OUTPUT_DIR in use, preflight with the drawn seed
+        print(f"hybrid_ds: {e}", file=sys.stderr, flush=True)
+        return EXIT_USER
+    except (CheckpointError, NonFiniteLossError) as e:  # finished work is safe; the run could not go on
+        print(f"hybrid_ds: {e}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def execute(cfg, world: int, pre=None, reward_fns=None):
+    """Steps 3-8 of a run, raising what :func:`run` turns into exit codes (``hybrid_ds.train`` lets them
+    through). Returns the run on a policy rank, None on a reference rank."""
+    from hybrid_ds.config import ConfigError
+    from hybrid_ds.config.batch_plan import BatchPlans
+    from hybrid_ds.engine.dist import init_dist, plan_launch
+    from hybrid_ds.engine.placement import Placement, setup_placement
+    from hybrid_ds.engine.shm import shm_op_unbuilt
+    from hybrid_ds.engine.torch_compat import prefer_all_gather_single
+    from hybrid_ds.reference.protocol import RefClient
+    from hybrid_ds.run import checkpoint as ckpt
     from hybrid_ds.run.loop import train
     from hybrid_ds.run.output_lock import release_output_dir
     from hybrid_ds.run.outputs import write_resolved_config
@@ -104,10 +121,17 @@ def run(cfg, world: int, pre=None) -> int:
     if placement.role == "reference":
         from hybrid_ds.reference.serve import serve_reference
 
-        return serve_reference(cfg, placement, bridge)
+        serve_reference(cfg, placement, bridge)
+        return None
     # 4. the policy ranks' process group and engine configuration
     sft = BatchPlans.from_config(cfg, placement.policy_world).sft
+    if int(os.environ.get("RANK", "0")) == 0:
+        ds = plan_launch(cfg).zero_stage > 0
+        build = " (first use: compiling DeepSpeed's shared-memory all-reduce op, about a minute)" if (
+            ds and shm_op_unbuilt()) else ""
+        print(f"[hybrid_ds] starting {'DeepSpeed and ' if ds else ''}the process group{build}", flush=True)
     dist = init_dist(cfg, sft_micro=sft.micro, sft_accum=sft.accum)
+    prefer_all_gather_single()  # DeepSpeed's gathers under torch's current name (no FutureWarning)
     ref_client = RefClient(bridge) if bridge is not None else contextlib.nullcontext()
     try:
         # 5. OUTPUT_DIR: lock, RESUME, the seed, the resolved config
@@ -126,7 +150,7 @@ def run(cfg, world: int, pre=None) -> int:
                   f"seed {seed}")
         with ref_client as client:  # SHUTDOWN to the reference at the end, ABORT on an error
             # 6. build, restore; 7. train; 8. the final checkpoint, inference_lm/ and ppo_full/
-            r = build_run(cfg, dist, seed, ref_client=client, pre=pre)
+            r = build_run(cfg, dist, seed, ref_client=client, pre=pre, reward_fns=reward_fns)
             ckpt.attach(r, point)  # restores the checkpoint's state; SIGTERM/SIGINT stop after a step
             train(r)
             completed = ckpt.finish(r)
@@ -134,13 +158,7 @@ def run(cfg, world: int, pre=None) -> int:
         dist.barrier()  # every rank done with every group before any rank tears its groups down
         if dist.is_main and completed:
             print(f"[hybrid_ds] done: outputs in {cfg.run.output_dir}")
-    except user_errors() as e:  # a damaged checkpoint, OUTPUT_DIR in use, preflight with the drawn seed
-        print(f"hybrid_ds: {e}", file=sys.stderr, flush=True)
-        return EXIT_USER
-    except (CheckpointError, NonFiniteLossError) as e:  # finished work is safe; the run could not go on
-        print(f"hybrid_ds: {e}", file=sys.stderr, flush=True)
-        return 1
     finally:
         dist.shutdown()
         release_output_dir()
-    return 0
+    return r

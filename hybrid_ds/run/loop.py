@@ -35,6 +35,7 @@ def train(run: Run) -> None:
     if len(phases) == 1:  # sft or ppo: one phase until its total
         phase = phases[0]
         total = plan.sft_steps if phase.name == "sft" else plan.ppo_updates
+        run.logger.progress(cfg.run.mode, total, getattr(c, phase.counter))
         while getattr(c, phase.counter) < total:
             m = phase_step(run, phase)
             _log(run, getattr(c, phase.counter), phase.name, m)
@@ -46,10 +47,13 @@ def train(run: Run) -> None:
         return
     sft, rl = phases
     # 0. SFT warm-up (optional), then the reference snapshot if REF_INIT=after_warmup.
+    if c.sft_step < cfg.hybrid.sft_warmup_steps:
+        run.logger.progress("sft warm-up", cfg.hybrid.sft_warmup_steps, c.sft_step)
     while c.sft_step < cfg.hybrid.sft_warmup_steps:
-        _log(run, c.sft_step + 1, "sft", phase_step(run, sft), advance=False)
+        _log(run, c.sft_step + 1, "sft", phase_step(run, sft))
         if at_boundary(run):
             return
+    run.logger.progress(cfg.run.mode, plan.cycles, c.cycle)
     if cfg.hybrid.ref_init == "after_warmup" and not c.ref_snapshot:
         run.dist.copy_weights(run.engine.module.lm, run.ref)
         c.ref_snapshot = 1  # checkpoints from now on carry the reference

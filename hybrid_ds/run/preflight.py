@@ -20,7 +20,8 @@ from typing import Optional
 
 from hybrid_ds.config import Config, ConfigError
 from hybrid_ds.config.batch_plan import BatchPlans
-from hybrid_ds.config.checks import batch_problems, file_problems, output_dir_problem, validate
+from hybrid_ds.config.checks import (batch_problems, file_problems, output_dir_problem, tracker_package_problems,
+                                     validate)
 from hybrid_ds.config.load import build_config, normalise_paths, parse_override, read_config_file
 from hybrid_ds.config.schema import REWARD_KEY
 from hybrid_ds.data import (DataReport, Example, chat_template_problem, load_items, prompt_template_problem,
@@ -63,7 +64,7 @@ def load_config(path: Optional[str], overrides: list[str] = (), *, check_files: 
 
 def config_problems(cfg: Config, *, check_files: bool = True, world_size: Optional[int] = None) -> list[str]:
     """Every problem of a built Config, its own and those only other layers can judge."""
-    problems = validate(cfg)
+    problems = validate(cfg) + tracker_package_problems(cfg)
     launched = world_size or launch_world_size()
     place = placement_problems(cfg.run.ref_placement, cfg.run.ref_ranks, launched)
     problems += place

@@ -1,4 +1,4 @@
-"""Summarise a run's metrics.jsonl: ``python -m hybrid_ds.report OUTPUT_DIR [KEY ...]``.
+"""Summarise a run's metrics.jsonl: ``python -m hybrid_ds.report OUTPUT_DIR [KEY ...] [--plot]``.
 
 Prints, per metric, the mean over consecutive windows of logged steps, so a trend (SFT loss falling,
 reward rising, response length collapsing) reads at a glance.
@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     p.add_argument("output_dir")
     p.add_argument("keys", nargs="*", help="metric keys (default: loss, reward, KL, length ...)")
     p.add_argument("--windows", type=int, default=6)
+    p.add_argument("--plot", action="store_true", help="also write PNG curves to OUTPUT_DIR/plots/ (matplotlib)")
     a = p.parse_args(argv)
     import os
 
@@ -55,5 +56,11 @@ def main(argv=None) -> int:
         print(f"no metrics.jsonl in {a.output_dir!r}: has a run written there yet?", file=sys.stderr)
         return 2
     print(summarise(a.output_dir, a.keys or None, a.windows))
+    if a.plot:
+        from hybrid_ds.run.plots import plot_run
+
+        paths = plot_run(a.output_dir)
+        print(f"plots ({len(paths)}) in {os.path.dirname(paths[0]) if paths else a.output_dir}: "
+              + ", ".join(os.path.basename(q) for q in paths))
     return 0
 

@@ -44,6 +44,8 @@ SAFE_KEYS = frozenset({"EPOCHS", "MAX_STEPS", "SAVE_EVERY", "KEEP_LAST", "LOG_EV
                        "ALLOW_CONFIG_CHANGE", "MAX_NAN_STEPS", "DIST_TIMEOUT_S", "CLEANSE", "OUTPUT_DIR"})
 # Evaluation reads the policy and changes nothing of training (tests/test_eval.py), so its keys may too.
 SAFE_KEYS |= {"EVAL_FILE", "EVAL_SPLIT", "EVAL_EVERY", "EVAL_NUM_SAMPLES"}
+# Where metrics and samples are reported only reads the run (hybrid_ds/engine/trackers.py, run/samples.py).
+SAFE_KEYS |= {"REPORT_TO", "TRACKER_PROJECT", "LOG_SAMPLES_EVERY", "LOG_SAMPLES_ROWS"}
 
 
 def resolve_resume(cfg) -> tuple[Optional[ResumePoint], list[str]]:

@@ -11,20 +11,25 @@ from hybrid_ds.algorithms.registry import MODES, PHASES
 from hybrid_ds.config import Config
 from hybrid_ds.config.batch_plan import BatchPlans
 from hybrid_ds.data import BatchStream
+from hybrid_ds.engine.trackers import Trackers
 from hybrid_ds.assets import resolve_model
 from hybrid_ds.models.lora import add_adapters, load_base
 from hybrid_ds.models.policy_value import (PolicyValue, build_param_groups, load_dtype, load_lm,
                                            load_value_head)
 from hybrid_ds.optim import build_optimizer
 from hybrid_ds.rewards import make_reward
+from hybrid_ds.rewards.callables import RewardFunctions, function_reward
 from hybrid_ds.run.metrics import MetricsLogger
+from hybrid_ds.run.samples import SampleLogger
 from hybrid_ds.run.preflight import Preflight, preflight
 from hybrid_ds.run.state import Run
 
 
-def build_run(cfg: Config, dist, seed: int, ref_client=None, pre: Optional[Preflight] = None) -> Run:
+def build_run(cfg: Config, dist, seed: int, ref_client=None, pre: Optional[Preflight] = None,
+              reward_fns: Optional[RewardFunctions] = None) -> Run:
     """Models, optimizer, reward and logger on top of ``pre`` (the checks of
-    :func:`hybrid_ds.run.preflight.preflight`, repeated here when they ran with another seed)."""
+    :func:`hybrid_ds.run.preflight.preflight`, repeated here when they ran with another seed).
+    ``reward_fns``: Python reward functions that replace REWARD or join it (``hybrid_ds.train``)."""
     torch.manual_seed(seed + 1000 * dist.rank)  # per-rank seed: sampling differs across ranks
     # 1. tokenizer, data, step plan and schedules: what preflight built
     if pre is None or pre.seed != seed:
@@ -42,6 +47,10 @@ def build_run(cfg: Config, dist, seed: int, ref_client=None, pre: Optional[Prefl
 
     # 2. models: policy+value trunk (trainable), reference (frozen copy of the start). With LoRA the
     #    trunk is a frozen base with adapters, and the reference is that base, adapters off (models/lora.py).
+    if dist.is_main:
+        ref = " and its reference" if (any(p.needs_reference for p in phases) and ref_client is None
+                                       and not cfg.lora.r) else ""
+        print(f"[hybrid_ds] loading the model {cfg.run.model}{ref}", flush=True)
     dtype = load_dtype(cfg.model.torch_dtype, dist.plan.mixed_precision, dist.uses_deepspeed)
     load = dict(dtype=dtype, attn_implementation=cfg.model.attn_implementation)
     if cfg.lora.r:
@@ -68,16 +77,21 @@ def build_run(cfg: Config, dist, seed: int, ref_client=None, pre: Optional[Prefl
     # 3. reward and KL controller (RL phases)
     reward = kl_ctl = None
     if rl:
-        reward = make_reward(cfg.reward, device=str(dist.device), all_reduce_sum=dist.all_reduce_sum)
+        spec = None if reward_fns and not reward_fns.with_spec else make_reward(
+            cfg.reward, device=str(dist.device), all_reduce_sum=dist.all_reduce_sum)
+        reward = function_reward(reward_fns.fns, spec) if reward_fns else spec
         kl_ctl = make_kl_controller(cfg.ppo.init_kl_coef, cfg.ppo.target_kl, cfg.ppo.kl_horizon,
                                     adaptive=cfg.ppo.adaptive_kl, kind=cfg.ppo.kl_controller,
                                     gains=(cfg.ppo.kl_kp, cfg.ppo.kl_ki))
     # 4. logger and data streams
     total = plan.cycles or plan.sft_steps or plan.ppo_updates
-    logger = MetricsLogger(cfg.run.output_dir, enabled=dist.is_main, total=total, desc=cfg.run.mode)
+    trackers = Trackers(dist.accelerator, cfg.log.tracker_project, {**cfg.to_json_dict(), "SEED": seed})
+    logger = MetricsLogger(cfg.run.output_dir, enabled=dist.is_main, total=total, desc=cfg.run.mode,
+                           trackers=trackers)
     run = Run(cfg, dist, tokenizer, examples, engine, ref, reward, schedules, kl_ctl, logger, plan,
               BatchPlans.from_config(cfg, dist.world), seed=seed, ref_client=ref_client,
-              eval_examples=pre.eval_examples)
+              eval_examples=pre.eval_examples,
+              samples=SampleLogger(cfg.run.output_dir, enabled=dist.is_main, trackers=trackers))
     if plan.sft_steps or cfg.ppo.ptx_coef > 0:
         run.streams["sft"] = BatchStream(len(examples), cfg.sft.batch, seed, cfg.data.shuffle)
     if plan.ppo_updates:

@@ -24,6 +24,7 @@ from hybrid_ds.reference.protocol import RefClient
 from hybrid_ds.rewards.base import Reward
 from hybrid_ds.run.checkpoint_dir import ResumePoint
 from hybrid_ds.run.metrics import MetricsLogger
+from hybrid_ds.run.samples import SampleLogger
 from hybrid_ds.run.schedule import Schedule
 
 
@@ -51,10 +52,16 @@ class Run:
     last_checkpoint: Optional[str] = None  # name of the newest complete checkpoint of this run
     resuming: Optional[ResumePoint] = None  # the checkpoint resumed in OUTPUT_DIR, until this run's first one
     eval_examples: list[Example] = field(default_factory=list)  # EVAL_FILE's, the same list on every rank
+    samples: Optional[SampleLogger] = None  # LOG_SAMPLES_EVERY's tables (main rank)
 
     def seed_for(self, tag: str, step: int) -> int:
         """A reproducible seed for ``tag`` at ``step`` on this rank (resumable: no hidden RNG state)."""
         return (self.seed * 1_000_003 + zlib.crc32(tag.encode()) * 1009 + step * 7919 + self.dist.rank) % 2**31
+
+    def log_samples(self, update: int, rows: list[dict]) -> None:
+        """A PPO update's table of samples (hybrid_ds/run/samples.py); written by the main rank."""
+        if self.samples is not None:
+            self.samples.write(update, rows)
 
     def next_batch(self, stream: str) -> list[Example]:
         """This rank's share of the next global batch of ``stream``."""
