@@ -199,4 +199,4 @@ def test_function_reward_components_and_faults():
 
 
 def not_finite(prompts, completions, **fields):
-    return [1.0, float("nan")]
+    return [float("nan") if c == "b" else 1.0 for c in completions]

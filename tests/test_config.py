@@ -57,7 +57,7 @@ def test_examples_validate(path, tmp_path):
 
 @pytest.mark.parametrize("path", DS_CONFIGS, ids=os.path.basename)
 def test_ds_configs_load_and_fill(path, tmp_path, base_cfg):
-    from hybrid_ds.engine.dist import fill_ds_config
+    from hybrid_ds.engine.launch_plan import fill_ds_config
 
     base_cfg["DS_CONFIG"] = path
     cfg = load_config(write_json(tmp_path / "c.json", base_cfg))

@@ -288,7 +288,8 @@ def test_sync_mixes_the_policy_weights_like_the_colocated_copy(model):
     answered by them; a policy of another architecture gets the reference's error, naming its rank."""
     import copy
 
-    from hybrid_ds.engine.dist import Dist, LaunchPlan
+    from hybrid_ds.engine.dist import Dist
+    from hybrid_ds.engine.launch_plan import LaunchPlan
     from hybrid_ds.engine.param_stream import parameter_manifest, whole_parameters
 
     policy_lm, alpha = W.tiny_gpt2(seed=1), 0.25

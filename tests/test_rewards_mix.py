@@ -207,8 +207,11 @@ def test_learned_weights_move_in_a_ppo_step_and_survive_a_checkpoint(tmp_path):
     from hybrid_ds.run.loop import phase_step
 
     run = make_run(base(tmp_path, "ppo", MAX_STEPS=2, REWARD=learned_spec()))
-    phase_step(run, PHASES["ppo"])
+    m = phase_step(run, PHASES["ppo"])
     assert run.reward.count == 4 and run.reward.weights[0] > 1.0  # random responses never match
+    # the update's metrics carry the weights it ended with and the reward's (summed) fault counter
+    assert [m["reward/weight/exact_match"], m["reward/weight/length"]] == pytest.approx(run.reward.weights)
+    assert m["reward/faults"] == 0.0
     saved = json.loads(json.dumps(run.reward.state_dict()))
     path = ck.save_checkpoint(run)
     uninterrupted = [(run.reward.score_batch(r, t), list(run.reward.weights)) for r, t in BATCHES]

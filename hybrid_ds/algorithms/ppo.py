@@ -22,7 +22,7 @@ from hybrid_ds.algorithms import estimators as est
 from hybrid_ds.algorithms import ppo_math as pm
 from hybrid_ds.algorithms import turn_math as tm
 from hybrid_ds.algorithms.context import NextBatch, PhaseContext, PhaseTimer
-from hybrid_ds.algorithms.samples import component_metrics, sample_rows
+from hybrid_ds.algorithms.samples import component_metrics, dialogue_metrics, rollout_metrics, sample_rows
 from hybrid_ds.data import Example, collate_prompts, collate_sft, micro_batches, stop_token_ids
 from hybrid_ds.models.logprobs import (entropy_from_logits, lm_response_logprobs, logprobs_from_logits,
                                        policy_response_outputs, sequence_inputs)
@@ -445,7 +445,10 @@ def ppo_update(run: PhaseContext, examples: list[Example], ptx_examples: Optiona
     timer.mark("update")
     # 6. KL controller, on the global mean KL per sequence
     local = {**rollout_metrics(run, ro), **component_metrics(ro.components), **dialogue_metrics(ro), **m}
-    metrics = {**dist.mean_metrics(local), **dist.memory_metrics(run.engine)}
+    # the reward's counters (faults, retries, a judge's parse failures) summed over ranks; its gauges
+    # (learned weights) are the same on every rank
+    metrics = {**dist.mean_metrics(local), **dist.sum_counts(run.reward.pop_stats()), **run.reward.gauges(),
+               **dist.memory_metrics(run.engine)}
     n_seqs = cfg.ppo.batch * cfg.ppo.num_generations
     if all(math.isfinite(v) for k, v in metrics.items() if k.startswith("ppo/loss/")):
         run.kl_ctl.update(metrics["objective/kl"], n_seqs)
@@ -467,32 +470,3 @@ def run_update(ctx: PhaseContext, next_batch: NextBatch) -> dict[str, float]:
     """The PPO phase's step for the loop: the next prompts (and, for PPO-ptx, the next SFT batch)."""
     ptx = next_batch("sft") if ctx.cfg.ppo.ptx_coef > 0 else None
     return ppo_update(ctx, next_batch("ppo"), ptx_examples=ptx)
-
-
-def rollout_metrics(run: PhaseContext, ro: Rollout) -> dict[str, float]:
-    """Per-rank means of what the rollout produced (reduced by the caller)."""
-    m = ro.response_mask
-    lengths = m.sum(1)
-    seq_kl = (ro.kl * m).sum(1)
-    return {
-        "ppo/reward_mean": float(ro.scores.mean()),
-        "ppo/reward_std": float(ro.scores.std()) if ro.scores.numel() > 1 else 0.0,
-        "objective/kl": float(seq_kl.mean()),
-        "objective/score_minus_kl": float((ro.scores - run.kl_ctl.value * seq_kl).mean()),
-        "ppo/response_len": float(lengths.mean()),
-        "ppo/response_len_min": float(lengths.min()),
-        "ppo/eos_frac": float(ro.ended.float().mean()),
-        "ppo/empty_frac": float((lengths <= 1).float().mean()),  # collapse watch: EOS at once
-        "ppo/advantage_mean": float(pm.masked_mean(ro.advantages, m)),
-        **({"ppo/return_mean": float(pm.masked_mean(ro.returns, m))} if ro.returns is not None else {}),
-        **({"ppo/value_mean_old": float(pm.masked_mean(ro.values, m))} if ro.values is not None else {}),
-    }
-
-
-def dialogue_metrics(ro: Rollout) -> dict[str, float]:
-    """ENV: per-rank means of the policy's turns per dialogue and the dialogue's tokens (reduced by the caller)."""
-    if ro.dialogues is None:
-        return {}
-    return {"ppo/turns": sum(len(d.turns) for d in ro.dialogues) / len(ro.dialogues),
-            "ppo/dialogue_len": float(ro.response_attn.sum(1).mean()),
-            "ppo/env_reward_mean": float(ro.env_rewards.sum(1).mean())}

@@ -120,8 +120,8 @@ def world_problem(world: int, request: Optional[LaunchRequest]) -> Optional[str]
                  f"machine (deepspeed_multinode_launcher: standard), or give --deepspeed_hostfile "
                  f"(README, Multi-node).")
     else:
-        text += (f" num_processes counts the processes of all machines together; check it against "
-                 f"num_machines x processes per machine.")
+        text += (" num_processes counts the processes of all machines together; check it against "
+                 "num_machines x processes per machine.")
     return text
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .base import FaultPolicy, Leaf, Reward, RewardSpecError
-from .compose import Clip, EmaNormalize, LearnedWeightedSum, Postprocessed, Scale, WeightedSum
+from .compose import Clip, EmaNormalize, LearnedWeightedSum, Postprocessed, Scale, WeightedSum, numbered
 from .registry import LEARN_WEIGHTS_PARAMS, ON_ERROR_MODES, POSTPROCESS_TYPES, lookup, resolve_params
 from .validate import validate_reward_spec
 
@@ -51,7 +51,7 @@ def build_node(spec: dict, ctx: BuildContext) -> Reward:
     if rtype.name == "weighted_sum":
         parts = [(float(c.get("weight", 1.0)), build_node(c, ctx)) for c in spec["components"]]
         learn = spec.get("learn_weights")
-        node: Reward = WeightedSum(parts, ctx.faults) if learn is None else \
+        node: Reward = WeightedSum(parts, ctx.faults, component_names(spec["components"])) if learn is None else \
             build_learned_sum(parts, spec["components"], learn, ctx)
     else:
         node = Leaf(rtype.name, rtype.build(resolve_params(rtype, spec), ctx), ctx.faults)
@@ -70,9 +70,8 @@ def build_postprocess(step: dict, ctx: BuildContext) -> Any:
 
 
 def component_names(components: list[dict]) -> list[str]:
-    """Each component's name in metrics: its type, or ``<type>_<index>`` when the type repeats."""
-    types = [lookup(c["type"]).name for c in components]
-    return [t if types.count(t) == 1 else f"{t}_{i}" for i, t in enumerate(types)]
+    """Each component's name in metrics: its type, numbered from 1 when the type repeats."""
+    return numbered([lookup(c["type"]).name for c in components])
 
 
 def build_learned_sum(parts: list, components: list[dict], learn: dict, ctx: BuildContext) -> Reward:

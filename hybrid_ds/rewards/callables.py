@@ -15,9 +15,7 @@ from typing import Callable, Optional, Sequence
 
 from .base import FaultPolicy, Leaf, Reward
 from .compose import WeightedSum
-
-_NOT_FIELDS = ("prompt", "completion")  # TRL passes these as prompts/completions, never as fields
-
+from .python_fn import trl_batch
 
 @dataclass
 class RewardFunctions:
@@ -31,16 +29,6 @@ def function_name(fn: Callable) -> str:
     return getattr(fn, "__name__", None) or type(fn).__name__
 
 
-def _trl_batch(fn: Callable) -> Callable:
-    """``fn`` with TRL's signature as a leaf's ``(responses, targets, prompts, items)`` batch function."""
-    def batch(responses, targets, prompts, items):
-        keys = dict.fromkeys(k for it in items if it for k in it if k not in _NOT_FIELDS)
-        fields = {k: [it.get(k) if it else None for it in items] for k in keys}
-        return fn(prompts=list(prompts), completions=list(responses), **fields)
-
-    return batch
-
-
 def function_reward(fns: Sequence[Callable], spec_reward: Optional[Reward] = None,
                     faults: Optional[FaultPolicy] = None) -> Reward:
     """The equal-weight mean of ``fns`` (and ``spec_reward``, when given) as one reward node."""
@@ -49,7 +37,8 @@ def function_reward(fns: Sequence[Callable], spec_reward: Optional[Reward] = Non
         raise TypeError(f"reward_fns: expected a non-empty list of callables fn(prompts, completions, **fields), "
                         f"got {bad or 'an empty list'}")
     faults = faults or FaultPolicy("raise")
-    parts: list[tuple[float, Reward]] = [(1.0, Leaf(function_name(f), _trl_batch(f), faults)) for f in fns]
+    parts: list[tuple[float, Reward]] = [(1.0, Leaf(function_name(f), trl_batch(f, function_name(f)), faults))
+                                         for f in fns]
     if spec_reward is not None:
         parts.append((1.0, spec_reward))
     return parts[0][1] if len(parts) == 1 else WeightedSum(parts, faults)

@@ -14,15 +14,24 @@ from typing import Callable, Sequence
 from .base import FaultPolicy, Reward
 
 
+def numbered(kinds: Sequence[str]) -> list[str]:
+    """Names for a sum's components: each kind, numbered from 1 where a kind repeats (length_1, length_2)."""
+    return [k if kinds.count(k) == 1 else f"{k}_{kinds[:i].count(k) + 1}" for i, k in enumerate(kinds)]
+
+
 class WeightedSum(Reward):
     """``sum_k w_k r_k / sum_k w_k`` over components ``(weight, reward)``; zero weights are skipped."""
 
-    def __init__(self, components: Sequence[tuple[float, Reward]], faults: FaultPolicy):
+    def __init__(self, components: Sequence[tuple[float, Reward]], faults: FaultPolicy,
+                 names: Sequence[str] | None = None):
         super().__init__("weighted_sum", faults)
         self.parts = list(components)
         self.total_weight = sum(w for w, _ in self.parts)
-        kinds = [r.kind for _, r in self.parts]  # a component's name: its type, numbered when repeated
-        self.names = [k if kinds.count(k) == 1 else f"{k}_{kinds[:i].count(k) + 1}" for i, k in enumerate(kinds)]
+        # each component's name in metrics and sample tables (build.component_names: its spec's type,
+        # numbered when a type repeats); the reward's kind where no spec names it
+        kinds = [r.kind for _, r in self.parts]
+        self.names = list(names) if names is not None else \
+            numbered(kinds)
         self._last: dict[str, list[float]] = {}
 
     def _score(self, responses, targets, prompts, items) -> list[float]:
@@ -45,7 +54,7 @@ class WeightedSum(Reward):
 
     def gauges(self, prefix: str = "reward/weight") -> dict[str, float]:
         """Learned weights of nested sums, under ``<prefix>/<component index>``."""
-        return {k: v for i, (_, r) in enumerate(self.components) for k, v in r.gauges(f"{prefix}/{i}").items()}
+        return {k: v for i, (_, r) in enumerate(self.parts) for k, v in r.gauges(f"{prefix}/{i}").items()}
 
     def load_state_dict(self, state: dict) -> None:
         states = state.get("components", [])
@@ -229,15 +238,15 @@ class LearnedWeightedSum(WeightedSum):
     def __init__(self, components: Sequence[tuple[float, Reward]], names: Sequence[str], faults: FaultPolicy,
                  targets: Sequence[float], lr: float, decay: float = 0.9, min_weight: float = 0.0,
                  all_reduce_sum: Callable | None = None):
-        super().__init__(components, faults)
-        self.names, self.targets = list(names), [float(t) for t in targets]
+        super().__init__(components, faults, names)
+        self.targets = [float(t) for t in targets]
         self.lr, self.decay, self.min_weight, self.all_reduce_sum = lr, decay, min_weight, all_reduce_sum
-        self.weights = [w for w, _ in self.components]
-        self.means, self.count = [0.0] * len(self.components), 0
+        self.weights = [w for w, _ in self.parts]
+        self.means, self.count = [0.0] * len(self.parts), 0
 
     def _score(self, responses, targets, prompts, items) -> list[float]:
         # 1. every component scores (also on an empty batch: nested all-reduces must run on every rank)
-        per = [reward.score_batch(responses, targets, prompts, items) for _, reward in self.components]
+        per = [reward.score_batch(responses, targets, prompts, items) for _, reward in self.parts]
         # 2. running means from batch means over all ranks
         count, *sums = reduce_sums(self.all_reduce_sum, [float(len(responses))] + [sum(s) for s in per])
         if count > 0:
@@ -253,7 +262,7 @@ class LearnedWeightedSum(WeightedSum):
 
     def gauges(self, prefix: str = "reward/weight") -> dict[str, float]:
         out = {f"{prefix}/{name}": w for name, w in zip(self.names, self.weights)}
-        for name, (_, reward) in zip(self.names, self.components):
+        for name, (_, reward) in zip(self.names, self.parts):
             out.update(reward.gauges(f"{prefix}/{name}"))
         return out
 
@@ -261,7 +270,7 @@ class LearnedWeightedSum(WeightedSum):
         return {**super().state_dict(), "weights": list(self.weights), "means": list(self.means), "count": self.count}
 
     def load_state_dict(self, state: dict) -> None:
-        n = len(self.components)
+        n = len(self.parts)
         if len(state.get("weights", [])) != n or len(state.get("means", [])) != n:
             raise ValueError(f"weighted_sum with learn_weights has {n} components; the state has "
                              f"weights {state.get('weights')!r} and means {state.get('means')!r}")

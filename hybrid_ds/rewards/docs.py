@@ -87,8 +87,8 @@ a leaf raises or returns NaN/inf for a sample: `"on_error": "raise"` (default) r
 `"on_error": "fallback"` scores that leaf's sample with `fallback` (default 0.0) and counts it.
 When a batched call raises, the leaf retries each sample alone, so only the bad samples fault.
 `reward.fault_count` is the running total; `reward.pop_stats()` returns and resets the metrics
-`reward/faults`, `reward/faults/<type>` and `reward/batch_retries`. No NaN or inf ever leaves a
-reward.
+`reward/faults`, `reward/faults/<type>` and `reward/batch_retries`; a PPO update logs them summed
+over ranks in metrics.jsonl. No NaN or inf ever leaves a reward.
 
 **State.** `reward.state_dict()` / `load_state_dict()` hold the running moments of every
 `ema_normalize` and the learned weights of every `weighted_sum` with `learn_weights`, nested like
@@ -103,8 +103,8 @@ own post-processors, summed over ranks like `ema_normalize`) moves the weights b
 exponentiated-gradient step (Kivinen & Warmuth 1997): `w_i <- w_i exp(lr (t_i - m_i))`, renormalised
 to the initial sum of weights, each floored at `min_weight`. A component below its target gains
 weight; one above it loses weight. The batch is then scored with the updated weights.
-`reward.metrics()` returns `pop_stats()` plus the current weights as `reward/weight/<component
-type>` (`<type>_<index>` when a type repeats; `<prefix>/<index>/...` inside a nested sum).
+Every PPO update logs the current weights (`reward.gauges()`; `reward.metrics()` returns them with
+`pop_stats()`) as `reward/weight/<component type>` (`<type>_1`, `<type>_2` when a type repeats; `<prefix>/<index>/...` inside a nested sum).
 
 **Distributed.** With `make_reward(all_reduce_sum=fn)`, `ema_normalize` sums (count, sum,
 sum of squares) over data-parallel ranks with `fn(tensor) -> tensor`, so all ranks hold identical

@@ -25,6 +25,7 @@ from typing import Callable
 from .models import chat_history
 from .text import BatchFn
 
+NOT_FIELDS = ("prompt", "completion")  # passed as prompts/completions; TRL never passes them as fields
 RESERVED = ("prompts", "completions")  # the two arguments every call passes; no item field may take them
 
 
@@ -95,9 +96,9 @@ def is_conversational(item) -> bool:
 
 
 def item_fields(items: list, name: str) -> dict[str, list]:
-    """Every field of the items except ``prompt`` (passed as ``prompts``), as lists aligned with the
+    """Every field of the items except ``prompt`` and ``completion`` (TRL's), as lists aligned with the
     batch; an item that lacks a field (or is None) gives None there."""
-    keys = list(dict.fromkeys(k for it in items if isinstance(it, dict) for k in it if k != "prompt"))
+    keys = list(dict.fromkeys(k for it in items if isinstance(it, dict) for k in it if k not in NOT_FIELDS))
     clash = [k for k in keys if k in RESERVED]
     if clash:
         raise ValueError(f"python reward {name}: item field {clash[0]!r} would clash with the argument of that name")
@@ -120,9 +121,13 @@ def checked_scores(out, n: int, name: str) -> list[float]:
 
 def build_python(p: dict, ctx) -> BatchFn:
     """The batch function around the named function: one call per batch, its return checked."""
-    name = p["function"]
-    fn = load_reward_function(name)
+    return trl_batch(load_reward_function(p["function"]), p["function"])
 
+
+def trl_batch(fn: Callable, name: str) -> BatchFn:
+    """``fn`` (TRL's reward-function signature) as a reward's ``(responses, targets, prompts, items)``
+    batch function: one keyword call per batch, TRL's conversational format for chat items, the
+    return checked. The ``python`` leaf and ``hybrid_ds.train(..., reward_fns=...)`` both use it."""
     def score(responses, targets, prompts, items):
         conv = [is_conversational(it) for it in items]
         prompt_args = [chat_history(q, it) if c else q for q, it, c in zip(prompts, items, conv)]

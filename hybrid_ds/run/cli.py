@@ -102,7 +102,8 @@ def execute(cfg, world: int, pre=None, reward_fns=None):
     through). Returns the run on a policy rank, None on a reference rank."""
     from hybrid_ds.config import ConfigError
     from hybrid_ds.config.batch_plan import BatchPlans
-    from hybrid_ds.engine.dist import init_dist, plan_launch
+    from hybrid_ds.engine.dist import init_dist
+    from hybrid_ds.engine.launch_plan import plan_launch
     from hybrid_ds.engine.placement import Placement, setup_placement
     from hybrid_ds.engine.shm import shm_op_unbuilt
     from hybrid_ds.engine.torch_compat import prefer_all_gather_single

@@ -26,7 +26,7 @@ from hybrid_ds.config.load import build_config, normalise_paths, parse_override,
 from hybrid_ds.config.schema import REWARD_KEY
 from hybrid_ds.data import (DataReport, Example, chat_template_problem, load_items, prompt_template_problem,
                             tokenize_items, use_chat_template)
-from hybrid_ds.engine.dist import plan_launch
+from hybrid_ds.engine.launch_plan import plan_launch
 from hybrid_ds.engine.launcher import launched_world_problem
 from hybrid_ds.engine.placement import launch_world_size, placement_problems, policy_world_size
 from hybrid_ds.optim import make_phase_schedules, schedule_warnings, validate_optim_config
