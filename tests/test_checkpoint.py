@@ -2,7 +2,7 @@
 
 Fast tier: resume planning, config comparison, pointer fallback, pruning and log rewinding on
 hand-made checkpoint directories. Slow tier (real launches): a run killed with SIGKILL after its
-cycle-4 checkpoint and resumed equals an uninterrupted one (ZeRO-2 and ZeRO-3, 2 processes); a
+cycle-2 checkpoint and resumed equals an uninterrupted one (ZeRO-2 and ZeRO-3, 2 processes); a
 crash or a full disk while writing leaves the previous checkpoint in use; SIGTERM on one rank stops
 both with a checkpoint and exit 0; non-finite losses are skipped, then stop the run; a ZeRO-3
 checkpoint exports to weights that vanilla transformers loads.
@@ -287,19 +287,21 @@ def test_prune_keeps_the_newest(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", [2, 3], ids=["zero2", "zero3"])
 def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, zero):
-    """A: 8 hybrid cycles straight. B: SAVE_EVERY=4, SIGKILL after cycle 5 (past its cycle-4
-    checkpoint), resumed. Same weights, same metrics rows, each once; TensorBoard continues."""
+    """A: 4 hybrid cycles straight. B: SAVE_EVERY=2, SIGKILL after cycle 3 (past its cycle-2
+    checkpoint), resumed. Same weights, same metrics rows, each once; TensorBoard continues.
+    (Two cycles on each side of the checkpoint: every counter, optimizer state, schedule and RNG
+    stream has moved before it is saved and moves again after the resume.)"""
     a_out, b_out = tmp_path / "A", tmp_path / "B"
-    run_ok(rl_cfg(a_out), tmp_path, "A", nproc=2, zero=zero)
+    run_ok(rl_cfg(a_out, MAX_STEPS=4), tmp_path, "A", nproc=2, zero=zero)
 
-    b_cfg = rl_cfg(b_out, SAVE_EVERY=4)
-    p = start(b_cfg, tmp_path, "B1", nproc=2, zero=zero, hooks={"HANG_AT": 5})
-    wait_for(lambda: latest(b_out) == "step-0000004" and "hanging after step 5" in p.log_path.read_text(), p,
-             "the cycle-4 checkpoint")
+    b_cfg = rl_cfg(b_out, MAX_STEPS=4, SAVE_EVERY=2)
+    p = start(b_cfg, tmp_path, "B1", nproc=2, zero=zero, hooks={"HANG_AT": 3})
+    wait_for(lambda: latest(b_out) == "step-0000002" and "hanging after step 3" in p.log_path.read_text(), p,
+             "the cycle-2 checkpoint")
     kill_all(p)
-    assert any(r["step"] == 5 for r in metrics(b_out, "ppo"))  # rows past the checkpoint, to be dropped
+    assert any(r["step"] == 3 for r in metrics(b_out, "ppo"))  # rows past the checkpoint, to be dropped
     out = run_ok(b_cfg, tmp_path, "B2", nproc=2, zero=zero)
-    assert f"resuming from {b_out}/checkpoints/step-0000004" in out, out[-3000:]
+    assert f"resuming from {b_out}/checkpoints/step-0000002" in out, out[-3000:]
     assert "metrics.jsonl: dropped" in out
 
     # weights: policy (inference_lm) and value head (ppo_full)
@@ -311,16 +313,16 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, zero):
     # metrics and TensorBoard
     assert_same_metrics(metrics(a_out), metrics(b_out))
     tb = tb_scalars(b_out, "sft/loss")
-    assert [s for s, _ in tb] == list(range(1, 9))
+    assert [s for s, _ in tb] == list(range(1, 5))
     assert all(math.isclose(v, r["sft/loss"], rel_tol=1e-6) for (_, v), r in zip(tb, metrics(b_out, "sft")))
-    # checkpoints: KEEP_LAST=2 of 4 and 8, the pointer on 8
-    assert latest(b_out) == "step-0000008"
-    assert sorted(os.listdir(b_out / "checkpoints")) == ["latest", "step-0000004", "step-0000008"]
+    # checkpoints: KEEP_LAST=2 of 2 and 4, the pointer on 4
+    assert latest(b_out) == "step-0000004"
+    assert sorted(os.listdir(b_out / "checkpoints")) == ["latest", "step-0000002", "step-0000004"]
 
     if zero == 3:  # merged weights from the sharded checkpoint, loaded by vanilla transformers
         exp = tmp_path / "exported"
         p = subprocess.run([sys.executable, "-m", "hybrid_ds.checkpoint", "export",
-                            str(b_out / "checkpoints" / "step-0000008"), str(exp)], cwd=REPO, env=env(),
+                            str(b_out / "checkpoints" / "step-0000004"), str(exp)], cwd=REPO, env=env(),
                            capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]
         from transformers import AutoModelForCausalLM, AutoTokenizer
