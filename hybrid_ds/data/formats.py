@@ -179,13 +179,17 @@ def pair_problem(item: Any) -> Optional[str]:
     A pair is TRL's explicit-prompt preference item: ``prompt``, ``chosen`` and ``rejected`` all text
     (each response is appended to the prompt as written), or all message lists (the prompt is the
     shared conversation; ``chosen`` and ``rejected`` are the assistant turns that continue it, rendered
-    as the ``prompt_completion`` format's conversations are)."""
+    as the ``prompt_completion`` format's conversations are). An optional numeric ``margin`` is the
+    amount by which MODE=rm's reward of ``chosen`` should beat ``rejected``'s (Llama 2's margin)."""
     if not isinstance(item, dict):
         return f"expected a JSON object, got {type(item).__name__}"
     missing = [k for k in PAIR_KEYS if k not in item]
     if missing:
         return (f"missing field {missing[0]!r} (fields: {', '.join(map(str, item)) or 'none'}); a preference "
                 f"pair has prompt, chosen and rejected")
+    margin = item.get("margin", 0.0)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin != margin or abs(margin) == float("inf"):
+        return f"field 'margin' is {margin!r}; it must be a finite number (MODE=rm's Bradley-Terry margin)"
     p, c, r = (item[k] for k in PAIR_KEYS)
     if all(isinstance(x, str) for x in (p, c, r)):
         empty = [k for k in ("chosen", "rejected") if not item[k].strip()]

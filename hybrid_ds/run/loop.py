@@ -12,7 +12,7 @@ Building the run is :mod:`hybrid_ds.run.setup`; the CLI that drives both is :mod
 from __future__ import annotations
 
 from hybrid_ds.algorithms.evaluate import evaluate
-from hybrid_ds.algorithms import dpo
+from hybrid_ds.algorithms import dpo, rm
 from hybrid_ds.algorithms.registry import Phase, mode_phases
 from hybrid_ds.run import curriculum
 from hybrid_ds.run.checkpoint import at_boundary
@@ -88,11 +88,14 @@ def maybe_evaluate(run: Run, step: int, final: bool = False) -> None:
     due = bool(every) and step % every == 0
     if not (run.eval_examples or run.eval_pairs) or not (due or final) or (final and due):
         return
-    m = dpo.evaluate_pairs(run, run.eval_pairs) if run.eval_pairs else evaluate(run, run.eval_examples)
+    if run.eval_pairs:  # MODE=dpo or rm: held-out preference pairs
+        m = (rm if run.cfg.run.mode == "rm" else dpo).evaluate_pairs(run, run.eval_pairs)
+    else:
+        m = evaluate(run, run.eval_examples)
     run.logger.log(step, "eval", m)
     if run.dist.is_main:
         shown = ", ".join(f"{k.split('/', 1)[1]} {m[k]:.4g}" for k in ("eval/loss", "eval/reward_mean",
-                                                                          "eval/rewards/accuracies") if k in m)
+                                                                          "eval/rewards/accuracies", "eval/accuracy") if k in m)
         print(f"[hybrid_ds] eval at step {step} on {int(m['eval/items'])} items: {shown}", flush=True)
 
 

@@ -15,6 +15,7 @@ from hybrid_ds.assets import resolve_model
 from hybrid_ds.models.lora import add_adapters, load_base
 from hybrid_ds.models.policy_value import (PolicyValue, build_param_groups, load_dtype, load_lm,
                                            load_value_head)
+from hybrid_ds.models.reward_model import score_head
 from hybrid_ds.optim import build_optimizer
 from hybrid_ds.rewards import make_reward
 from hybrid_ds.run.metrics import MetricsLogger
@@ -56,10 +57,12 @@ def build_run(cfg: Config, dist, seed: int, ref_client=None, pre: Optional[Prefl
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # The critic-free estimators train no value head: none is built (SFT keeps one, so its checkpoints
     # and ppo_full/ continue into PPO with GAE).
-    # MODE=dpo trains no value head either.
-    model = PolicyValue(lm, seed=seed, value_head=cfg.run.mode != "dpo" and (cfg.run.mode == "sft" or
-                                                                             cfg.ppo.advantage == "gae"))
-    head = load_value_head(model, resolve_model(cfg.run.model))  # MODEL is a ppo_full/: RL continues
+    # MODE=dpo trains no value head either; MODE=rm's head is the reward model's bias-free score head.
+    rm_head = score_head(lm, seed) if cfg.run.mode == "rm" else None
+    model = PolicyValue(lm, rm_head, seed=seed, value_head=cfg.run.mode != "dpo" and (
+        cfg.run.mode in ("sft", "rm") or cfg.ppo.advantage == "gae"))
+    # MODEL is a ppo_full/: RL continues with its value head (never MODE=rm's, a head of its own)
+    head = None if rm_head is not None else load_value_head(model, resolve_model(cfg.run.model))
     if head and dist.is_main:
         print(f"[hybrid_ds] value head loaded from {head}")
     colocated_ref = (any(p.needs_reference for p in phases) and ref_client is None  # else on its own ranks
