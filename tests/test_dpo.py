@@ -1,6 +1,6 @@
 """Preference pairs (hybrid_ds/data/pairs.py), their config keys, and the DPO phase (algorithms/dpo.py):
-in-process runs with a colocated reference and with LoRA's adapters-off reference, and a hybrid
-SFT + DPO run on 2 processes under ZeRO-2."""
+in-process runs with a colocated reference and with LoRA's adapters-off reference (the 2-process runs:
+tests/test_pref_runs.py)."""
 
 import json
 import random
@@ -13,7 +13,7 @@ from hybrid_ds.config import ConfigError
 from hybrid_ds.data import DataError, collate_pairs, load_pairs, tokenize_pairs
 from hybrid_ds.run import loop
 from hybrid_ds.run.preflight import load_config
-from launch_utils import assert_finite_rows, forked_runs, metrics
+from launch_utils import assert_finite_rows, metrics
 
 WORDS = "red blue green cat dog sun moon tree fish bird".split()
 
@@ -140,21 +140,3 @@ def test_dpo_ipo_with_lora_uses_the_adapters_off_reference(tmp_path):
     assert run.ref is None  # the reference is the base, adapters disabled
     assert before["eval/rewards/margins"] == 0.0
     assert after["eval/rewards/margins"] > 0.0 and after["eval/loss"] < before["eval/loss"], (before, after)
-
-
-@pytest.mark.slow
-def test_hybrid_sft_and_dpo_on_two_processes_zero2(tmp_path):
-    pairs = write(tmp_path / "pairs.json", reversal_pairs(8, 0))
-    cfg = inproc.base(tmp_path, mode="hybrid", HYBRID_RL="dpo", PREF_FILE=pairs, PREF_BATCH=4, LR_PREF=3e-4,
-                      DPO_BETA=0.5, SFT_BATCH=4, MAX_STEPS=3, CYCLE_SFT_STEPS=1, CYCLE_PPO_UPDATES=2,
-                      MAX_NAN_STEPS=1, ZERO_STAGE=2)
-    done, log = forked_runs({"hybrid_dpo": (cfg, 2)}, tmp_path)
-    assert done.get("hybrid_dpo", (None,))[0] == 0, log[-4000:]
-    assert "preference pairs: items: 8 in file, 8 used" in log, log[-4000:]
-    out = cfg["OUTPUT_DIR"]
-    assert_finite_rows(metrics(out, "sft"), 3, "sft")
-    rows = metrics(out, "dpo")
-    assert_finite_rows(rows, 6, "dpo")
-    assert rows[-1]["dpo/rewards/margins"] > rows[0]["dpo/rewards/margins"], rows
-    assert rows[-1]["curriculum/ppo_updates"] == 2
-    assert not metrics(out, "ppo")

@@ -65,7 +65,8 @@ def validate(cfg: Config) -> list[str]:
     if cfg.gen.min_new_tokens > cfg.gen.max_new_tokens:
         problems.append(f"MIN_NEW_TOKENS ({cfg.gen.min_new_tokens}) exceeds MAX_NEW_TOKENS "
                         f"({cfg.gen.max_new_tokens}).")
-    if cfg.run.mode != "sft" and cfg.gen.max_new_tokens >= cfg.data.maxseq:
+    generates = cfg.run.mode == "ppo" or (cfg.run.mode == "hybrid" and cfg.pref.hybrid_rl == "ppo")
+    if generates and cfg.gen.max_new_tokens >= cfg.data.maxseq:  # MODE=dpo and rm generate nothing
         problems.append(f"MAX_NEW_TOKENS ({cfg.gen.max_new_tokens}) must be below MAXSEQ ({cfg.data.maxseq}): MAXSEQ "
                         f"bounds prompt + response, so PPO prompts keep their last MAXSEQ - MAX_NEW_TOKENS tokens.")
     if cfg.run.ref_placement == "separate" and cfg.run.mode == "sft":
@@ -188,7 +189,7 @@ def pref_problems(cfg: Config, world: int, check_files: bool = True) -> list[str
     return out
 
 
-_BUILTIN_DATA = ("builtin:demo-tasks",)
+_BUILTIN_DATA = ("builtin:demo-tasks", "builtin:demo-pairs")
 
 
 def file_problems(cfg: Config) -> list[str]:

@@ -231,8 +231,8 @@ class PrefConfig:
     """Preference pairs, DPO and the reward model (hybrid_ds/algorithms/dpo.py, rm.py; docs/preference.md)."""
 
     pref_file: str = opt("", "MODE=hybrid with HYBRID_RL=dpo: the preference pairs ({\"prompt\", \"chosen\", "
-                             "\"rejected\"}, text or message lists); TRAIN_FILE holds the SFT data. MODE=dpo and "
-                             "MODE=rm read their pairs from TRAIN_FILE.", key="PREF_FILE")
+                             "\"rejected\"}, text or message lists; or builtin:demo-pairs); TRAIN_FILE holds the SFT "
+                             "data. MODE=dpo and MODE=rm read their pairs from TRAIN_FILE.", key="PREF_FILE")
     hybrid_rl: str = opt("ppo", "MODE=hybrid: the phase interleaved with SFT: ppo (rollouts and a reward) or dpo (pairs "
                                 "of PREF_FILE; CYCLE_PPO_UPDATES then counts DPO steps).", key="HYBRID_RL",
                          choices=("ppo", "dpo"))
