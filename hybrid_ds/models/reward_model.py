@@ -36,24 +36,29 @@ def last_token_scores(values: torch.Tensor, attention_mask: torch.Tensor) -> tor
 def save_reward_model(state: dict, lm_config, tokenizer, out_dir: str) -> None:
     """Write ``state`` (PolicyValue keys: the trunk under 'lm.', the head as 'v_head.weight') as a
     ``ForSequenceClassification`` model of ``lm_config``'s family with one label and the tokenizer's pad
-    id, plus the tokenizer. Every trunk weight must land in it (the LM head is left out)."""
+    id, plus the tokenizer. Every trunk weight must land in it (the LM head is left out).
+
+    The class is built on the meta device by its constructor only to read its parameter names, and the
+    files are written directly: ``from_config`` or ``save_pretrained`` would start DeepSpeed's ZeRO-3
+    partitioning (a collective) while only the main rank is here."""
+    from safetensors.torch import save_file
     from transformers import AutoModelForSequenceClassification
 
     config = type(lm_config).from_dict(lm_config.to_dict())
     config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
-    config.architectures = None
+    cls = AutoModelForSequenceClassification._model_mapping[type(config)]
     with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config)
+        wanted = cls(config).state_dict()
     lm_sd = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
-    wanted = model.state_dict()
-    sd = {k: v for k, v in lm_sd.items() if k in wanted}
+    sd = {k: lm_sd[k] for k in wanted if k in lm_sd}
     sd["score.weight"] = state["v_head.weight"].reshape(wanted["score.weight"].shape)
     missing = sorted(set(wanted) - set(sd))
     if missing:
-        raise ValueError(f"reward model: the trunk's weights do not name {missing[:3]} of "
-                         f"{type(model).__name__}; this family cannot be saved as a sequence classifier")
-    model.load_state_dict({k: v.detach().to("cpu").clone() for k, v in sd.items()}, assign=True)
-    model.config.architectures = [type(model).__name__]
+        raise ValueError(f"reward model: the trunk's weights do not name {missing[:3]} of {cls.__name__}; "
+                         f"this family cannot be saved as a sequence classifier")
+    config.architectures = [cls.__name__]
     os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    config.save_pretrained(out_dir)
+    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()},
+              os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(out_dir)
