@@ -44,6 +44,9 @@ def test_hybrid_sft_and_dpo_on_two_processes_zero2(runs):
     assert rows[-1]["curriculum/ppo_updates"] == 2
     assert not metrics(out, "ppo")
     assert os.path.isfile(os.path.join(out, "inference_lm", "model.safetensors"))
+    from hybrid_ds.run.report import summarise
+
+    assert "dpo/rewards/margins" in summarise(out) and "sft/loss" in summarise(out)
 
 
 def test_rm_under_zero3_resumes_and_writes_a_reward_model(runs):

@@ -80,10 +80,14 @@ def item_problem(item: Any, output_field: str) -> Optional[str]:
 # loading
 
 
-def demo_pairs() -> list[dict]:
+def demo_pairs(split: str = "train", key: str = "TRAIN_FILE") -> list[dict]:
     """builtin:demo-pairs: a preference pair per demo task item (hybrid_ds/data/pairs.py), checkably
     ranked: the prompt is the item's seed-template prompt, ``chosen`` its correct output, ``rejected``
-    the output of the next item of the same task whose output differs (a wrong answer to this input)."""
+    the output of the next item of the same task whose output differs (a wrong answer to this input).
+    Split ``test`` holds every 8th item's pair (50), ``train`` the other 350."""
+    if split not in ("train", "test"):
+        raise DataError(f"{key} 'builtin:demo-pairs': no split {split!r} (has train, test); set "
+                        f"{SPLIT_KEYS.get(key, 'SPLIT')}.")
     from hybrid_ds.assets import DEMO_TASKS
 
     with open(DEMO_TASKS, encoding="utf-8") as f:
@@ -92,7 +96,8 @@ def demo_pairs() -> list[dict]:
     for i, item in enumerate(tasks):
         later = tasks[i + 1:] + tasks[:i]
         wrong = next(t["output"] for t in later if t["task"] == item["task"] and t["output"] != item["output"])
-        out.append({"prompt": render_prompt(item, "output"), "chosen": item["output"], "rejected": wrong})
+        if (i % 8 == 0) == (split == "test"):
+            out.append({"prompt": render_prompt(item, "output"), "chosen": item["output"], "rejected": wrong})
     return out
 
 
@@ -105,7 +110,7 @@ def read_items(path: str, split: str = "train", config: str = "", key: str = "TR
     file, a save_to_disk directory, a directory of data files or a hub dataset id (with its configuration
     ``config``, DATASET_CONFIG). ``key`` names the setting in messages (TRAIN_FILE, EVAL_FILE)."""
     if path == "builtin:demo-pairs":
-        return demo_pairs()
+        return demo_pairs(split, key)
     if path == "builtin:demo-tasks":
         from hybrid_ds.assets import DEMO_TASKS
         path = DEMO_TASKS

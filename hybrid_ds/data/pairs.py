@@ -37,7 +37,7 @@ def load_pairs(path: str, *, key: str = "TRAIN_FILE", split: str = "train", conf
     pairs of ``path``; a bad item raises DataError naming ``key``, the file and the item (ON_BAD_ITEM)."""
     report = report if report is not None else DataReport()
     raw = read_items(path, split, config, key)
-    report.total, report.data_format, report.detected = len(raw), "preference pairs", False
+    report.total = len(raw)  # no DATA_FORMAT line: a pairs file has one format
     items = []
     for i, item in enumerate(raw):
         problem = pair_problem(item)
