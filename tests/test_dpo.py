@@ -76,6 +76,7 @@ def test_message_pairs_render_through_the_chat_template(tmp_path):
     ({"prompt": "a", "chosen": [{"role": "assistant", "content": "b"}], "rejected": "c"}, "all be text or all"),
     ({"prompt": [{"role": "user", "content": "a"}], "chosen": [{"role": "user", "content": "b"}],
       "rejected": [{"role": "assistant", "content": "c"}]}, "chosen ends with a 'user' turn"),
+    ({"prompt": "a", "chosen": "b", "rejected": "c", "margin": "high"}, "field 'margin' is 'high'"),
 ])
 def test_bad_pairs_name_the_file_and_item(tmp_path, item, says):
     path = write(tmp_path / "bad.json", reversal_pairs(2, 0) + [item])
@@ -83,6 +84,15 @@ def test_bad_pairs_name_the_file_and_item(tmp_path, item, says):
         load_pairs(path, key="PREF_FILE", shuffle=False)
     assert f"PREF_FILE {path!r} item 2: " in str(e.value) and says in str(e.value), str(e.value)
     assert len(load_pairs(path, on_bad_item="skip")) == 2
+
+
+def test_builtin_demo_pairs_rank_the_correct_output_first():
+    train, test = load_pairs("builtin:demo-pairs", shuffle=False), load_pairs("builtin:demo-pairs", split="test", shuffle=False)
+    assert (len(train), len(test)) == (350, 50)
+    assert all(p["chosen"] != p["rejected"] for p in train + test)
+    assert test[0]["chosen"] == "forest" and "input: forest rain" in test[0]["prompt"]  # demo item 0: first word
+    with pytest.raises(DataError, match="no split 'validation' \\(has train, test\\)"):
+        load_pairs("builtin:demo-pairs", split="validation")
 
 
 def test_pref_keys_are_checked_against_mode(tmp_path):

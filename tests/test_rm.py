@@ -96,7 +96,7 @@ def test_the_reward_model_drives_ppo(trained, tmp_path):
 def test_rm_with_lora_writes_a_merged_reward_model(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    run = inproc.make_run(rm_cfg(tmp_path, LORA_R=4, MAX_STEPS=2, EVAL_FILE="", EVAL_EVERY=0))
+    run = inproc.make_run(rm_cfg(tmp_path, LORA_R=4, MAX_STEPS=1, EVAL_FILE="", EVAL_EVERY=0))
     loop.train(run)
     save_outputs(run)
     assert metrics(run.cfg.run.output_dir, "rm")[-1]["rm/loss"] < 1.0
