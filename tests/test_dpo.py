@@ -87,7 +87,8 @@ def test_bad_pairs_name_the_file_and_item(tmp_path, item, says):
 
 
 def test_builtin_demo_pairs_rank_the_correct_output_first():
-    train, test = load_pairs("builtin:demo-pairs", shuffle=False), load_pairs("builtin:demo-pairs", split="test", shuffle=False)
+    train = load_pairs("builtin:demo-pairs", shuffle=False)
+    test = load_pairs("builtin:demo-pairs", split="test", shuffle=False)
     assert (len(train), len(test)) == (350, 50)
     assert all(p["chosen"] != p["rejected"] for p in train + test)
     assert test[0]["chosen"] == "forest" and "input: forest rain" in test[0]["prompt"]  # demo item 0: first word

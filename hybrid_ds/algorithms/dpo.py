@@ -118,7 +118,8 @@ def evaluate_pairs(ctx: PhaseContext, pairs: list[Pair]) -> dict[str, float]:
                                          label_smoothing=p.dpo_label_smoothing, chosen_tokens=n[:B],
                                          rejected_tokens=n[B:])
         if part:
-            sums += torch.cat([loss.sum().reshape(1), stats.sums(), torch.ones(1, device=loss.device) * B]).double().cpu()
+            row = torch.cat([loss.sum().reshape(1), stats.sums(), torch.full((1,), float(B), device=loss.device)])
+            sums += row.double().cpu()
     g = dist.all_reduce_sum(sums.float().to(dist.device)).double().cpu().tolist()
     n = max(g[-1], 1.0)
     return {"eval/loss": g[0] / n, **{f"eval/rewards/{k}": v / n for k, v in zip(METRICS, g[1:5])},

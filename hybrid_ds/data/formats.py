@@ -19,6 +19,7 @@ How each format is rendered and labelled: docs/data.md.
 
 from __future__ import annotations
 
+import math
 import string
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -188,7 +189,7 @@ def pair_problem(item: Any) -> Optional[str]:
         return (f"missing field {missing[0]!r} (fields: {', '.join(map(str, item)) or 'none'}); a preference "
                 f"pair has prompt, chosen and rejected")
     margin = item.get("margin", 0.0)
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin != margin or abs(margin) == float("inf"):
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
         return f"field 'margin' is {margin!r}; it must be a finite number (MODE=rm's Bradley-Terry margin)"
     p, c, r = (item[k] for k in PAIR_KEYS)
     if all(isinstance(x, str) for x in (p, c, r)):

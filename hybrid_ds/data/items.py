@@ -106,9 +106,10 @@ SPLIT_KEYS = {"TRAIN_FILE": "SPLIT", "EVAL_FILE": "EVAL_SPLIT"}
 
 
 def read_items(path: str, split: str = "train", config: str = "", key: str = "TRAIN_FILE") -> list:
-    """Raw items from a JSON list, JSONL, builtin:demo-tasks, builtin:demo-pairs, or anything ``datasets`` loads: a datasets
-    file, a save_to_disk directory, a directory of data files or a hub dataset id (with its configuration
-    ``config``, DATASET_CONFIG). ``key`` names the setting in messages (TRAIN_FILE, EVAL_FILE)."""
+    """Raw items from a JSON list, JSONL, builtin:demo-tasks, builtin:demo-pairs (:func:`demo_pairs`), or
+    anything ``datasets`` loads: a datasets file, a save_to_disk directory, a directory of data files or a
+    hub dataset id (with its configuration ``config``, DATASET_CONFIG). ``key`` names the setting in
+    messages (TRAIN_FILE, EVAL_FILE)."""
     if path == "builtin:demo-pairs":
         return demo_pairs(split, key)
     if path == "builtin:demo-tasks":

@@ -11,8 +11,8 @@ Building the run is :mod:`hybrid_ds.run.setup`; the CLI that drives both is :mod
 
 from __future__ import annotations
 
-from hybrid_ds.algorithms.evaluate import evaluate
 from hybrid_ds.algorithms import dpo, rm
+from hybrid_ds.algorithms.evaluate import evaluate
 from hybrid_ds.algorithms.registry import Phase, mode_phases
 from hybrid_ds.run import curriculum
 from hybrid_ds.run.checkpoint import at_boundary
@@ -94,8 +94,8 @@ def maybe_evaluate(run: Run, step: int, final: bool = False) -> None:
         m = evaluate(run, run.eval_examples)
     run.logger.log(step, "eval", m)
     if run.dist.is_main:
-        shown = ", ".join(f"{k.split('/', 1)[1]} {m[k]:.4g}" for k in ("eval/loss", "eval/reward_mean",
-                                                                          "eval/rewards/accuracies", "eval/accuracy") if k in m)
+        keys = ("eval/loss", "eval/reward_mean", "eval/rewards/accuracies", "eval/accuracy")
+        shown = ", ".join(f"{k.split('/', 1)[1]} {m[k]:.4g}" for k in keys if k in m)
         print(f"[hybrid_ds] eval at step {step} on {int(m['eval/items'])} items: {shown}", flush=True)
 
 
