@@ -10,6 +10,16 @@ import torch
 from hybrid_ds.algorithms import pref_math as pm
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fresh_accelerate_state():
+    """TRL's trainers set Accelerate's process-wide state with their own arguments; it is reset after this
+    module, so the in-process runs of later tests (tests/inproc.py) set theirs."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def _nlsig(x):  # -log sigma(x), by hand
     return math.log1p(math.exp(-x))
 
