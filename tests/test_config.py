@@ -154,7 +154,7 @@ BAD = [
     ({"SFT_BATCH": "eight"}, "SFT_BATCH: expected an integer, got str 'eight'."),
     ({"LR_SFT": -1.0}, "LR_SFT: -1.0 is out of range; it must be > 0.0."),
     ({"PERCENT": 150}, "PERCENT: 150.0 is out of range; it must be <= 100.0."),
-    ({"MODE": "hybird"}, "MODE: 'hybird' is not one of sft, ppo, hybrid. Did you mean 'hybrid'?"),
+    ({"MODE": "hybird"}, "MODE: 'hybird' is not one of sft, ppo, hybrid, dpo, rm. Did you mean 'hybrid'?"),
     ({"SHUFFLE": "./shuffle.sh data.json"}, "hybrid_ds never runs config strings"),
     ({"SFT_BATCH": 6, "GRAD_ACCUM": 4}, "SFT_BATCH (6) must be divisible by processes x GRAD_ACCUM = 1 x 4 = 4"),
     ({"MODE": "ppo", "PPO_BATCH": 8, "PPO_MINI": 3}, "PPO_MINI (3) must divide PPO_BATCH (8)."),

@@ -25,7 +25,7 @@ from hybrid_ds.reference.protocol import RefClient
 from hybrid_ds.rewards.base import Reward
 
 KLController = Union[AdaptiveKLController, FixedKLController]
-#: A stream's name ("sft" | "ppo") -> this rank's share of that stream's next global batch.
+#: A stream's name ("sft" | "ppo" | "pref") -> this rank's share of that stream's next global batch.
 NextBatch = Callable[[str], list[Example]]
 
 
@@ -35,6 +35,7 @@ class Counters:
 
     sft_step: int = 0  # SFT optimizer steps done (warm-up included)
     ppo_update: int = 0  # PPO updates done
+    pref_step: int = 0  # DPO or reward-model optimizer steps done
     cycle: int = 0  # hybrid cycles done
     ref_snapshot: int = 0  # 1 once the reference is not the start (REF_INIT=after_warmup, REF_SYNC_EVERY)
     nan_streak: int = 0  # non-finite losses in a row (MAX_NAN_STEPS stops the run)

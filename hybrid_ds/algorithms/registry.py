@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from hybrid_ds.algorithms import ppo, sft
+from hybrid_ds.algorithms import dpo, ppo, rm, sft
 from hybrid_ds.algorithms.context import NextBatch, PhaseContext
 
 
@@ -28,8 +28,16 @@ PHASES: dict[str, Phase] = {
     "sft": Phase("sft", "sft_step", sft.run_step, ("sft/loss",), needs_reference=False, needs_reward=False),
     "ppo": Phase("ppo", "ppo_update", ppo.run_update, ("ppo/loss/policy", "ppo/loss/value"),
                  needs_reference=True, needs_reward=True),
+    "dpo": Phase("dpo", "pref_step", dpo.run_step, ("dpo/loss",), needs_reference=True, needs_reward=False),
+    "rm": Phase("rm", "pref_step", rm.run_step, ("rm/loss",), needs_reference=False, needs_reward=False),
 }
 
 #: MODE -> the phases it interleaves, in cycle order (hybrid: SFT steps, then RL updates).
-MODES: dict[str, tuple[str, ...]] = {"sft": ("sft",), "ppo": ("ppo",), "hybrid": ("sft", "ppo")}
+MODES: dict[str, tuple[str, ...]] = {"sft": ("sft",), "ppo": ("ppo",), "hybrid": ("sft", "ppo"), "dpo": ("dpo",),
+                                     "rm": ("rm",)}
+
+
+def mode_phases(mode: str, hybrid_rl: str = "ppo") -> list[Phase]:
+    """The phases MODE runs, in cycle order; MODE=hybrid's RL phase is HYBRID_RL (ppo or dpo)."""
+    return [PHASES[hybrid_rl if mode == "hybrid" and name == "ppo" else name] for name in MODES[mode]]
 

@@ -65,7 +65,8 @@ def validate(cfg: Config) -> list[str]:
     if cfg.gen.min_new_tokens > cfg.gen.max_new_tokens:
         problems.append(f"MIN_NEW_TOKENS ({cfg.gen.min_new_tokens}) exceeds MAX_NEW_TOKENS "
                         f"({cfg.gen.max_new_tokens}).")
-    if cfg.run.mode != "sft" and cfg.gen.max_new_tokens >= cfg.data.maxseq:
+    generates = cfg.run.mode == "ppo" or (cfg.run.mode == "hybrid" and cfg.pref.hybrid_rl == "ppo")
+    if generates and cfg.gen.max_new_tokens >= cfg.data.maxseq:  # MODE=dpo and rm generate nothing
         problems.append(f"MAX_NEW_TOKENS ({cfg.gen.max_new_tokens}) must be below MAXSEQ ({cfg.data.maxseq}): MAXSEQ "
                         f"bounds prompt + response, so PPO prompts keep their last MAXSEQ - MAX_NEW_TOKENS tokens.")
     if cfg.run.ref_placement == "separate" and cfg.run.mode == "sft":
@@ -182,7 +183,42 @@ def batch_problems(cfg: Config, world: int) -> list[str]:
     return out
 
 
-_BUILTIN_DATA = ("builtin:demo-tasks",)
+def uses_pairs(cfg: Config) -> bool:
+    """Whether the run trains on preference pairs (MODE=dpo, MODE=rm, or hybrid with HYBRID_RL=dpo)."""
+    return cfg.run.mode in ("dpo", "rm") or (cfg.run.mode == "hybrid" and cfg.pref.hybrid_rl == "dpo")
+
+
+def pref_problems(cfg: Config, world: int, check_files: bool = True) -> list[str]:
+    """The preference keys (the ``pref`` section) against MODE: where the pairs come from, their batch
+    arithmetic for ``world`` processes, and the reference placements DPO supports (docs/preference.md)."""
+    out, mode, p = [], cfg.run.mode, cfg.pref
+    dpo_hybrid = mode == "hybrid" and p.hybrid_rl == "dpo"
+    if p.hybrid_rl != "ppo" and mode != "hybrid":
+        out.append(f"HYBRID_RL ({p.hybrid_rl}) applies to MODE=hybrid only; MODE={mode} runs its own phase.")
+    if p.pref_file and not dpo_hybrid:
+        where = "TRAIN_FILE holds its pairs" if mode in ("dpo", "rm") else "it trains on no pairs"
+        out.append(f"PREF_FILE applies to MODE=hybrid with HYBRID_RL=dpo; MODE={mode}: {where}. Remove PREF_FILE.")
+    if dpo_hybrid and not p.pref_file:
+        out.append("PREF_FILE: required with MODE=hybrid and HYBRID_RL=dpo (the preference pairs; TRAIN_FILE holds "
+                   "the SFT data).")
+    if check_files and p.pref_file:
+        out += [q for q in [data_path_problem("PREF_FILE", p.pref_file)] if q]
+    if not uses_pairs(cfg):
+        return out
+    out += BatchPlan.problems("PREF_BATCH", p.batch, world, p.grad_accum, "PREF_GRAD_ACCUM")
+    dpo = mode == "dpo" or dpo_hybrid
+    if p.dpo_label_smoothing and p.dpo_loss != "sigmoid" and dpo:
+        out.append(f"DPO_LABEL_SMOOTHING applies to DPO_LOSS=sigmoid; DPO_LOSS={p.dpo_loss} has none. Remove it.")
+    if cfg.run.ref_placement == "separate":
+        out.append("REF_PLACEMENT=separate: DPO's reference runs on the policy's ranks (a colocated frozen copy, or "
+                   "with LORA_R the base with its adapters disabled) and MODE=rm has none; use colocated."
+                   if dpo else "REF_PLACEMENT=separate with MODE=rm: a reward model uses no reference; use colocated.")
+    if mode in ("dpo", "rm") and cfg.ppo.ptx_coef > 0:
+        out.append(f"PTX_COEF mixes SFT into PPO updates; MODE={mode} runs none. Remove PTX_COEF.")
+    return out
+
+
+_BUILTIN_DATA = ("builtin:demo-tasks", "builtin:demo-pairs")
 
 
 def file_problems(cfg: Config) -> list[str]:

@@ -125,7 +125,7 @@ def read_config_file(path: str) -> dict:
 
 # Keys that name files or directories: ``~`` is expanded in every one of them when the config is
 # loaded, so each consumer (validation, loading, the written config.json) sees the same path.
-PATH_KEYS = ("MODEL", "TOKENIZER", "TRAIN_FILE", "OUTPUT_DIR", "DS_CONFIG", "RESUME", "EVAL_FILE")
+PATH_KEYS = ("MODEL", "TOKENIZER", "TRAIN_FILE", "OUTPUT_DIR", "DS_CONFIG", "RESUME", "EVAL_FILE", "PREF_FILE")
 
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # ds_configs/ lives here

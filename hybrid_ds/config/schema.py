@@ -45,8 +45,9 @@ class ConfigError(Exception):
 
 @dataclass
 class RunConfig:
-    mode: str = opt("hybrid", "Training mode: sft, ppo, or hybrid (SFT steps and PPO updates interleaved).",
-                    choices=("sft", "ppo", "hybrid"))
+    mode: str = opt("hybrid", "Training mode: sft, ppo, hybrid (SFT steps interleaved with HYBRID_RL updates), dpo "
+                              "(DPO on preference pairs) or rm (a reward model trained on preference pairs); "
+                              "docs/preference.md.", choices=("sft", "ppo", "hybrid", "dpo", "rm"))
     model: str = opt("", "Base model: a local directory, a hub name, or builtin:tiny-gpt2 (shipped, no download).",
                      required=True)
     tokenizer: str = opt("", "Tokenizer to load; empty means the MODEL's own.")
@@ -226,6 +227,31 @@ class HybridConfig:
 
 
 @dataclass
+class PrefConfig:
+    """Preference pairs, DPO and the reward model (hybrid_ds/algorithms/dpo.py, rm.py; docs/preference.md)."""
+
+    pref_file: str = opt("", "MODE=hybrid with HYBRID_RL=dpo: the preference pairs ({\"prompt\", \"chosen\", "
+                             "\"rejected\"}, text or message lists; or builtin:demo-pairs); TRAIN_FILE holds the SFT "
+                             "data. MODE=dpo and MODE=rm read their pairs from TRAIN_FILE.", key="PREF_FILE")
+    hybrid_rl: str = opt("ppo", "MODE=hybrid: the phase interleaved with SFT: ppo (rollouts and a reward) or dpo (pairs "
+                                "of PREF_FILE; CYCLE_PPO_UPDATES then counts DPO steps).", key="HYBRID_RL",
+                         choices=("ppo", "dpo"))
+    batch: int = opt(4, "Preference pairs per DPO or reward-model optimizer step, over all processes and "
+                        "accumulation.", key="PREF_BATCH", lo=1)
+    grad_accum: int = opt(1, "Micro-batches accumulated per DPO or reward-model optimizer step.",
+                          key="PREF_GRAD_ACCUM", lo=1)
+    lr: float = opt(5e-6, "Learning rate of the DPO and reward-model phases (peak of their schedule).",
+                    key="LR_PREF", lo=0.0, lo_open=True)
+    dpo_beta: float = opt(0.1, "DPO's beta (IPO's tau): the strength of the implicit KL to the reference.",
+                          key="DPO_BETA", lo=0.0, lo_open=True)
+    dpo_loss: str = opt("sigmoid", "DPO loss: sigmoid (Rafailov et al. 2023) or ipo (Azar et al. 2023, log-ratios "
+                                   "averaged per token).", key="DPO_LOSS", choices=("sigmoid", "ipo"))
+    dpo_label_smoothing: float = opt(0.0, "DPO_LOSS=sigmoid: the probability that a pair's labels are flipped "
+                                          "(conservative DPO); 0 = plain DPO.", key="DPO_LABEL_SMOOTHING",
+                                     lo=0.0, hi=0.49)
+
+
+@dataclass
 class GenConfig:
     max_new_tokens: int = opt(128, "Max generated tokens per response; below MAXSEQ (ppo and hybrid modes).",
                               key="MAX_NEW_TOKENS", lo=1)
@@ -392,6 +418,7 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     hybrid: HybridConfig = field(default_factory=HybridConfig)
+    pref: PrefConfig = field(default_factory=PrefConfig)
     gen: GenConfig = field(default_factory=GenConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -412,7 +439,7 @@ class Config:
         return out
 
 
-SECTIONS = ("run", "data", "sft", "ppo", "hybrid", "gen", "model", "lora", "optim", "sched", "log")
+SECTIONS = ("run", "data", "sft", "ppo", "hybrid", "pref", "gen", "model", "lora", "optim", "sched", "log")
 ALIASES = {"ETA_MIN": "MIN_LR", "T_0": "T0"}  # other spellings: the seed configs' (examples/seed/), torch's argument names
 REWARD_KEY = "REWARD"
 

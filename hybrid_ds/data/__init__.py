@@ -1,6 +1,6 @@
 """Training data: reading and checking items, rendering prompts (:mod:`~hybrid_ds.data.items`), their
 formats (:mod:`~hybrid_ds.data.formats`), conversations and chat templates (:mod:`~hybrid_ds.data.chat`),
-tokenising and batching them (:mod:`~hybrid_ds.data.batches`)."""
+tokenising and batching them (:mod:`~hybrid_ds.data.batches`), preference pairs (:mod:`~hybrid_ds.data.pairs`)."""
 
 from hybrid_ds.data.batches import (  # noqa: F401
     IGNORE_INDEX,
@@ -25,6 +25,7 @@ from hybrid_ds.data.formats import (  # noqa: F401
     Sample,
     detect_format,
     format_problem,
+    pair_problem,
     prompt_template_problem,
     render_template,
     template_fields,
@@ -42,3 +43,4 @@ from hybrid_ds.data.items import (  # noqa: F401
     render_target,
     unreadable_data_file,
 )
+from hybrid_ds.data.pairs import Pair, collate_pairs, load_pairs, tokenize_pairs  # noqa: F401

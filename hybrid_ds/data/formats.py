@@ -19,6 +19,7 @@ How each format is rendered and labelled: docs/data.md.
 
 from __future__ import annotations
 
+import math
 import string
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -165,3 +166,44 @@ def format_problem(item: Any, fmt: str, output_field: str, template: str = "") -
                 or _conversation_end_problem(c, "completion"))
     return (f"fields 'prompt' ({type(p).__name__}) and 'completion' ({type(c).__name__}) must both be text or "
             f"both message lists")
+
+
+# --------------------------------------------------------------------------------------
+# preference pairs (hybrid_ds/data/pairs.py)
+
+PAIR_KEYS = ("prompt", "chosen", "rejected")
+
+
+def pair_problem(item: Any) -> Optional[str]:
+    """Why ``item`` is not a preference pair, naming the field, or None.
+
+    A pair is TRL's explicit-prompt preference item: ``prompt``, ``chosen`` and ``rejected`` all text
+    (each response is appended to the prompt as written), or all message lists (the prompt is the
+    shared conversation; ``chosen`` and ``rejected`` are the assistant turns that continue it, rendered
+    as the ``prompt_completion`` format's conversations are). An optional numeric ``margin`` is the
+    amount by which MODE=rm's reward of ``chosen`` should beat ``rejected``'s (Llama 2's margin)."""
+    if not isinstance(item, dict):
+        return f"expected a JSON object, got {type(item).__name__}"
+    missing = [k for k in PAIR_KEYS if k not in item]
+    if missing:
+        return (f"missing field {missing[0]!r} (fields: {', '.join(map(str, item)) or 'none'}); a preference "
+                f"pair has prompt, chosen and rejected")
+    margin = item.get("margin", 0.0)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+        return f"field 'margin' is {margin!r}; it must be a finite number (MODE=rm's Bradley-Terry margin)"
+    p, c, r = (item[k] for k in PAIR_KEYS)
+    if all(isinstance(x, str) for x in (p, c, r)):
+        empty = [k for k in ("chosen", "rejected") if not item[k].strip()]
+        return f"field {empty[0]!r} is empty" if empty else None
+    if all(isinstance(x, list) for x in (p, c, r)):
+        for key in ("chosen", "rejected"):
+            problem = _messages_problem(item[key], key) or _conversation_end_problem(item[key], key)
+            if problem:
+                return problem
+            other = next((j for j, m in enumerate(item[key]) if m["role"] != "assistant"), None)
+            if other is not None:
+                return (f"{key}[{other}].role is {item[key][other]['role']!r}; {key} holds the assistant turns "
+                        f"that answer the prompt conversation")
+        return _messages_problem(p, "prompt")
+    kinds = ", ".join(f"{k} {type(item[k]).__name__}" for k in PAIR_KEYS)
+    return f"fields prompt, chosen and rejected must all be text or all message lists (got {kinds})"

@@ -80,14 +80,38 @@ def item_problem(item: Any, output_field: str) -> Optional[str]:
 # loading
 
 
+def demo_pairs(split: str = "train", key: str = "TRAIN_FILE") -> list[dict]:
+    """builtin:demo-pairs: a preference pair per demo task item (hybrid_ds/data/pairs.py), checkably
+    ranked: the prompt is the item's seed-template prompt, ``chosen`` its correct output, ``rejected``
+    the output of the next item of the same task whose output differs (a wrong answer to this input).
+    Split ``test`` holds every 8th item's pair (50), ``train`` the other 350."""
+    if split not in ("train", "test"):
+        raise DataError(f"{key} 'builtin:demo-pairs': no split {split!r} (has train, test); set "
+                        f"{SPLIT_KEYS.get(key, 'SPLIT')}.")
+    from hybrid_ds.assets import DEMO_TASKS
+
+    with open(DEMO_TASKS, encoding="utf-8") as f:
+        tasks = json.load(f)
+    out = []
+    for i, item in enumerate(tasks):
+        later = tasks[i + 1:] + tasks[:i]
+        wrong = next(t["output"] for t in later if t["task"] == item["task"] and t["output"] != item["output"])
+        if (i % 8 == 0) == (split == "test"):
+            out.append({"prompt": render_prompt(item, "output"), "chosen": item["output"], "rejected": wrong})
+    return out
+
+
 # The split key of each data key, for messages.
 SPLIT_KEYS = {"TRAIN_FILE": "SPLIT", "EVAL_FILE": "EVAL_SPLIT"}
 
 
 def read_items(path: str, split: str = "train", config: str = "", key: str = "TRAIN_FILE") -> list:
-    """Raw items from a JSON list, JSONL, builtin:demo-tasks, or anything ``datasets`` loads: a datasets
-    file, a save_to_disk directory, a directory of data files or a hub dataset id (with its configuration
-    ``config``, DATASET_CONFIG). ``key`` names the setting in messages (TRAIN_FILE, EVAL_FILE)."""
+    """Raw items from a JSON list, JSONL, builtin:demo-tasks, builtin:demo-pairs (:func:`demo_pairs`), or
+    anything ``datasets`` loads: a datasets file, a save_to_disk directory, a directory of data files or a
+    hub dataset id (with its configuration ``config``, DATASET_CONFIG). ``key`` names the setting in
+    messages (TRAIN_FILE, EVAL_FILE)."""
+    if path == "builtin:demo-pairs":
+        return demo_pairs(split, key)
     if path == "builtin:demo-tasks":
         from hybrid_ds.assets import DEMO_TASKS
         path = DEMO_TASKS

@@ -32,7 +32,8 @@ def log(msg: str) -> None:
 
 
 def checkpoint_name(run) -> str:
-    """``step-N`` with N = cycles (hybrid), SFT steps (sft) or PPO updates (ppo); ``warmup-N`` in the warm-up."""
+    """``step-N`` with N = cycles (hybrid), SFT steps (sft), PPO updates (ppo) or preference steps (dpo, rm);
+    ``warmup-N`` in the warm-up."""
     c, mode = run.counters, run.cfg.run.mode
     if mode == "hybrid" and c.cycle == 0 and run.cfg.hybrid.sft_warmup_steps:
         return f"warmup-{c.sft_step:07d}"
@@ -41,7 +42,7 @@ def checkpoint_name(run) -> str:
 
 def unit(run) -> int:
     """Steps done in the unit SAVE_EVERY and MAX_STEPS count."""
-    key = {"sft": "sft_step", "ppo": "ppo_update"}.get(run.cfg.run.mode, "cycle")
+    key = {"sft": "sft_step", "ppo": "ppo_update", "dpo": "pref_step", "rm": "pref_step"}.get(run.cfg.run.mode, "cycle")
     return getattr(run.counters, key)
 
 
@@ -136,7 +137,8 @@ class ResumePoint:
     def describe(self) -> str:
         c, plan = self.state["counters"], self.state["plan"]
         parts = {"hybrid": f"cycle {c['cycle']} of {plan['cycles']}", "sft": f"SFT step {c['sft_step']}",
-                 "ppo": f"PPO update {c['ppo_update']}"}
+                 "ppo": f"PPO update {c['ppo_update']}", "dpo": f"DPO step {c.get('pref_step', 0)}",
+                 "rm": f"reward-model step {c.get('pref_step', 0)}"}
         return f"{self.path} ({parts[self.state['mode']]}; SFT steps {c['sft_step']}, PPO updates {c['ppo_update']})"
 
 

@@ -11,8 +11,9 @@ Building the run is :mod:`hybrid_ds.run.setup`; the CLI that drives both is :mod
 
 from __future__ import annotations
 
+from hybrid_ds.algorithms import dpo, rm
 from hybrid_ds.algorithms.evaluate import evaluate
-from hybrid_ds.algorithms.registry import MODES, PHASES, Phase
+from hybrid_ds.algorithms.registry import Phase, mode_phases
 from hybrid_ds.engine.param_stream import parameter_manifest, whole_parameters
 from hybrid_ds.run import curriculum
 from hybrid_ds.run.checkpoint import at_boundary
@@ -31,10 +32,10 @@ def phase_step(run: Run, phase: Phase) -> dict:
 def train(run: Run) -> None:
     """Walk the run's schedule (see the module docstring); returns early when a signal stopped it."""
     cfg, plan, c = run.cfg, run.plan, run.counters
-    phases = [PHASES[name] for name in MODES[cfg.run.mode]]
-    if len(phases) == 1:  # sft or ppo: one phase until its total
+    phases = mode_phases(cfg.run.mode, cfg.pref.hybrid_rl)
+    if len(phases) == 1:  # sft, ppo, dpo or rm: one phase until its total
         phase = phases[0]
-        total = plan.sft_steps if phase.name == "sft" else plan.ppo_updates
+        total = {"sft": plan.sft_steps, "ppo": plan.ppo_updates}.get(phase.name, plan.pref_steps)
         run.logger.progress(cfg.run.mode, total, getattr(c, phase.counter))
         while getattr(c, phase.counter) < total:
             m = phase_step(run, phase)
@@ -97,12 +98,16 @@ def maybe_evaluate(run: Run, step: int, final: bool = False) -> None:
     and at the end of the run (``final``) unless that step was just evaluated; logged as phase ``eval``."""
     every = run.cfg.data.eval_every
     due = bool(every) and step % every == 0
-    if not run.eval_examples or not (due or final) or (final and due):
+    if not (run.eval_examples or run.eval_pairs) or not (due or final) or (final and due):
         return
-    m = evaluate(run, run.eval_examples)
+    if run.eval_pairs:  # MODE=dpo or rm: held-out preference pairs
+        m = (rm if run.cfg.run.mode == "rm" else dpo).evaluate_pairs(run, run.eval_pairs)
+    else:
+        m = evaluate(run, run.eval_examples)
     run.logger.log(step, "eval", m)
     if run.dist.is_main:
-        shown = ", ".join(f"{k.split('/', 1)[1]} {m[k]:.4g}" for k in ("eval/loss", "eval/reward_mean") if k in m)
+        keys = ("eval/loss", "eval/reward_mean", "eval/rewards/accuracies", "eval/accuracy")
+        shown = ", ".join(f"{k.split('/', 1)[1]} {m[k]:.4g}" for k in keys if k in m)
         print(f"[hybrid_ds] eval at step {step} on {int(m['eval/items'])} items: {shown}", flush=True)
 
 

@@ -10,10 +10,14 @@ from typing import Optional
 from hybrid_ds.config import Config
 from hybrid_ds.models.lora import ADAPTER_DIR, merged_lm, save_merged
 from hybrid_ds.models.policy_value import PolicyValue, save_policy_value
+from hybrid_ds.models.reward_model import save_reward_model
+
+REWARD_MODEL_DIR = "reward_model"  # MODE=rm's output, an AutoModelForSequenceClassification directory
 
 
 def save_outputs(run) -> None:
-    """``inference_lm/`` (plain causal LM + tokenizer) and, for RL modes, ``ppo_full/`` (+ value head);
+    """``inference_lm/`` (plain causal LM + tokenizer) and, for RL modes, ``ppo_full/`` (+ value head); MODE=rm
+    writes ``reward_model/`` instead (:func:`hybrid_ds.models.reward_model.save_reward_model`);
     with LoRA also ``adapter/`` (:func:`save_lora_outputs`). Collective under ZeRO-3: every rank calls it."""
     if run.cfg.lora.r:
         state = run.engine.trainable_state_dict()
@@ -24,6 +28,10 @@ def save_outputs(run) -> None:
     state = run.dist.full_state_dict(run.engine)
     if run.dist.is_main:
         out = run.cfg.run.output_dir
+        if run.cfg.run.mode == "rm":  # a reward model, not a policy: no inference_lm/ or ppo_full/
+            save_reward_model(state, run.engine.module.config, run.tokenizer, os.path.join(out, REWARD_MODEL_DIR))
+            run.dist.barrier()
+            return
         save_policy_value(state, run.engine.module, run.tokenizer, os.path.join(out, "inference_lm"),
                           with_value_head=False)
         if run.cfg.run.mode != "sft":
@@ -45,6 +53,9 @@ def save_lora_outputs(cfg: Config, tokenizer, seed: int, state: dict, out: str,
     merged = PolicyValue(save_merged(peft_model, tokenizer, os.path.join(out, ADAPTER_DIR)))
     merged_state = {**{f"lm.{k}": v for k, v in merged.lm.state_dict().items()},
                     **{k: v for k, v in state.items() if k.startswith("v_head.")}}
+    if cfg.run.mode == "rm":  # MODE=rm: the merged trunk and the score head as a sequence classifier only
+        save_reward_model(merged_state, merged.config, tokenizer, os.path.join(out, REWARD_MODEL_DIR))
+        return
     for name, with_value_head in dirs.items():
         save_policy_value(merged_state, merged, tokenizer, os.path.join(out, name), with_value_head=with_value_head)
 

@@ -19,17 +19,17 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from hybrid_ds.config import Config, ConfigError
-from hybrid_ds.config.batch_plan import BatchPlans
-from hybrid_ds.config.checks import (batch_problems, file_problems, output_dir_problem, tracker_package_problems,
-                                     validate)
+from hybrid_ds.config.batch_plan import BatchPlan, BatchPlans
+from hybrid_ds.config.checks import (batch_problems, file_problems, output_dir_problem, pref_problems,
+                                     tracker_package_problems, uses_pairs, validate)
 from hybrid_ds.config.load import build_config, normalise_paths, parse_override, read_config_file
 from hybrid_ds.config.schema import REWARD_KEY
-from hybrid_ds.data import (DataReport, Example, chat_template_problem, load_items, prompt_template_problem,
-                            tokenize_items, use_chat_template)
+from hybrid_ds.data import (DataReport, Example, Pair, chat_template_problem, load_items, load_pairs,
+                            prompt_template_problem, tokenize_items, tokenize_pairs, use_chat_template)
 from hybrid_ds.engine.launch_plan import plan_launch
 from hybrid_ds.engine.launcher import launched_world_problem
 from hybrid_ds.engine.placement import launch_world_size, placement_problems, policy_world_size
-from hybrid_ds.optim import make_phase_schedules, schedule_warnings, validate_optim_config
+from hybrid_ds.optim import PhaseSchedule, make_phase_schedules, schedule_warnings, validate_optim_config
 from hybrid_ds.rewards import validate_reward_spec
 from hybrid_ds.rollout.multiturn import env_problem
 from hybrid_ds.run.resume import describe_resume, resume_problems
@@ -72,6 +72,8 @@ def config_problems(cfg: Config, *, check_files: bool = True, world_size: Option
         problems += [p for p in (launched_world_problem(launched),) if p]
     if not place:
         problems += batch_problems(cfg, policy_world_size(cfg.run.ref_placement, cfg.run.ref_ranks, launched))
+    problems += pref_problems(cfg, launched if place else policy_world_size(cfg.run.ref_placement, cfg.run.ref_ranks,
+                                                                            launched), check_files)
     problems += validate_optim_config(cfg)
     problems += [p for p in (prompt_template_problem(cfg.data.prompt_template, cfg.data.select_output),
                              chat_template_problem(cfg.data.chat_template) if check_files else None) if p]
@@ -139,6 +141,22 @@ def prepare_eval_data(cfg: Config, tokenizer, report: Optional[DataReport] = Non
                           prompt_template=d.prompt_template)
 
 
+def prepare_pairs(cfg: Config, tokenizer, seed: int, report: Optional[DataReport] = None, *,
+                  held_out: bool = False) -> list[Pair]:
+    """The preference pairs (docs/preference.md), read and tokenised as training sees them: TRAIN_FILE's in
+    MODE=dpo and rm, PREF_FILE's in hybrid mode; ``held_out``: EVAL_FILE's, in file order."""
+    d = cfg.data
+    if held_out:
+        key, path, split, shuffle, n = "EVAL_FILE", d.eval_file, d.eval_split or d.split, False, d.eval_num_samples
+    else:
+        key, path, split, shuffle, n = (("PREF_FILE", cfg.pref.pref_file) if cfg.pref.pref_file else
+                                        ("TRAIN_FILE", cfg.run.train_file)) + (d.split, d.shuffle, d.num_samples)
+    items = load_pairs(path, key=key, split=split, config=d.dataset_config, shuffle=shuffle, seed=seed,
+                       num_samples=n, on_bad_item=d.on_bad_item, report=report,
+                       percent=100.0 if held_out else d.percent)
+    return tokenize_pairs(items, tokenizer, d.maxseq, report, key=key)
+
+
 def eval_warnings(cfg: Config) -> list[str]:
     """EVAL_FILE naming the very data trained on: allowed, but its numbers then measure no generalisation."""
     d = cfg.data
@@ -161,6 +179,9 @@ class Preflight:
     warnings: list[str]  # valid but probably unintended settings, with their numbers
     eval_examples: list[Example] = field(default_factory=list)  # EVAL_FILE's, tokenised (none without it)
     eval_report: DataReport = field(default_factory=DataReport)
+    pairs: list[Pair] = field(default_factory=list)  # the preference pairs (MODE=dpo, rm; HYBRID_RL=dpo)
+    pref_report: DataReport = field(default_factory=DataReport)  # PREF_FILE's (hybrid), else unused
+    eval_pairs: list[Pair] = field(default_factory=list)  # MODE=dpo and rm: EVAL_FILE's pairs
 
 
 def preflight(cfg: Config, seed: int) -> Preflight:
@@ -198,10 +219,11 @@ def preflight(cfg: Config, seed: int) -> Preflight:
         raise ConfigError(problems, "the model and tokenizer")
     use_chat_template(tokenizer, cfg.data.chat_template)  # CHAT_TEMPLATE: rendering and stop ids follow it
 
-    # 2. the data, through the tokenisation the run uses
-    report = DataReport()
-    examples = prepare_data(cfg, tokenizer, seed, report)
-    plan = plan_schedule(cfg, len(examples))
+    # 2. the data, through the tokenisation the run uses (MODE=dpo and rm: TRAIN_FILE holds pairs)
+    report, pref_report, pairs_only = DataReport(), DataReport(), cfg.run.mode in ("dpo", "rm")
+    examples = [] if pairs_only else prepare_data(cfg, tokenizer, seed, report)
+    pairs = prepare_pairs(cfg, tokenizer, seed, report if pairs_only else pref_report) if uses_pairs(cfg) else []
+    plan = plan_schedule(cfg, len(examples), len(pairs))
 
     # 3. batches against the items kept, the schedules over the run's steps
     n = len(examples)
@@ -211,17 +233,25 @@ def preflight(cfg: Config, seed: int) -> Preflight:
     if plan.ppo_updates and cfg.ppo.batch > n:
         problems.append(f"PPO_BATCH ({cfg.ppo.batch}) is larger than the {n} usable items of TRAIN_FILE; lower "
                         f"PPO_BATCH or use more data.")
+    if plan.pref_steps and cfg.pref.batch > len(pairs):
+        problems.append(f"PREF_BATCH ({cfg.pref.batch}) is larger than the {len(pairs)} usable preference pairs of "
+                        f"{'PREF_FILE' if cfg.pref.pref_file else 'TRAIN_FILE'}; lower PREF_BATCH or use more pairs.")
     if problems:
         raise ConfigError(problems, "the data")
     try:  # the schedules' totals come from the data, so some checks can only run here
         schedules = make_phase_schedules(cfg, plan.sft_steps, plan.ppo_optimizer_steps)
+        if plan.pref_steps:  # the DPO or reward-model phase's own schedule, over LR_PREF
+            schedules["rm" if cfg.run.mode == "rm" else "dpo"] = PhaseSchedule(cfg, cfg.pref.lr, plan.pref_steps)
     except ValueError as e:
         raise ConfigError([str(e).replace("\n", " ")], "the run's schedule") from None
-    steps = {"LR_SFT": plan.sft_steps, "LR_PPO": plan.ppo_optimizer_steps}
+    steps = {"LR_SFT": plan.sft_steps, "LR_PPO": plan.ppo_optimizer_steps, "LR_PREF": plan.pref_steps}
     warnings = schedule_warnings(cfg, {k: v for k, v in steps.items() if v > 0}) + eval_warnings(cfg)
     eval_report = DataReport()
-    eval_examples = prepare_eval_data(cfg, tokenizer, eval_report)
-    return Preflight(seed, tokenizer, examples, report, plan, schedules, warnings, eval_examples, eval_report)
+    eval_examples = [] if pairs_only else prepare_eval_data(cfg, tokenizer, eval_report)
+    eval_pairs = prepare_pairs(cfg, tokenizer, seed, eval_report, held_out=True) if pairs_only and \
+        cfg.data.eval_file else []
+    return Preflight(seed, tokenizer, examples, report, plan, schedules, warnings, eval_examples, eval_report,
+                     pairs, pref_report, eval_pairs)
 
 
 def describe_plan(cfg: Config, pre: Preflight) -> str:
@@ -232,16 +262,22 @@ def describe_plan(cfg: Config, pre: Preflight) -> str:
              f"seed: {cfg.run.seed if cfg.run.seed is not None else 'drawn from the OS at start'}"]
     lines += [f"data: {x}" for x in pre.report.lines()]
     if cfg.data.eval_file:
-        unit = {"hybrid": "cycles", "sft": "SFT steps", "ppo": "PPO updates"}[cfg.run.mode]
+        unit = {"hybrid": "cycles", "sft": "SFT steps", "ppo": "PPO updates"}.get(cfg.run.mode, "preference steps")
         every = f"every {cfg.data.eval_every} {unit} and " if cfg.data.eval_every else ""
-        lines.append(f"eval: {len(pre.eval_examples)} items of {cfg.data.eval_file}, {every}at the end "
-                     f"({'loss' if cfg.run.mode == 'sft' else 'loss and reward of greedy responses'})")
+        what = {"sft": "loss", "dpo": "implicit rewards and pair accuracy", "rm": "pair accuracy"}.get(
+            cfg.run.mode, "loss and reward of greedy responses")
+        lines.append(f"eval: {len(pre.eval_examples) + len(pre.eval_pairs)} items of {cfg.data.eval_file}, "
+                     f"{every}at the end ({what})")
         lines += [f"eval data: {x}" for x in pre.eval_report.lines()]
     lines += [f"warning: {x}" for x in pre.warnings]
     if plan.sft_steps or cfg.ppo.ptx_coef:
         lines.append("SFT batch: " + batches.sft.describe())
     if plan.ppo_updates:
         lines.append(f"PPO batch: {batches.ppo.describe()}, {cfg.ppo.epochs} epochs")
+    if plan.pref_steps:
+        lines += [f"preference pairs: {x}" for x in pre.pref_report.lines()] if cfg.pref.pref_file else []
+        lines.append("preference batch (pairs): " + BatchPlan(cfg.pref.batch, batches.sft.world,
+                                                               cfg.pref.grad_accum).describe())
     lines.append(f"steps: {plan.describe()}")
     lines.append(f"output: {cfg.run.output_dir}")
     lines.append(describe_resume(cfg))

@@ -13,7 +13,10 @@ from hybrid_ds.run.metrics import read_metrics
 
 DEFAULT_KEYS = {"sft": ["sft/loss"],
                 "ppo": ["ppo/reward_mean", "objective/kl", "objective/kl_coef", "ppo/response_len",
-                        "ppo/eos_frac", "ppo/clipfrac"]}
+                        "ppo/eos_frac", "ppo/clipfrac"],
+                "dpo": ["dpo/loss", "dpo/rewards/chosen", "dpo/rewards/rejected", "dpo/rewards/margins",
+                        "dpo/rewards/accuracies"],
+                "rm": ["rm/loss", "rm/accuracy", "rm/margin"]}
 
 
 def windows(values: list[float], n: int) -> list[float]:

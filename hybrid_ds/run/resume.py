@@ -257,11 +257,19 @@ def _aside_path(parent: str, stem: str, ext: str) -> str:
     return path
 
 
+def _limits(point: ResumePoint) -> tuple[dict, dict, int]:
+    """The checkpoint's counters, each phase's last logged step (``phase`` of a metrics row -> step) and
+    the step of the phase-less rows (cycles in hybrid mode, else the mode's own counter)."""
+    c = point.state["counters"]
+    pref = c.get("pref_step", 0)  # checkpoints written before the preference phases lack it
+    limit = {"sft": c["sft_step"], "ppo": c["ppo_update"], "dpo": pref, "rm": pref}
+    other = limit[point.state["mode"]] if point.state["mode"] in limit else c["cycle"]
+    return c, limit, other
+
+
 def _logged_by(point: ResumePoint, row: dict) -> bool:
     """Whether metrics row ``row`` was logged at or before checkpoint ``point``."""
-    c = point.state["counters"]
-    limit = {"sft": c["sft_step"], "ppo": c["ppo_update"]}
-    other = c[{"sft": "sft_step", "ppo": "ppo_update"}.get(point.state["mode"], "cycle")]
+    _, limit, other = _limits(point)
     return row.get("step", 0) <= limit.get(row.get("phase"), other)
 
 
@@ -318,10 +326,10 @@ def _rewind_metrics(out: str, point: ResumePoint, new_from: Optional[int] = None
 def _purge_tensorboard(out: str, point: ResumePoint, kept: list[dict]) -> None:
     # TensorBoard: a session-start event at the purge step hides every later event of the old run
     # (its event files stay on disk); kept rows at or after it are written again so nothing goes missing.
-    c = point.state["counters"]
-    limit = {"sft": c["sft_step"], "ppo": c["ppo_update"]}
-    other = c[{"sft": "sft_step", "ppo": "ppo_update"}.get(point.state["mode"], "cycle")]
-    purge = min(limit.values()) + 1 if point.state["mode"] == "hybrid" else other + 1
+    _, limit, other = _limits(point)
+    # hybrid: the RL phase is PPO or DPO (HYBRID_RL), whose counter is the one that moved
+    rl = max(limit["ppo"], limit["dpo"])
+    purge = min(limit["sft"], rl) + 1 if point.state["mode"] == "hybrid" else other + 1
     try:
         from torch.utils.tensorboard import SummaryWriter
     except Exception:  # noqa: BLE001 - TensorBoard is optional

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from hybrid_ds.algorithms.kl_control import make_kl_controller
-from hybrid_ds.algorithms.registry import MODES, PHASES
+from hybrid_ds.algorithms.registry import mode_phases
 from hybrid_ds.config import Config
 from hybrid_ds.config.batch_plan import BatchPlans
 from hybrid_ds.data import BatchStream
@@ -16,6 +16,7 @@ from hybrid_ds.assets import resolve_model
 from hybrid_ds.models.lora import add_adapters, load_base
 from hybrid_ds.models.policy_value import (PolicyValue, build_param_groups, load_dtype, load_lm,
                                            load_value_head)
+from hybrid_ds.models.reward_model import score_head
 from hybrid_ds.optim import build_optimizer
 from hybrid_ds.rewards import make_reward
 from hybrid_ds.rewards.callables import RewardFunctions, function_reward
@@ -42,7 +43,9 @@ def build_run(cfg: Config, dist, seed: int, ref_client=None, pre: Optional[Prefl
             print(f"[hybrid_ds] warning: {line}")
         for line in pre.eval_report.lines() if cfg.data.eval_file else []:
             print(f"[hybrid_ds] eval data: {line}")
-    phases = [PHASES[name] for name in MODES[cfg.run.mode]]
+        for line in pre.pref_report.lines() if cfg.pref.pref_file else []:
+            print(f"[hybrid_ds] preference pairs: {line}")
+    phases = mode_phases(cfg.run.mode, cfg.pref.hybrid_rl)
     rl = any(p.needs_reward for p in phases)
 
     # 2. models: policy+value trunk (trainable), reference (frozen copy of the start). With LoRA the
@@ -63,8 +66,12 @@ def build_run(cfg: Config, dist, seed: int, ref_client=None, pre: Optional[Prefl
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # The critic-free estimators train no value head: none is built (SFT keeps one, so its checkpoints
     # and ppo_full/ continue into PPO with GAE).
-    model = PolicyValue(lm, seed=seed, value_head=cfg.run.mode == "sft" or cfg.ppo.advantage == "gae")
-    head = load_value_head(model, resolve_model(cfg.run.model))  # MODEL is a ppo_full/: RL continues
+    # MODE=dpo trains no value head either; MODE=rm's head is the reward model's bias-free score head.
+    rm_head = score_head(lm, seed) if cfg.run.mode == "rm" else None
+    model = PolicyValue(lm, rm_head, seed=seed, value_head=cfg.run.mode != "dpo" and (
+        cfg.run.mode in ("sft", "rm") or cfg.ppo.advantage == "gae"))
+    # MODEL is a ppo_full/: RL continues with its value head (never MODE=rm's, a head of its own)
+    head = None if rm_head is not None else load_value_head(model, resolve_model(cfg.run.model))
     if head and dist.is_main:
         print(f"[hybrid_ds] value head loaded from {head}")
     colocated_ref = (any(p.needs_reference for p in phases) and ref_client is None  # else on its own ranks
@@ -84,16 +91,18 @@ def build_run(cfg: Config, dist, seed: int, ref_client=None, pre: Optional[Prefl
                                     adaptive=cfg.ppo.adaptive_kl, kind=cfg.ppo.kl_controller,
                                     gains=(cfg.ppo.kl_kp, cfg.ppo.kl_ki))
     # 4. logger and data streams
-    total = plan.cycles or plan.sft_steps or plan.ppo_updates
+    total = plan.cycles or plan.sft_steps or plan.ppo_updates or plan.pref_steps
     trackers = Trackers(dist.accelerator, cfg.log.tracker_project, {**cfg.to_json_dict(), "SEED": seed})
     logger = MetricsLogger(cfg.run.output_dir, enabled=dist.is_main, total=total, desc=cfg.run.mode,
                            trackers=trackers)
     run = Run(cfg, dist, tokenizer, examples, engine, ref, reward, schedules, kl_ctl, logger, plan,
               BatchPlans.from_config(cfg, dist.world), seed=seed, ref_client=ref_client,
-              eval_examples=pre.eval_examples,
+              eval_examples=pre.eval_examples, pairs=pre.pairs, eval_pairs=pre.eval_pairs,
               samples=SampleLogger(cfg.run.output_dir, enabled=dist.is_main, trackers=trackers))
     if plan.sft_steps or cfg.ppo.ptx_coef > 0:
         run.streams["sft"] = BatchStream(len(examples), cfg.sft.batch, seed, cfg.data.shuffle)
     if plan.ppo_updates:
         run.streams["ppo"] = BatchStream(len(examples), cfg.ppo.batch, seed + 1, cfg.data.shuffle)
+    if plan.pref_steps:
+        run.streams["pref"] = BatchStream(len(pre.pairs), cfg.pref.batch, seed + 2, cfg.data.shuffle)
     return run

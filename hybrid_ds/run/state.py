@@ -15,7 +15,7 @@ import torch
 from hybrid_ds.algorithms.context import Counters, KLController
 from hybrid_ds.config import Config
 from hybrid_ds.config.batch_plan import BatchPlans
-from hybrid_ds.data import BatchStream, Example, rank_slice
+from hybrid_ds.data import BatchStream, Example, Pair, rank_slice
 from hybrid_ds.engine.dist import Dist
 from hybrid_ds.engine.signals import Guard
 from hybrid_ds.engine.train_engine import TrainEngine
@@ -46,13 +46,15 @@ class Run:
     batches: BatchPlans
     seed: int = 0
     ref_client: Optional[RefClient] = None  # the reference on its own ranks (REF_PLACEMENT=separate)
-    streams: dict[str, BatchStream] = field(default_factory=dict)  # "sft" / "ppo": global batch order
+    streams: dict[str, BatchStream] = field(default_factory=dict)  # "sft" / "ppo" / "pref": global batch order
     counters: Counters = field(default_factory=Counters)
     guard: Optional[Guard] = None  # SIGTERM/SIGINT handling, set by checkpoint.attach
     last_checkpoint: Optional[str] = None  # name of the newest complete checkpoint of this run
     resuming: Optional[ResumePoint] = None  # the checkpoint resumed in OUTPUT_DIR, until this run's first one
     eval_examples: list[Example] = field(default_factory=list)  # EVAL_FILE's, the same list on every rank
     samples: Optional[SampleLogger] = None  # LOG_SAMPLES_EVERY's tables (main rank)
+    pairs: list[Pair] = field(default_factory=list)  # preference pairs (MODE=dpo, rm; HYBRID_RL=dpo)
+    eval_pairs: list[Pair] = field(default_factory=list)  # MODE=dpo and rm: EVAL_FILE's pairs
 
     def seed_for(self, tag: str, step: int) -> int:
         """A reproducible seed for ``tag`` at ``step`` on this rank (resumable: no hidden RNG state)."""
@@ -64,6 +66,7 @@ class Run:
             self.samples.write(update, rows)
 
     def next_batch(self, stream: str) -> list[Example]:
-        """This rank's share of the next global batch of ``stream``."""
+        """This rank's share of the next global batch of ``stream`` (``pref``: of preference pairs)."""
         idx = rank_slice(self.streams[stream].next(), self.dist.rank, self.dist.world)
-        return [self.examples[i] for i in idx]
+        pool = self.pairs if stream == "pref" else self.examples
+        return [pool[i] for i in idx]
