@@ -60,7 +60,9 @@ def train(run: Run) -> None:
         for _ in range(n_sft):
             _log(run, c.sft_step + 1, sft.name, {**phase_step(run, sft), **mix}, advance=False)
         every = cfg.hybrid.ref_sync_every
-        if every and (c.cycle + 1) % every == 0:  # 1b. the reference follows the policy SFT moved
+        # 1b. the reference follows the policy SFT moved; a cycle without SFT steps has nothing to
+        # follow, and a sync there would only erase the KL anchor of PPO's own updates
+        if n_sft and every and (c.cycle + 1) % every == 0:
             run.dist.copy_weights(run.engine.module.lm, run.ref, alpha=cfg.hybrid.ref_sync_alpha)
             c.ref_snapshot = 1  # checkpoints from now on carry the reference
             _log(run, c.cycle + 1, "ref", {"ref/synced": 1.0, "ref/alpha": cfg.hybrid.ref_sync_alpha}, advance=False)
