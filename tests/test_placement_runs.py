@@ -19,7 +19,8 @@ def cfg_for(tmp_path, name, **extra):
     cfg = {"MODE": "hybrid", "MODEL": "builtin:tiny-gpt2", "TRAIN_FILE": "builtin:demo-tasks",
            "OUTPUT_DIR": str(tmp_path / name), "SEED": 0, "SFT_BATCH": 8, "LR_SFT": 1e-3, "PPO_BATCH": 8,
            "PPO_MINI": 4, "PPO_EPOCHS": 2, "LR_PPO": 1e-4, "MAX_NEW_TOKENS": 6, "MAXSEQ": 96, "MAX_STEPS": 2,
-           "SCHEDULER": "constant", "REWARD": {"type": "word_f1"}, "MAX_NAN_STEPS": 1}
+           "SCHEDULER": "constant", "REWARD": {"type": "word_f1"}, "MAX_NAN_STEPS": 1,
+           "REF_SYNC_EVERY": 0}  # a frozen reference in both placements (a sync needs it colocated)
     cfg.update(extra)
     return cfg
 

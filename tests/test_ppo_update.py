@@ -132,7 +132,8 @@ def test_ref_init_after_warmup_snapshots_the_warmed_up_policy(tmp_path):
         demo = json.load(f)
     assert demo["REF_INIT"] == "after_warmup" and demo["SFT_WARMUP_STEPS"] > 0
     short = dict(SFT_WARMUP_STEPS=2, MAX_STEPS=1, SFT_BATCH=8, PPO_BATCH=4, PPO_MINI=4, PPO_EPOCHS=1,
-                 MAX_NEW_TOKENS=6, NUM_WARMUP_STEPS=0)
+                 MAX_NEW_TOKENS=6, NUM_WARMUP_STEPS=0,
+                 REF_SYNC_EVERY=0)  # the reference REF_INIT made, not synced after the cycle's SFT step
     for ref_init in ("after_warmup", "start"):
         run = make_run({**demo, **short, "REF_INIT": ref_init, "OUTPUT_DIR": str(tmp_path / ref_init)})
         lm = run.engine.module.lm

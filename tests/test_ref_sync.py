@@ -9,7 +9,7 @@ from inproc import base, make_run
 @pytest.mark.parametrize("alpha", [1.0, 0.25])
 def test_reference_is_synced_after_the_cycles_sft_steps(tmp_path, alpha):
     """One hybrid cycle of SFT only: the reference ends as alpha x (policy after SFT) + (1 - alpha) x
-    (the start), and the sync is logged; without REF_SYNC_EVERY it stays the start."""
+    (the start), and the sync is logged; with REF_SYNC_EVERY=0 it stays the start."""
     from hybrid_ds.run.loop import train
     from hybrid_ds.run.metrics import read_metrics
 
@@ -26,7 +26,7 @@ def test_reference_is_synced_after_the_cycles_sft_steps(tmp_path, alpha):
     assert run.counters.ref_snapshot == 1  # checkpoints now carry the reference
     assert read_metrics(run.cfg.run.output_dir, "ref")[-1]["ref/alpha"] == alpha
 
-    plain = make_run(base(tmp_path / "plain", **keys))
+    plain = make_run(base(tmp_path / "plain", REF_SYNC_EVERY=0, **keys))
     train(plain)
     assert all(torch.equal(plain.ref.state_dict()[k], start[k]) for k in start)
 

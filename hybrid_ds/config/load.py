@@ -207,4 +207,23 @@ def build_config(raw: dict) -> tuple[Config, list[str]]:
             problems.append(problem)
             continue
         setattr(getattr(cfg, sec) if sec else cfg, f.name, value)
+    resolve_auto(cfg)
     return cfg, problems
+
+
+def resolve_auto(cfg: Config) -> None:
+    """In place: REF_SYNC_EVERY=-1 (auto) becomes the value the run uses, so validation, the run and
+    the written config.json all see one number.
+
+    Auto is 1 (the reference follows the policy after every cycle's SFT steps) for MODE=hybrid whose
+    cycles have SFT steps, with the reference on the policy ranks and no LoRA; else 0. Why 1: SFT moves
+    the policy away from a frozen reference, the per-token KL penalty then outweighs a small task reward
+    and PPO learns to end responses at once (README, "Hybrid defaults", has the measured curves). Where
+    a sync cannot run (REF_PLACEMENT=separate, LORA_R > 0: see checks.py) or has nothing to follow (no
+    SFT steps in any cycle, where a sync would only erase the KL anchor of PPO itself) auto is 0."""
+    h = cfg.hybrid
+    if h.ref_sync_every != -1:
+        return
+    sft_in_cycles = h.cycle_sft_steps > 0 or (h.curriculum != "none" and h.curriculum_sft_steps_end > 0)
+    syncable = cfg.run.ref_placement == "colocated" and not cfg.lora.r
+    h.ref_sync_every = int(cfg.run.mode == "hybrid" and sft_in_cycles and syncable)

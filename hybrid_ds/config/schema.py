@@ -218,9 +218,11 @@ class HybridConfig:
                                  "a snapshot of the policy after SFT_WARMUP_STEPS (use it when MODEL is not yet "
                                  "able to do the task, e.g. builtin:tiny-gpt2).", key="REF_INIT",
                         choices=("start", "after_warmup"))
-    ref_sync_every: int = opt(0, "Every N hybrid cycles, after the cycle's SFT steps, move the reference to the "
-                                 "policy (REF_SYNC_ALPHA), so the KL is measured from where SFT took it; 0 = never.",
-                              key="REF_SYNC_EVERY", lo=0)
+    ref_sync_every: int = opt(-1, "Every N hybrid cycles, after the cycle's SFT steps, move the reference to the "
+                                  "policy (REF_SYNC_ALPHA), so the KL is measured from where SFT took it; 0 = never; "
+                                  "-1 = auto, resolved at load (config.json holds the result): 1 for MODE=hybrid "
+                                  "with SFT steps in its cycles, REF_PLACEMENT=colocated and LORA_R=0, else 0 "
+                                  "(README, Hybrid defaults).", key="REF_SYNC_EVERY", lo=-1)
     ref_sync_alpha: float = opt(1.0, "Reference sync: ref = alpha x policy + (1 - alpha) x ref (1 = copy; < 1 = an "
                                      "exponential moving average, as TR-DPO).", key="REF_SYNC_ALPHA", lo=0.0, hi=1.0,
                                 lo_open=True)

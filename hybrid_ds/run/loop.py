@@ -69,7 +69,9 @@ def train(run: Run) -> None:
         for _ in range(n_sft):
             _log(run, c.sft_step + 1, sft.name, {**phase_step(run, sft), **mix}, advance=False)
         every = cfg.hybrid.ref_sync_every
-        if every and (c.cycle + 1) % every == 0:  # 1b. the reference follows the policy SFT moved
+        # 1b. the reference follows the policy SFT moved; a cycle without SFT steps has nothing to
+        # follow, and a sync there would only erase the KL anchor of PPO's own updates
+        if n_sft and every and (c.cycle + 1) % every == 0:
             lm, alpha = run.engine.module.lm, cfg.hybrid.ref_sync_alpha
             if run.ref_client is not None:  # on its own ranks: over the bridge, one whole parameter at a time
                 run.ref_client.sync(parameter_manifest(lm), whole_parameters(lm), alpha)
