@@ -359,6 +359,15 @@ class LoraConfig:
 
 
 @dataclass
+class HeadsConfig:
+    heads: list = opt([], "Task heads on the shared trunk (hybrid_ds/models/heads.py), trained with the SFT loss as "
+                          "extra terms on items that carry their field: a list of {\"name\", \"type\": "
+                          "\"classification\" | \"regression\", \"field\", \"num_labels\" (classification), "
+                          "\"labels\" (optional: the names of labels 0..num_labels-1), \"weight\"}. Saved in "
+                          "OUTPUT_DIR/heads/; a `head` reward leaf scores with one. [] = none.", key="HEADS")
+
+
+@dataclass
 class Config:
     """The whole run configuration (see docs/config.md for every key)."""
 
@@ -372,6 +381,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
     reward: dict = field(default_factory=lambda: {"type": "cosine_sts"})
 
     # -- derived ------------------------------------------------------------------------
@@ -386,7 +396,7 @@ class Config:
         return out
 
 
-SECTIONS = ("run", "data", "sft", "ppo", "hybrid", "gen", "model", "lora", "optim", "sched")
+SECTIONS = ("run", "data", "sft", "ppo", "hybrid", "gen", "model", "lora", "optim", "sched", "heads")
 ALIASES = {"ETA_MIN": "MIN_LR", "T_0": "T0"}  # other spellings: the seed configs' (examples/seed/), torch's argument names
 REWARD_KEY = "REWARD"
 
