@@ -373,7 +373,7 @@ def ppo_epochs(run: PhaseContext, ro: Rollout, ptx_examples: Optional[list[Examp
                 val = val.detach().float()
                 stats.setdefault(k, []).append(torch.where(guard, torch.zeros_like(val), val))
         sched = run.schedules["ppo"]
-        grad_norms.append(engine.step({"policy": sched.lr, "value": sched.lr}, sched.momentum))
+        grad_norms.append(engine.step({"policy": sched.lr, "value": sched.lr, "heads": 0.0}, sched.momentum))
         sched.step(float(pg.detach()) if sched.name == "reduce_on_plateau" else None)
     n_kept = torch.stack(kept).sum()  # 0 when every micro-batch was skipped: NaN means, a non-finite update
     out = {f"ppo/{k}": torch.stack(v).sum() / n_kept for k, v in stats.items()}

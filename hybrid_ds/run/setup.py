@@ -13,6 +13,7 @@ from hybrid_ds.config.batch_plan import BatchPlans
 from hybrid_ds.data import BatchStream
 from hybrid_ds.assets import resolve_model
 from hybrid_ds.models.lora import add_adapters, load_base
+from hybrid_ds.models.heads import attach_task_heads
 from hybrid_ds.models.policy_value import (PolicyValue, build_param_groups, load_dtype, load_lm,
                                            load_value_head)
 from hybrid_ds.optim import build_optimizer
@@ -55,6 +56,7 @@ def build_run(cfg: Config, dist, seed: int, ref_client=None, pre: Optional[Prefl
     # The critic-free estimators train no value head: none is built (SFT keeps one, so its checkpoints
     # and ppo_full/ continue into PPO with GAE).
     model = PolicyValue(lm, seed=seed, value_head=cfg.run.mode == "sft" or cfg.ppo.advantage == "gae")
+    attach_task_heads(model, cfg.heads.heads, seed)  # HEADS: before the optimizer, whose groups must hold them
     head = load_value_head(model, resolve_model(cfg.run.model))  # MODEL is a ppo_full/: RL continues
     if head and dist.is_main:
         print(f"[hybrid_ds] value head loaded from {head}")
