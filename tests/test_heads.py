@@ -1,0 +1,176 @@
+"""Task heads (HEADS, hybrid_ds/models/heads.py): a head learns a label with the SFT loss, its saved
+files reproduce the run's predictions, the ``head`` reward leaf scores with it, and bad specs are
+ConfigErrors naming HEADS[i].key.
+
+One tiny SFT run (builtin tiny GPT-2, builtin demo tasks, in process) serves every test of the run.
+"""
+
+import glob
+import json
+import os
+
+import pytest
+import torch
+
+from inproc import base, make_run
+
+from hybrid_ds.config import ConfigError
+from hybrid_ds.data.batches import collate_sft, tokenize_items
+from hybrid_ds.models.heads import head_loss_sums, head_targets, load_heads, pool_last, task_heads_of
+from hybrid_ds.models.policy_value import final_hidden
+from hybrid_ds.run.preflight import load_config
+
+KINDS = ["reverse", "uppercase", "sort", "copy"]
+TEMPLATE = "task: {task}\ninput: {input}\n"  # the label field itself stays out of the prompt
+HEADS = [{"name": "kind", "type": "classification", "field": "kind", "num_labels": 4, "labels": KINDS, "weight": 1.0},
+         {"name": "words", "type": "regression", "field": "n_words", "weight": 0.1}]
+
+
+def demo_items():
+    from hybrid_ds.assets import DEMO_TASKS
+
+    with open(DEMO_TASKS) as f:
+        return [it for it in json.load(f) if it["task"] in KINDS]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """An 80-step SFT run with a 4-way `kind` classifier and a regression head; held-out items."""
+    from hybrid_ds.run import checkpoint as ckpt
+    from hybrid_ds.run.loop import train
+
+    tmp = tmp_path_factory.mktemp("heads")
+    items = demo_items()
+    held = [it for k in KINDS for it in [x for x in items if x["task"] == k][:10]]
+    rest = [it for it in items if it not in held]
+    data = tmp / "train.jsonl"
+    with open(data, "w") as f:
+        for i, it in enumerate(rest):
+            row = dict(it)
+            if i % 5:  # every fifth item carries no labels: it contributes the LM loss only
+                row.update(kind=it["task"], n_words=len(it["input"].split()))
+            f.write(json.dumps(row) + "\n")
+    run = make_run(base(tmp, "sft", TRAIN_FILE=str(data), HEADS=HEADS, PROMPT_TEMPLATE=TEMPLATE, MAX_STEPS=80,
+                        SFT_BATCH=8, LR_SFT=2e-3, SAVE_EVERY=0))
+    ckpt.attach(run, None)
+    train(run)
+    ckpt.finish(run)
+    examples = tokenize_items(held, run.tokenizer, "output", 96, prompt_template=TEMPLATE)
+    return run, examples, held, tmp / "out"
+
+
+def in_run_outputs(run, examples):
+    """The heads' outputs for ``examples`` from the run's own model (its SFT forward's hidden state)."""
+    model = run.engine.module
+    b = collate_sft(examples, run.tokenizer.pad_token_id)
+    with torch.no_grad(), final_hidden(model.lm) as final:
+        model(b["input_ids"], b["attention_mask"])
+    return task_heads_of(model)(pool_last(final.hidden, b["attention_mask"]))
+
+
+def loaded_outputs(out_dir, examples, pad_id):
+    """The same from the saved files only: ``inference_lm/`` through transformers plus ``load_heads``."""
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(os.path.join(out_dir, "inference_lm")).eval()
+    heads = load_heads(os.path.join(out_dir, "heads"))
+    b = collate_sft(examples, pad_id)
+    with torch.no_grad():
+        hidden = lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                    output_hidden_states=True).hidden_states[-1]
+        return heads(pool_last(hidden, b["attention_mask"]))
+
+
+def test_head_learns_the_kind_of_held_out_items(trained):
+    run, examples, held, _ = trained
+    pred = in_run_outputs(run, examples)["kind"].argmax(-1)
+    truth = torch.tensor([KINDS.index(it["task"]) for it in held])
+    acc = float((pred == truth).float().mean())
+    print(f"held-out kind accuracy {acc:.2f} (chance 0.25)")
+    assert acc >= 0.6, f"held-out accuracy {acc:.2f}"
+
+
+def test_head_losses_fall_and_are_logged(trained):
+    _, _, _, out = trained
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    kind = [r["sft/head/kind/loss"] for r in rows if "sft/head/kind/loss" in r]
+    words = [r["sft/head/words/loss"] for r in rows if "sft/head/words/loss" in r]
+    assert len(kind) == 80 and len(words) == 80
+    assert sum(kind[-5:]) < sum(kind[:5]) and sum(words[-5:]) < sum(words[:5])
+
+
+def test_heads_are_their_own_optimizer_groups(trained):
+    run = trained[0]
+    ids = {id(p) for g in run.engine.optimizer.param_groups if g["role"] == "heads" for p in g["params"]}
+    assert ids == {id(p) for p in task_heads_of(run.engine.module).parameters()}
+
+
+def test_saved_heads_and_loader_reproduce_the_run(trained):
+    run, examples, _, out = trained
+    assert sorted(os.listdir(out / "heads")) == ["heads.json", "kind.pt", "words.pt"]
+    mine, loaded = in_run_outputs(run, examples), loaded_outputs(out, examples, run.tokenizer.pad_token_id)
+    for name in ("kind", "words"):
+        torch.testing.assert_close(loaded[name], mine[name], rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_carries_the_heads(trained):
+    run, _, _, out = trained
+    [model_file] = glob.glob(str(out / "checkpoints" / "*" / "**" / "model.pt"), recursive=True)
+    state = torch.load(model_file, map_location="cpu", weights_only=True)
+    mine = run.engine.module.state_dict()
+    keys = [k for k in mine if k.startswith("task_heads.")]
+    assert len(keys) == 4
+    for k in keys:
+        assert torch.equal(state[k], mine[k]), k
+
+
+def test_head_reward_is_the_loaded_heads_probability(trained):
+    from hybrid_ds.rewards import make_reward
+
+    run, examples, held, out = trained
+    reward = make_reward({"type": "head", "name": "kind", "run_dir": str(out), "label": "uppercase"}, device="cpu")
+    prompts = [e.prompt for e in examples]
+    responses = [it["output"] for it in held]
+    got = torch.tensor(reward.score_batch(responses, [""] * len(held), prompts, held))
+    # prompt + target + EOS is exactly an SFT example's sequence: the reward is the head's probability there
+    want = loaded_outputs(out, examples, run.tokenizer.pad_token_id)["kind"].softmax(-1)[:, KINDS.index("uppercase")]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    upper = torch.tensor([it["task"] == "uppercase" for it in held])
+    assert got[upper].mean() > got[~upper].mean() + 0.2  # it steers toward uppercase answers
+
+
+def test_head_loss_sums_by_hand():
+    specs = [{"name": "c", "type": "classification", "field": "y", "num_labels": 3, "labels": ["a", "b", "c"]},
+             {"name": "r", "type": "regression", "field": "v"}]
+    items = [{"y": "b", "v": 2.0}, {"y": 2}, {"v": -1}]
+    targets = head_targets(items, specs)
+    assert targets[0][0].tolist() == [True, True, False] and targets[0][1].tolist() == [1, 2, 0]
+    logits = torch.tensor([[0.0, 1.0, 0.0], [2.0, 0.0, 0.0], [5.0, 5.0, 5.0]])
+    reg = torch.tensor([1.5, 9.0, 0.0])
+    sums = head_loss_sums({"c": logits, "r": reg}, specs, targets)
+    ce = -torch.log_softmax(logits, -1)
+    torch.testing.assert_close(sums, torch.stack([ce[0, 1] + ce[1, 2], torch.tensor(0.25 + 1.0)]))
+    with pytest.raises(ValueError, match="item 7.*'d' is not one of"):
+        head_targets([{"y": "d"}], specs, [7])
+
+
+@pytest.mark.parametrize("spec,key", [
+    ({"name": "k", "type": "ordinal", "field": "f", "num_labels": 2}, "HEADS[0].type"),
+    ({"name": "k", "type": "classification", "field": "f", "num_labels": 1}, "HEADS[0].num_labels"),
+    ({"name": "k", "type": "classification", "field": "", "num_labels": 2}, "HEADS[0].field"),
+    ({"name": "k", "type": "classification", "field": "f", "num_labels": 2, "weight": 0}, "HEADS[0].weight"),
+    ({"name": "k", "type": "classification", "field": "f", "num_labels": 3, "labels": ["a", "b"]}, "HEADS[0].labels"),
+    ({"name": "k", "type": "regression", "field": "f", "num_labels": 2}, "HEADS[0].num_labels"),
+    ({"name": "k", "type": "regression", "field": "f", "bias": 1}, "HEADS[0].bias"),
+])
+def test_bad_heads_are_config_errors_naming_the_key(tmp_path, spec, key):
+    cfg = base(tmp_path, "sft", HEADS=[spec])
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"{k}={json.dumps(v)}" for k, v in cfg.items()])
+    assert len(e.value.problems) == 1 and e.value.problems[0].startswith(key), e.value.problems
+
+
+def test_duplicate_head_names(tmp_path):
+    spec = {"name": "k", "type": "regression", "field": "f"}
+    with pytest.raises(ConfigError, match=r"HEADS\[1\].name"):
+        load_config(None, [f"{k}={json.dumps(v)}" for k, v in base(tmp_path, "sft", HEADS=[spec, spec]).items()])
