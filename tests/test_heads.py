@@ -174,3 +174,23 @@ def test_duplicate_head_names(tmp_path):
     spec = {"name": "k", "type": "regression", "field": "f"}
     with pytest.raises(ConfigError, match=r"HEADS\[1\].name"):
         load_config(None, [f"{k}={json.dumps(v)}" for k, v in base(tmp_path, "sft", HEADS=[spec, spec]).items()])
+
+
+def test_resume_restores_the_heads_exactly(trained, tmp_path):
+    """A new run given the final checkpoint's state continues exactly: the same step on both moves
+    the heads (weights and Adam moments restored) to the same numbers. Runs last: it steps the run."""
+    from hybrid_ds.algorithms.sft import sft_step
+
+    run, _, _, out = trained
+    [ckpt_dir] = glob.glob(str(out / "checkpoints" / "step-*"))
+    cfg = base(tmp_path, "sft", TRAIN_FILE=run.cfg.run.train_file, HEADS=HEADS, PROMPT_TEMPLATE=TEMPLATE,
+               MAX_STEPS=80, SFT_BATCH=8, LR_SFT=2e-3)
+    again = make_run(cfg)
+    assert again.engine.load_state(ckpt_dir, "", lambda f, d: torch.load(f, map_location=d, weights_only=True))
+    batch = run.examples[:8]
+    assert any("kind" in e.item for e in batch)
+    for r in (run, again):
+        sft_step(r.engine, batch, accum=1, lr=2e-3, pad_id=r.tokenizer.pad_token_id, dist=r.dist)
+    mine, theirs = run.engine.module.state_dict(), again.engine.module.state_dict()
+    for k in [k for k in mine if k.startswith("task_heads.")]:
+        assert torch.equal(mine[k], theirs[k]), k
