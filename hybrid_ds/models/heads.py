@@ -80,6 +80,15 @@ def task_heads_of(model: nn.Module) -> Optional[TaskHeads]:
     return model._modules.get("task_heads")
 
 
+def untrained_heads_term(model: nn.Module):
+    """0 x the sum of ``model``'s task-head weights (0.0 without heads): added to a loss that does not
+    train them (PPO's), it puts every head parameter in the graph with a zero gradient, so DDP and
+    ZeRO see each parameter's gradient every step, as SFT's ``0 x values`` does for the value head.
+    With lr 0 for the ``heads`` role (``build_param_groups``) the heads then stay bit-identical."""
+    heads = task_heads_of(model)
+    return 0.0 * sum(p.sum() for p in heads.parameters()) if heads is not None else 0.0
+
+
 def pool_last(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Each row's hidden state at its last real token: ``hidden`` ``(B, K, C)`` holds the last ``K``
     of ``L`` positions of a right-padded batch with ``attention_mask`` ``(B, L)``. Returns ``(B, C)``."""
