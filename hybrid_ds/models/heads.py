@@ -81,12 +81,17 @@ def task_heads_of(model: nn.Module) -> Optional[TaskHeads]:
 
 
 def untrained_heads_term(model: nn.Module):
-    """0 x the sum of ``model``'s task-head weights (0.0 without heads): added to a loss that does not
+    """0 x the task heads' outputs on a zero input (0.0 without heads): added to a loss that does not
     train them (PPO's), it puts every head parameter in the graph with a zero gradient, so DDP and
     ZeRO see each parameter's gradient every step, as SFT's ``0 x values`` does for the value head.
-    With lr 0 for the ``heads`` role (``build_param_groups``) the heads then stay bit-identical."""
+    The heads are called as modules, so ZeRO-3 gathers their partitions as in any forward (a bare
+    ``p.sum()`` would read an empty partition). With lr 0 for the ``heads`` role
+    (``build_param_groups``) the heads then stay bit-identical."""
     heads = task_heads_of(model)
-    return 0.0 * sum(p.sum() for p in heads.parameters()) if heads is not None else 0.0
+    if heads is None:
+        return 0.0
+    zero = torch.zeros(1, heads.hidden, device=next(heads.parameters()).device)
+    return 0.0 * sum(y.sum() for y in heads(zero).values())
 
 
 def pool_last(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
