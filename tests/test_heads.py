@@ -194,3 +194,23 @@ def test_resume_restores_the_heads_exactly(trained, tmp_path):
     mine, theirs = run.engine.module.state_dict(), again.engine.module.state_dict()
     for k in [k for k in mine if k.startswith("task_heads.")]:
         assert torch.equal(mine[k], theirs[k]), k
+
+
+def test_sft_trains_the_heads_and_ppo_leaves_them(tmp_path):
+    """In a hybrid run the heads follow the SFT rate and get lr 0 (and a zero gradient) in PPO updates."""
+    from inproc import weights
+
+    from hybrid_ds.algorithms import ppo, sft
+
+    spec = [{"name": "task", "type": "classification", "field": "task", "num_labels": 7,
+             "labels": ["add", "copy", "first", "last", "reverse", "sort", "uppercase"]}]
+    run = make_run(base(tmp_path, "hybrid", HEADS=spec, MAX_STEPS=1))
+    before = weights(run)
+    sft.run_step(run, run.next_batch)
+    after_sft = weights(run)
+    ppo.run_update(run, run.next_batch)
+    after_ppo = weights(run)
+    heads = [k for k in before if k.startswith("task_heads.")]
+    assert all(not torch.equal(before[k], after_sft[k]) for k in heads)
+    assert all(torch.equal(after_sft[k], after_ppo[k]) for k in heads)
+    assert any(not torch.equal(after_sft[k], after_ppo[k]) for k in after_ppo if k.startswith("lm."))
