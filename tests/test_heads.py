@@ -150,8 +150,8 @@ def test_head_loss_sums_by_hand():
     sums = head_loss_sums({"c": logits, "r": reg}, specs, targets)
     ce = -torch.log_softmax(logits, -1)
     torch.testing.assert_close(sums, torch.stack([ce[0, 1] + ce[1, 2], torch.tensor(0.25 + 1.0)]))
-    with pytest.raises(ValueError, match="item 7.*'d' is not one of"):
-        head_targets([{"y": "d"}], specs, [7])
+    with pytest.raises(ValueError, match="an item: head 'c' field 'y': 'd' is not one of"):
+        head_targets([{"y": "d"}], specs)
 
 
 @pytest.mark.parametrize("spec,key", [
@@ -214,3 +214,19 @@ def test_sft_trains_the_heads_and_ppo_leaves_them(tmp_path):
     assert all(not torch.equal(before[k], after_sft[k]) for k in heads)
     assert all(torch.equal(after_sft[k], after_ppo[k]) for k in heads)
     assert any(not torch.equal(after_sft[k], after_ppo[k]) for k in after_ppo if k.startswith("lm."))
+
+
+def test_labels_that_do_not_fit_are_found_before_the_run(tmp_path):
+    from hybrid_ds.run.preflight import preflight
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({**it, "kind": it["task"] if i != 3 else "shout"}) + "\n"
+                            for i, it in enumerate(demo_items()[:16])))
+    heads = [dict(HEADS[0]), {"name": "r", "type": "regression", "field": "score"}]
+    cfg = base(tmp_path, "sft", TRAIN_FILE=str(data), HEADS=heads, PROMPT_TEMPLATE=TEMPLATE)
+    with pytest.raises(ConfigError) as e:
+        preflight(load_config(None, [f"{k}={json.dumps(v)}" for k, v in cfg.items()]), 0)
+    assert e.value.problems == [
+        "TRAIN_FILE: head 'kind' field 'kind': 'shout' is not one of "
+        "['reverse', 'uppercase', 'sort', 'copy']",
+        "HEADS[1].field: no item of TRAIN_FILE has field 'score'; name the field that holds the head's label."]

@@ -72,7 +72,7 @@ def sft_step(engine, examples: list[Example], *, accum: int, lr: float, pad_id: 
     # 1. micro-batches and the global normalisers: [response tokens, items per head ...]
     groups = micro_batches(examples, accum)
     micros = [collate_sft(m, pad_id) for m in groups]
-    targets = [head_targets([e.item for e in m], specs, [e.index for e in m]) for m in groups]
+    targets = [head_targets([e.item for e in m], specs) for m in groups]
     local = [float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micros))]
     local += [float(sum(int(t[h][0].sum()) for t in targets)) for h in range(len(specs))]
     counts = dist.all_reduce_sum(torch.tensor(local))

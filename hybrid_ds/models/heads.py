@@ -119,17 +119,34 @@ def label_of(spec: dict, value, where: str):
     raise ValueError(f"{where}: head {spec['name']!r} field {spec['field']!r}: {value!r} is not {valid}")
 
 
-def head_targets(items: list[dict], specs: list[dict],
-                 indices: Optional[list[int]] = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def label_problems(items: list[dict], specs: list[dict], limit: int = 3) -> list[str]:
+    """Why HEADS cannot train on these items (checked before the run): a head whose ``field`` no item
+    carries, or labels that do not fit their head (the first ``limit`` per head)."""
+    problems = []
+    for h, s in enumerate(specs):
+        carried = [it[s["field"]] for it in items if it.get(s["field"]) is not None]
+        if not carried:
+            problems.append(f"HEADS[{h}].field: no item of TRAIN_FILE has field {s['field']!r}; name the field "
+                            f"that holds the head's label.")
+        bad = []
+        for v in carried:
+            try:
+                label_of(s, v, "TRAIN_FILE")
+            except ValueError as e:
+                bad.append(str(e))
+        problems += bad[:limit] + ([f"... and {len(bad) - limit} more such items"] if len(bad) > limit else [])
+    return problems
+
+
+def head_targets(items: list[dict], specs: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per head, ``(has (B,) bool, target (B,))`` for a batch's ``items``: whether the item carries the
-    head's field, and its label (class index, long) or value (float); 0 where it has none.
-    ``indices``: the items' positions in their file, for the error message."""
-    indices = indices if indices is not None else list(range(len(items)))
+    head's field, and its label (class index, long) or value (float); 0 where it has none. The
+    preflight has checked every label (:func:`label_problems`)."""
     out = []
     for s in specs:
         has = [s["field"] in it and it[s["field"]] is not None for it in items]
-        vals = [label_of(s, it[s["field"]], f"item {i}") if h else 0
-                for i, it, h in zip(indices, items, has)]
+        vals = [label_of(s, it[s["field"]], "an item") if h else 0
+                for it, h in zip(items, has)]
         dtype = torch.long if s["type"] == "classification" else torch.float32
         out.append((torch.tensor(has, dtype=torch.bool), torch.tensor(vals, dtype=dtype)))
     return out
