@@ -137,6 +137,23 @@ def test_head_reward_is_the_loaded_heads_probability(trained):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     upper = torch.tensor([it["task"] == "uppercase" for it in held])
     assert got[upper].mean() > got[~upper].mean() + 0.2  # it steers toward uppercase answers
+    by_path = make_reward({"type": "head", "name": "kind", "path": str(out / "heads"), "label": "1"}, device="cpu")
+    torch.testing.assert_close(torch.tensor(by_path.score_batch(responses, [""] * len(held), prompts, held)), got)
+
+
+@pytest.mark.parametrize("leaf,problem", [
+    ({"name": "kind", "label": "copy"}, "give exactly one of run_dir"),
+    ({"name": "kind", "label": "shout", "run_dir": "RUN"}, "label: head 'kind' needs label, one of"),
+    ({"name": "kind", "run_dir": "RUN"}, "label: head 'kind' needs label"),
+    ({"name": "words", "label": "copy", "run_dir": "RUN"}, "label: head 'words' is a regression head"),
+    ({"name": "mood", "label": "copy", "run_dir": "RUN"}, "name: no head 'mood'"),
+])
+def test_head_reward_spec_problems(trained, leaf, problem):
+    from hybrid_ds.rewards import validate_reward_spec
+
+    spec = {"type": "head", **{k: str(trained[3]) if v == "RUN" else v for k, v in leaf.items()}}
+    [found] = validate_reward_spec(spec)
+    assert problem in found, found
 
 
 def test_head_loss_sums_by_hand():
