@@ -11,7 +11,6 @@ import os
 
 import pytest
 import torch
-
 from inproc import base, make_run
 
 from hybrid_ds.config import ConfigError
@@ -92,7 +91,7 @@ def test_head_learns_the_kind_of_held_out_items(trained):
 
 def test_head_losses_fall_and_are_logged(trained):
     _, _, _, out = trained
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     kind = [r["sft/head/kind/loss"] for r in rows if "sft/head/kind/loss" in r]
     words = [r["sft/head/words/loss"] for r in rows if "sft/head/words/loss" in r]
     assert len(kind) == 80 and len(words) == 80
@@ -244,6 +243,6 @@ def test_labels_that_do_not_fit_are_found_before_the_run(tmp_path):
     with pytest.raises(ConfigError) as e:
         preflight(load_config(None, [f"{k}={json.dumps(v)}" for k, v in cfg.items()]), 0)
     assert e.value.problems == [
-        "TRAIN_FILE: head 'kind' field 'kind': 'shout' is not one of "
-        "['reverse', 'uppercase', 'sort', 'copy']",
+        ("TRAIN_FILE: head 'kind' field 'kind': 'shout' is not one of "
+         "['reverse', 'uppercase', 'sort', 'copy']"),
         "HEADS[1].field: no item of TRAIN_FILE has field 'score'; name the field that holds the head's label."]
