@@ -186,10 +186,12 @@ def test_bad_heads_are_config_errors_naming_the_key(tmp_path, spec, key):
     assert len(e.value.problems) == 1 and e.value.problems[0].startswith(key), e.value.problems
 
 
-def test_duplicate_head_names(tmp_path):
+def test_duplicate_head_names_and_a_run_without_sft(tmp_path):
     spec = {"name": "k", "type": "regression", "field": "f"}
     with pytest.raises(ConfigError, match=r"HEADS\[1\].name"):
         load_config(None, [f"{k}={json.dumps(v)}" for k, v in base(tmp_path, "sft", HEADS=[spec, spec]).items()])
+    with pytest.raises(ConfigError, match="MODE=ppo has no SFT step"):
+        load_config(None, [f"{k}={json.dumps(v)}" for k, v in base(tmp_path, "ppo", HEADS=[spec]).items()])
 
 
 def test_resume_restores_the_heads_exactly(trained, tmp_path):

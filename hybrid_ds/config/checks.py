@@ -85,6 +85,9 @@ def validate(cfg: Config) -> list[str]:
     problems += eval_problems(cfg)
     problems += multiturn_problems(cfg)
     problems += heads_problems(cfg.heads.heads)
+    if cfg.heads.heads and cfg.run.mode == "ppo":
+        problems.append("HEADS: task heads train with the SFT loss and MODE=ppo has no SFT step; use MODE=sft or "
+                        "hybrid.")
     return problems
 
 

@@ -12,8 +12,8 @@ from hybrid_ds.config import Config
 from hybrid_ds.config.batch_plan import BatchPlans
 from hybrid_ds.data import BatchStream
 from hybrid_ds.assets import resolve_model
-from hybrid_ds.models.lora import add_adapters, load_base
 from hybrid_ds.models.heads import attach_task_heads
+from hybrid_ds.models.lora import add_adapters, load_base
 from hybrid_ds.models.policy_value import (PolicyValue, build_param_groups, load_dtype, load_lm,
                                            load_value_head)
 from hybrid_ds.optim import build_optimizer
