@@ -167,6 +167,7 @@ def test_registry_is_consistent():
 
 def _required(name):
     return {"perplexity": {"model": "m"}, "reward_model": {"model": "m"}, "length": {"max": 3},
+            "head": {"name": "h", "run_dir": "r"},
             "format": {"pattern": "x"}, "weighted_sum": {"components": [{"type": "bleu"}]}, "nli": {"model": "m"},
             "llm_judge": {"model": "m", "template": "{response}", "yes_token": "Y"}}.get(name, {})
 

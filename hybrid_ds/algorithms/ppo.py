@@ -24,6 +24,7 @@ from hybrid_ds.algorithms import turn_math as tm
 from hybrid_ds.algorithms.context import NextBatch, PhaseContext, PhaseTimer
 from hybrid_ds.algorithms.samples import component_metrics, dialogue_metrics, rollout_metrics, sample_rows
 from hybrid_ds.data import Example, collate_prompts, collate_sft, micro_batches, stop_token_ids
+from hybrid_ds.models.heads import untrained_heads_term
 from hybrid_ds.models.logprobs import (entropy_from_logits, lm_response_logprobs, logprobs_from_logits,
                                        policy_response_outputs, sequence_inputs)
 
@@ -366,7 +367,7 @@ def ppo_epochs(run: PhaseContext, ro: Rollout, ptx_examples: Optional[list[Examp
                     ptx = ptx_loss(run, ptx_examples)
                     ptx_losses.append(ptx.detach().float())
                     loss = loss + c.ptx_coef * ptx
-                engine.backward(loss, boundary)
+                engine.backward(loss + untrained_heads_term(engine.module), boundary)  # HEADS: 0, in the graph
             kept.append((~guard).float())  # a skipped micro-batch's (non-finite) losses are not averaged in
             # pg and vf are this micro-batch's share of the minibatch loss (token sums over the
             # minibatch's count): times the micro-batches per step, their mean is the step's loss,
@@ -376,7 +377,7 @@ def ppo_epochs(run: PhaseContext, ro: Rollout, ptx_examples: Optional[list[Examp
                 val = val.detach().float()
                 stats.setdefault(k, []).append(torch.where(guard, torch.zeros_like(val), val))
         sched = run.schedules["ppo"]
-        grad_norms.append(engine.step({"policy": sched.lr, "value": sched.lr}, sched.momentum))
+        grad_norms.append(engine.step({"policy": sched.lr, "value": sched.lr, "heads": 0.0}, sched.momentum))
         sched.step(float(pg.detach()) if sched.name == "reduce_on_plateau" else None)
     n_kept = torch.stack(kept).sum()  # 0 when every micro-batch was skipped: NaN means, a non-finite update
     out = {f"ppo/{k}": torch.stack(v).sum() / n_kept for k, v in stats.items()}

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from hybrid_ds.assets import BUILTIN_MODELS
 from hybrid_ds.config.batch_plan import BatchPlan
+from hybrid_ds.config.heads import heads_problems
 from hybrid_ds.config.load import ds_config_names, resolve_ds_config
 from hybrid_ds.config.schema import REWARD_KEY, TRACKER_PACKAGES, Config, key_table
 def _check_bounds(key: str, value, meta) -> Optional[str]:
@@ -85,6 +86,10 @@ def validate(cfg: Config) -> list[str]:
     problems += eval_problems(cfg)
     problems += multiturn_problems(cfg)
     problems += log_problems(cfg)
+    problems += heads_problems(cfg.heads.heads)
+    if cfg.heads.heads and cfg.run.mode == "ppo":
+        problems.append("HEADS: task heads train with the SFT loss and MODE=ppo has no SFT step; use MODE=sft or "
+                        "hybrid.")
     return problems
 
 

@@ -412,6 +412,15 @@ class LogConfig:
 
 
 @dataclass
+class HeadsConfig:
+    heads: list = opt([], "Task heads on the shared trunk (hybrid_ds/models/heads.py), trained with the SFT loss as "
+                          "extra terms on items that carry their field: a list of {\"name\", \"type\": "
+                          "\"classification\" | \"regression\", \"field\", \"num_labels\" (classification), "
+                          "\"labels\" (optional: the names of labels 0..num_labels-1), \"weight\"}. Saved in "
+                          "OUTPUT_DIR/heads/; a `head` reward leaf scores with one. [] = none.", key="HEADS")
+
+
+@dataclass
 class Config:
     """The whole run configuration (see docs/config.md for every key)."""
 
@@ -427,6 +436,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
     reward: dict = field(default_factory=lambda: {"type": "cosine_sts"})
 
     # -- derived ------------------------------------------------------------------------
@@ -441,7 +451,8 @@ class Config:
         return out
 
 
-SECTIONS = ("run", "data", "sft", "ppo", "hybrid", "pref", "gen", "model", "lora", "optim", "sched", "log")
+SECTIONS = ("run", "data", "sft", "ppo", "hybrid", "pref", "gen", "model", "lora", "optim", "sched", "log",
+            "heads")
 ALIASES = {"ETA_MIN": "MIN_LR", "T_0": "T0"}  # other spellings: the seed configs' (examples/seed/), torch's argument names
 REWARD_KEY = "REWARD"
 

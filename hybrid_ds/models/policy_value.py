@@ -297,13 +297,13 @@ def disable_dropout(module: nn.Module) -> None:
 
 
 def build_param_groups(model: PolicyValue, weight_decay: float) -> list[dict]:
-    """Optimizer groups tagged by role: policy (trunk + LM head) and value (value head), each split
-    into decayed weights and undecayed biases/norm weights.
+    """Optimizer groups tagged by role: policy (trunk + LM head), value (value head) and heads (the
+    task heads, models/heads.py), each split into decayed weights and undecayed biases/norm weights.
 
     One optimizer serves both phases: before each step the trainer sets every group's lr from its
     phase's schedule. In an SFT step the value groups get lr 0, so AdamW leaves the value head
     bit-identical (its decay and update both scale with lr) even under ZeRO, where its zero
-    gradients still pass through the optimizer.
+    gradients still pass through the optimizer; PPO steps give the task heads lr 0 the same way.
     """
     groups = {}
     norm_types = (nn.LayerNorm,)
@@ -314,7 +314,7 @@ def build_param_groups(model: PolicyValue, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        role = "value" if name.startswith("v_head.") else "policy"
+        role = "value" if name.startswith("v_head.") else "heads" if name.startswith("task_heads.") else "policy"
         ndim = len(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitions replace p's data
         decay = not (ndim < 2 or id(p) in no_decay_ids or name.endswith(".bias"))
         key = (role, decay)

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import judge, models, nli, overlap, python_fn, text
+from . import head, judge, models, nli, overlap, python_fn, text
 
 
 @dataclass(frozen=True)
@@ -372,6 +372,22 @@ _TYPES = (
          ) + _model_params(None, "causal LM: local dir or hub name", batch_size=8, max_length=1024),
         "yes_prob: [0, 1]; number: [1, max_score] or default; loglik: (-inf, 0]",
         "higher = better in the judge's view", judge.build_llm_judge, judge.check_llm_judge, needs_model=True),
+    RewardType(
+        "head", "A task head trained with HEADS (hybrid_ds/models/heads.py) on a run's trunk: prompt + response + "
+        "EOS through the trunk (`inference_lm/`), the head read at that EOS as in training. Classification: "
+        "the probability of `label`; regression: the prediction. Loaded once per process on the leaf's device.",
+        (Param("name", "str", None, "the head's name in HEADS", required=True),
+         Param("run_dir", "str", None, "the training run's OUTPUT_DIR (its heads/ and inference_lm/)", nullable=True),
+         Param("path", "str", None, "instead of run_dir: a heads/ directory", nullable=True),
+         Param("model", "str", None, "the trunk (default: inference_lm/ of run_dir, or beside path)", nullable=True),
+         Param("label", "str", None, "classification: the label scored, a name from the head's labels or its "
+               "index as a string (\"0\")", nullable=True),
+         Param("batch_size", "int", 16, "samples per forward pass", low=1),
+         Param("max_length", "int", 1024, "keep the last this many tokens of prompt + response", low=1),
+         Param("device", "str", None, "override the device (default: make_reward's, else cuda if available, "
+               "else cpu)", nullable=True)),
+        "classification: [0, 1]; regression: the head's", "classification: higher = more likely `label`",
+        head.build_head, head.check_head, needs_model=True),
 )
 
 REWARD_TYPES: dict[str, RewardType] = {t.name: t for t in _TYPES}

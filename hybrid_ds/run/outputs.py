@@ -8,6 +8,7 @@ import os
 from typing import Optional
 
 from hybrid_ds.config import Config
+from hybrid_ds.models.heads import HEADS_DIR, save_heads, task_heads_of
 from hybrid_ds.models.lora import ADAPTER_DIR, merged_lm, save_merged
 from hybrid_ds.models.policy_value import PolicyValue, save_policy_value
 from hybrid_ds.models.reward_model import save_reward_model
@@ -23,6 +24,7 @@ def save_outputs(run) -> None:
         state = run.engine.trainable_state_dict()
         if run.dist.is_main:
             save_lora_outputs(run.cfg, run.tokenizer, run.seed, state, run.cfg.run.output_dir)
+            save_task_heads(run, state)
         run.dist.barrier()
         return
     state = run.dist.full_state_dict(run.engine)
@@ -32,12 +34,20 @@ def save_outputs(run) -> None:
             save_reward_model(state, run.engine.module.config, run.tokenizer, os.path.join(out, REWARD_MODEL_DIR))
             run.dist.barrier()
             return
+        save_task_heads(run, state)
         save_policy_value(state, run.engine.module, run.tokenizer, os.path.join(out, "inference_lm"),
                           with_value_head=False)
         if run.cfg.run.mode != "sft":
             save_policy_value(state, run.engine.module, run.tokenizer, os.path.join(out, "ppo_full"),
                               with_value_head=run.engine.module.v_head is not None)
     run.dist.barrier()
+
+
+def save_task_heads(run, state: dict) -> None:
+    """``heads/`` (HEADS: one file per task head and ``heads.json``, models/heads.py), beside ``inference_lm/``."""
+    heads = task_heads_of(run.engine.module)
+    if heads is not None:
+        save_heads(state, heads, os.path.join(run.cfg.run.output_dir, HEADS_DIR))
 
 
 def save_lora_outputs(cfg: Config, tokenizer, seed: int, state: dict, out: str,

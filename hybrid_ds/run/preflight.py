@@ -29,6 +29,7 @@ from hybrid_ds.data import (DataReport, Example, Pair, chat_template_problem, lo
 from hybrid_ds.engine.launch_plan import plan_launch
 from hybrid_ds.engine.launcher import launched_world_problem
 from hybrid_ds.engine.placement import launch_world_size, placement_problems, policy_world_size
+from hybrid_ds.models.heads import label_problems
 from hybrid_ds.optim import PhaseSchedule, make_phase_schedules, schedule_warnings, validate_optim_config
 from hybrid_ds.rewards import validate_reward_spec
 from hybrid_ds.rollout.multiturn import env_problem
@@ -227,6 +228,7 @@ def preflight(cfg: Config, seed: int) -> Preflight:
 
     # 3. batches against the items kept, the schedules over the run's steps
     n = len(examples)
+    problems += label_problems([e.item for e in examples], cfg.heads.heads)
     if (plan.sft_steps or cfg.ppo.ptx_coef > 0) and cfg.sft.batch > n:
         problems.append(f"SFT_BATCH ({cfg.sft.batch}) is larger than the {n} usable items of TRAIN_FILE; lower "
                         f"SFT_BATCH or use more data.")

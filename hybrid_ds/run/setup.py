@@ -13,6 +13,7 @@ from hybrid_ds.config.batch_plan import BatchPlans
 from hybrid_ds.data import BatchStream
 from hybrid_ds.engine.trackers import Trackers
 from hybrid_ds.assets import resolve_model
+from hybrid_ds.models.heads import attach_task_heads
 from hybrid_ds.models.lora import add_adapters, load_base
 from hybrid_ds.models.policy_value import (PolicyValue, build_param_groups, load_dtype, load_lm,
                                            load_value_head)
@@ -70,6 +71,7 @@ def build_run(cfg: Config, dist, seed: int, ref_client=None, pre: Optional[Prefl
     rm_head = score_head(lm, seed) if cfg.run.mode == "rm" else None
     model = PolicyValue(lm, rm_head, seed=seed, value_head=cfg.run.mode != "dpo" and (
         cfg.run.mode in ("sft", "rm") or cfg.ppo.advantage == "gae"))
+    attach_task_heads(model, cfg.heads.heads, seed)  # HEADS: before the optimizer, whose groups must hold them
     # MODEL is a ppo_full/: RL continues with its value head (never MODE=rm's, a head of its own)
     head = None if rm_head is not None else load_value_head(model, resolve_model(cfg.run.model))
     if head and dist.is_main:
