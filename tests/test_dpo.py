@@ -110,9 +110,11 @@ def test_pref_keys_are_checked_against_mode(tmp_path):
         with pytest.raises(ConfigError) as e:
             load_config(None, [f"{k}={json.dumps(v)}" for k, v in cfg.items()], world_size=1)
         assert any(says in p for p in e.value.problems), (says, e.value.problems)
-    with pytest.raises(ConfigError, match="REF_PLACEMENT=separate: DPO's reference"):
+    with pytest.raises(ConfigError, match="REF_PLACEMENT=separate with MODE=rm: a reward model uses no reference"):
         load_config(None, [f"{k}={json.dumps(v)}" for k, v in inproc.base(
-            tmp_path, mode="dpo", TRAIN_FILE=pairs, REF_PLACEMENT="separate").items()], world_size=2)
+            tmp_path, mode="rm", TRAIN_FILE=pairs, REF_PLACEMENT="separate").items()], world_size=2)
+    load_config(None, [f"{k}={json.dumps(v)}" for k, v in inproc.base(  # DPO's reference may have its own ranks
+        tmp_path, mode="dpo", TRAIN_FILE=pairs, REF_PLACEMENT="separate").items()], world_size=2)
 
 
 # ----------------------------------------------------------------------------------------------

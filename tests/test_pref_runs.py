@@ -27,9 +27,26 @@ def runs(tmp_path_factory):
     rm = inproc.base(tmp / "rm", mode="rm", TRAIN_FILE=str(tmp / "rm_pairs.json"), EVAL_FILE=str(tmp / "rm_pairs.json"),
                      PREF_BATCH=4, LR_PREF=1e-3, MAX_STEPS=2, SAVE_EVERY=1, MAX_NAN_STEPS=1, ZERO_STAGE=3)
     resumed = {**rm, "MAX_STEPS": 4}
-    cfgs = {"hybrid_dpo": hybrid, "rm": rm, "rm_resume": resumed}
-    done, log = forked_runs({name: (c, 2) for name, c in cfgs.items()}, tmp)
+    dpo = inproc.base(tmp / "dpo", mode="dpo", TRAIN_FILE=str(tmp / "dpo_pairs.json"), PREF_BATCH=4, LR_PREF=3e-4,
+                      DPO_BETA=0.5, MAX_STEPS=3, ZERO_STAGE=2)
+    separate = {**dpo, "OUTPUT_DIR": str(tmp / "dpo_separate"), "REF_PLACEMENT": "separate", "REF_RANKS": 1}
+    cfgs = {"hybrid_dpo": hybrid, "rm": rm, "rm_resume": resumed, "dpo": dpo, "dpo_separate": separate}
+    done, log = forked_runs({name: (c, 1 if name == "dpo" else 2) for name, c in cfgs.items()}, tmp)
     return done, log, cfgs
+
+
+def test_dpo_with_the_reference_on_its_own_rank_equals_the_colocated_run(runs):
+    """REF_PLACEMENT=separate: the reference rank scores the pairs' responses (reference/protocol.py's
+    log-prob requests); the policy's DPO steps are those of the colocated run."""
+    done, log, cfgs = runs
+    assert done.get("dpo", (None,))[0] == 0 and done.get("dpo_separate", (None,))[0] == 0, log[-4000:]
+    near, far = metrics(cfgs["dpo"]["OUTPUT_DIR"], "dpo"), metrics(cfgs["dpo_separate"]["OUTPUT_DIR"], "dpo")
+    assert_finite_rows(far, 3, "dpo")
+    assert os.path.isfile(os.path.join(cfgs["dpo_separate"]["OUTPUT_DIR"], "reference-rank-1.pid"))
+    for a, b in zip(near, far):
+        for k in ("dpo/loss", "dpo/rewards/chosen", "dpo/rewards/rejected", "dpo/rewards/margins"):
+            assert abs(a[k] - b[k]) < 1e-5 + 1e-4 * abs(a[k]), (k, a[k], b[k])
+    assert far[-1]["dpo/rewards/margins"] > 0
 
 
 def test_hybrid_sft_and_dpo_on_two_processes_zero2(runs):

@@ -1,7 +1,8 @@
 """The DPO phase: one optimizer step of Direct Preference Optimization over a global batch of pairs.
 
 Each pair's chosen and rejected responses run through the policy and through the frozen reference
-(the colocated copy, or with LoRA the policy's base with its adapters disabled: ``ppo.reference_model``)
+(the colocated copy, or with LoRA the policy's base with its adapters disabled: ``ppo.reference_model``;
+with REF_PLACEMENT=separate the reference's own ranks, through the rollout's log-prob requests)
 as one batch of ``2B`` sequences, chosen first (:func:`hybrid_ds.data.pairs.collate_pairs`). The
 summed response log-probs give DPO_LOSS (:mod:`hybrid_ds.algorithms.pref_math`). The loss is the
 mean over *all pairs of the global batch*: each micro-batch's summed pair losses are divided by
@@ -43,9 +44,22 @@ def pair_logps(model, batch: dict, device, policy: bool) -> tuple[torch.Tensor, 
     return logps, n, values
 
 
+def remote_pair_logps(client, batch: dict, device) -> torch.Tensor:
+    """:func:`pair_logps`'s summed log-probs ``(2B,)`` from the reference on its own ranks
+    (REF_PLACEMENT=separate): the tokens from the first labelled position on are asked for, as a
+    rollout's response is (raw logits: temperature 1), and summed where labelled. The right padding
+    sits in that tail with mask 0, so the positions are the sequence's own."""
+    labels = batch["labels"]
+    start = labels.shape[1] - labelled_tail(labels) + 1  # the first position whose token can be labelled
+    lp = client.logprobs(batch["input_ids"], batch["attention_mask"], start, labels.shape[1] - start, 1.0)
+    return (lp.to(device) * (labels[:, start:] != pref_math.IGNORE_INDEX).to(device)).sum(1)
+
+
 @torch.no_grad()
 def reference_logps(ctx: PhaseContext, micros: list[dict]) -> list[torch.Tensor]:
     """The reference's summed response log-probs ``(2B,)`` of each micro-batch (no grad, no dropout)."""
+    if ctx.ref_client is not None:  # the reference's ranks score every micro-batch, in the same rounds on all ranks
+        return [remote_pair_logps(ctx.ref_client, b, ctx.dist.device) for b in micros]
     ctx.engine.eval()  # a LoRA reference is the policy's own module: dropout off for it too
     with reference_model(ctx) as ref:
         return [pair_logps(ref, b, ctx.dist.device, policy=False)[0] for b in micros]

@@ -214,10 +214,8 @@ def pref_problems(cfg: Config, world: int, check_files: bool = True) -> list[str
     dpo = mode == "dpo" or dpo_hybrid
     if p.dpo_label_smoothing and p.dpo_loss != "sigmoid" and dpo:
         out.append(f"DPO_LABEL_SMOOTHING applies to DPO_LOSS=sigmoid; DPO_LOSS={p.dpo_loss} has none. Remove it.")
-    if cfg.run.ref_placement == "separate":
-        out.append("REF_PLACEMENT=separate: DPO's reference runs on the policy's ranks (a colocated frozen copy, or "
-                   "with LORA_R the base with its adapters disabled) and MODE=rm has none; use colocated."
-                   if dpo else "REF_PLACEMENT=separate with MODE=rm: a reward model uses no reference; use colocated.")
+    if cfg.run.ref_placement == "separate" and not dpo:
+        out.append("REF_PLACEMENT=separate with MODE=rm: a reward model uses no reference; use colocated.")
     if mode in ("dpo", "rm") and cfg.ppo.ptx_coef > 0:
         out.append(f"PTX_COEF mixes SFT into PPO updates; MODE={mode} runs none. Remove PTX_COEF.")
     return out
