@@ -268,10 +268,10 @@ def test_recall_environment_updates(tmp_path, monkeypatch, advantage, env):
 
 
 @pytest.mark.parametrize("keys, needle", [
-    ({"ENV": "envs.recall"}, "package.module:function"),
+    ({"ENV": "envs.recall"}, "package.module:name"),
     ({"ENV": "envs.no_such_module:respond"}, "cannot import"),
-    ({"ENV": "envs.recall:nothing"}, "no callable 'nothing'"),
-    ({"ENV": "envs.recall:WORDS"}, "no callable 'WORDS'"),
+    ({"ENV": "envs.recall:nothing"}, "module envs.recall has no attribute 'nothing'"),
+    ({"ENV": "envs.recall:WORDS"}, "envs.recall.WORDS is a list, not a function"),
     ({"ENV": "json:dumps"}, "cannot be called as dumps(messages, item)"),
     ({"ENV": "", "MAX_TURNS": 2}, "MAX_TURNS (2)"),
     ({"SAMPLER": "hf"}, "ENV: multi-turn rollouts"),

@@ -14,13 +14,12 @@ nothing in a spec is evaluated as code.
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import math
 import numbers
-import os
-import sys
 from typing import Callable
+
+from hybrid_ds.config.imports import import_named
 
 from .models import chat_history
 from .text import BatchFn
@@ -34,21 +33,7 @@ def load_reward_function(spec: str) -> Callable:
     """The callable ``spec`` names (``package.module:name``). Raises ValueError saying what is wrong: the
     form, the import, a missing or non-callable attribute, or a signature that cannot take
     ``(prompts=..., completions=..., **item_fields)``."""
-    module_name, sep, attr = spec.partition(":")
-    if not (sep and attr.isidentifier() and module_name and all(p.isidentifier() for p in module_name.split("."))):
-        raise ValueError(f"{spec!r}: give package.module:name (a Python function to import)")
-    if os.getcwd() not in sys.path:  # as ``python -m`` does: a module beside the config
-        sys.path.append(os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # noqa: BLE001 - whatever the user's module raises on import, name it
-        raise ValueError(f"{spec!r}: cannot import {module_name} ({type(e).__name__}: {e}); it must be "
-                         f"importable from the working directory or PYTHONPATH") from None
-    if not hasattr(module, attr):
-        raise ValueError(f"{spec!r}: module {module_name} has no attribute {attr!r}")
-    fn = getattr(module, attr)
-    if not callable(fn):
-        raise ValueError(f"{spec!r}: {module_name}.{attr} is a {type(fn).__name__}, not a function")
+    fn = import_named(spec, repr(spec))
     problem = signature_problem(fn)
     if problem:
         raise ValueError(f"{spec!r}: {problem}")

@@ -30,14 +30,12 @@ hybrid_ds/algorithms/ppo.py ``generate_dialogues``), batched over the rows still
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import math
-import os
-import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from hybrid_ds.config.imports import import_named
 from hybrid_ds.data.batches import IGNORE_INDEX
 from hybrid_ds.data.chat import PROBE, PLAIN_HEADER, PLAIN_TURN_END, render_messages
 
@@ -54,19 +52,8 @@ def load_env(spec: str) -> Callable:
     """The callable ENV names (``package.module:function``). Raises ValueError saying what is wrong:
     the form, the import, a missing or non-callable attribute, or a signature that cannot take
     ``(messages, item)``."""
-    module_name, sep, attr = spec.partition(":")
-    if not (sep and attr.isidentifier() and module_name and all(p.isidentifier() for p in module_name.split("."))):
-        raise ValueError(f"ENV {spec!r}: give package.module:function (a Python callable to import)")
-    if os.getcwd() not in sys.path:  # as ``python -m`` does: modules beside the config (envs/recall.py)
-        sys.path.append(os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # noqa: BLE001 - whatever the user's module raises on import, name it
-        raise ValueError(f"ENV {spec!r}: cannot import {module_name} ({type(e).__name__}: {e}); it must be "
-                         f"importable from the working directory or PYTHONPATH") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ValueError(f"ENV {spec!r}: {module_name} has no callable {attr!r}")
+    fn = import_named(spec, f"ENV {spec!r}")
+    attr = spec.partition(":")[2]
     try:
         inspect.signature(fn).bind([], {})
     except TypeError:
