@@ -3,7 +3,7 @@
 Each row runs hybrid_ds (``bench_hybrid.py``), the bare floor (the peers' ``floor_bench.py``) and the
 original loop (the peers' ``seed_trl011_hybrid.py``, TRL 0.11.4, per-prompt generation) on the same
 work: the unit's 512 items and tokenizer, 1 SFT step of 8 + 1 PPO update of 8 prompts x exactly
-``new`` tokens, 4 PPO epochs, 1 process, ``OMP_NUM_THREADS=2``. Only the model, the response length
+``new`` tokens, 4 PPO epochs, 1 process, the same ``OMP_NUM_THREADS`` (``--threads``). Only the model, the response length
 and the precision change from the work unit (bench/README.md).
 
 The peers read their model from ``$PEER_WORK/bench-small`` and load it in the dtype it was saved in
@@ -93,13 +93,15 @@ def build_unit(base: str, root: str, shape: str, bf16: bool) -> str:
     return out
 
 
-def row_jobs(row: Row, base: str, root: str, cycles: int, py: str, peers: str, env: dict, trl_env: dict) -> dict:
+def row_jobs(row: Row, base: str, root: str, cycles: int, threads: int, py: str, peers: str, env: dict,
+             trl_env: dict) -> dict:
     """The row's three entries as {label: (command, environment)}, in run_vs_peers.run_json's form."""
     fp32 = build_unit(base, root, row.shape, bf16=False)
     peer = build_unit(base, root, row.shape, bf16=True) if row.bf16 else fp32
     n, L = str(cycles - 1), str(row.new)
     wrap = [py, "bench/peer_bf16.py"] if row.bf16 else [py]  # the peers' extra modules in bf16 too
-    ours = [py, "bench/bench_hybrid.py", "--work", fp32, "--cycles", str(cycles)] + (["--bf16"] if row.bf16 else [])
+    ours = [py, "bench/bench_hybrid.py", "--work", fp32, "--cycles", str(cycles), "--threads", str(threads)]
+    ours += ["--bf16"] if row.bf16 else []
     return {
         "hybrid_ds": (ours + [f"MAX_NEW_TOKENS={L}", f"MIN_NEW_TOKENS={L}"], env),
         "floor": (wrap + [os.path.join(peers, "floor_bench.py"), "--iters", n, "--new", L], dict(env, PEER_WORK=peer)),

@@ -1,11 +1,12 @@
 """hybrid_ds and its peers on the same work unit, in the same run: alternating rounds, medians, ratios.
 
-    python bench/run_vs_peers.py [--rounds 3] [--cycles 21] [--bf16-too] [--only cycle|grpo] [--out bench/results]
-    python bench/run_vs_peers.py --matrix [--rounds 3] [--cycles 4] [--out bench/results]
+    python bench/run_vs_peers.py [--rounds 3] [--cycles 21] [--bf16-too] [--only cycle|grpo] [--threads 2]
+        [--out bench/results]
+    python bench/run_vs_peers.py --matrix [--rounds 3] [--cycles 4] [--threads 2] [--out bench/results]
 
 Peers (from ``../shared/bench-peers``): the original loop on TRL 0.11.4 (per-prompt generation),
 the same with batched generation, and the bare HF-generate floor; all fixed 32 new tokens,
-1 process, fp32, OMP_NUM_THREADS=2. TRL 0.11.4 is installed side by side into
+1 process, fp32, OMP_NUM_THREADS=2 (``--threads``). TRL 0.11.4 is installed side by side into
 ``peer-work/trl0114`` on first use (``pip install --no-deps --target``), ``tyro`` (which it
 imports) into ``peer-work/tyro`` when the interpreter lacks it; the venv is left alone.
 
@@ -81,9 +82,9 @@ def medians(results: dict[str, list[dict]]) -> dict[str, float]:
     return {k: statistics.median(cycles_per_s(x) for x in v) for k, v in results.items()}
 
 
-def setup(work: str) -> tuple[dict, dict]:
+def setup(work: str, threads: int = 2) -> tuple[dict, dict]:
     """TRL 0.11.4 (and tyro) beside the venv's TRL, the work unit; the peers' environment and TRL 0.11's."""
-    env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2", HF_HUB_OFFLINE="1",
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PEER_WORK=work)
     if not os.path.isfile(os.path.join(TRL011, "trl", "__init__.py")):
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", TRL011, "trl==0.11.4"],
@@ -106,19 +107,22 @@ def main() -> None:
     ap.add_argument("--only", choices=("cycle", "grpo"), default=None,
                     help="only the hybrid-cycle entries, or only the GRPO pair (default: both)")
     ap.add_argument("--matrix", action="store_true", help="the shape x length x precision matrix (bench/matrix.py)")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="OMP_NUM_THREADS of every entry (the unit's 2; 1 when the machine is oversubscribed)")
     ap.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
     args = ap.parse_args()
     work = os.path.join(REPO, "peer-work", "unit")
-    env, trl_env = setup(work)
+    env, trl_env = setup(work, args.threads)
     os.makedirs(args.out, exist_ok=True)
     if args.matrix:
         return run_matrix(args, work, env, trl_env)
     cycles = args.cycles or 21
     py, n = sys.executable, str(cycles - 1)
+    ours = [py, "bench/bench_hybrid.py", "--threads", str(args.threads), "--cycles", str(cycles)]
     jobs = {}
     if args.only != "grpo":
         jobs = {
-            "hybrid_ds fp32": ([py, "bench/bench_hybrid.py", "--cycles", str(cycles)], env),
+            "hybrid_ds fp32": (ours, env),
             "original loop (TRL 0.11, per-prompt gen)": (
                 [py, os.path.join(PEERS, "seed_trl011_hybrid.py"), "--cycles", n, "--gen", "per_prompt", "--fixed-len"],
                 trl_env),
@@ -128,9 +132,9 @@ def main() -> None:
             "floor (HF generate + plain torch)": ([py, os.path.join(PEERS, "floor_bench.py"), "--iters", n], env),
         }
         if args.bf16_too:
-            jobs["hybrid_ds bf16"] = ([py, "bench/bench_hybrid.py", "--cycles", str(cycles), "--bf16"], env)
+            jobs["hybrid_ds bf16"] = (ours + ["--bf16"], env)
     if args.only != "cycle":
-        jobs["hybrid_ds GRPO fp32"] = ([py, "bench/bench_hybrid.py", "--cycles", str(cycles)] + GRPO, env)
+        jobs["hybrid_ds GRPO fp32"] = (ours + GRPO, env)
         jobs["TRL 1.16 GRPO fp32"] = ([py, os.path.join(PEERS, "trl_grpo_bench.py"), "--steps", n, "--fixed-len",
                                        "--num-generations", str(GRPO_K), "--beta", "0.04"], env)
     suffix = f"_{args.only}" if args.only else ""
@@ -175,8 +179,8 @@ def run_matrix(args, work: str, env: dict, trl_env: dict) -> None:
     root = os.path.join(REPO, "peer-work", "matrix")
     jobs = {}
     for row in matrix.ROWS:
-        for label, job in matrix.row_jobs(row, work, root, args.cycles or 4, sys.executable, PEERS, env,
-                                          trl_env).items():
+        for label, job in matrix.row_jobs(row, work, root, args.cycles or 4, args.threads, sys.executable, PEERS,
+                                          env, trl_env).items():
             jobs[f"{row.name} | {label}"] = job
     results = round_robin(jobs, args.rounds, os.path.join(args.out, "matrix.json"))
     print(matrix_table(results))
