@@ -79,7 +79,8 @@ def round_robin(jobs: dict, rounds: int, save: str) -> dict[str, list[dict]]:
 
 
 def medians(results: dict[str, list[dict]]) -> dict[str, float]:
-    return {k: statistics.median(cycles_per_s(x) for x in v) for k, v in results.items()}
+    """Median rate per entry over its rounds; an entry with no record yet (a stopped run) is left out."""
+    return {k: statistics.median(cycles_per_s(x) for x in v) for k, v in results.items() if v}
 
 
 def setup(work: str, threads: int = 2) -> tuple[dict, dict]:
@@ -110,7 +111,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2,
                     help="OMP_NUM_THREADS of every entry (the unit's 2; 1 when the machine is oversubscribed)")
     ap.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
+    ap.add_argument("--table", default="", help="only print the tables of saved records (a results JSON)")
     args = ap.parse_args()
+    if args.table:
+        with open(args.table) as f:
+            results = json.load(f)
+        return print(matrix_table(results) if any(" | " in k for k in results) else report(results))
     work = os.path.join(REPO, "peer-work", "unit")
     env, trl_env = setup(work, args.threads)
     os.makedirs(args.out, exist_ok=True)
@@ -139,30 +145,39 @@ def main() -> None:
                                        "--num-generations", str(GRPO_K), "--beta", "0.04"], env)
     suffix = f"_{args.only}" if args.only else ""
     results = round_robin(jobs, args.rounds, os.path.join(args.out, f"vs_peers{suffix}.json"))
-    base = medians(results)
-    if "hybrid_ds fp32" in results:
+    print(report(results))
+
+
+def report(results: dict[str, list[dict]]) -> str:
+    """The hybrid-cycle table (against hybrid_ds fp32) and the GRPO table, for the entries present."""
+    base, lines = medians(results), []
+    if "hybrid_ds fp32" in base:
         ours = base["hybrid_ds fp32"]
-        print("\n| configuration | cycles/s median | min-max | hybrid_ds fp32 / this |\n|---|---|---|---|")
-        for k, v in results.items():
+        lines.append("\n| configuration | cycles/s median | min-max | hybrid_ds fp32 / this |\n|---|---|---|---|")
+        for k in base:
             if "GRPO" not in k:
-                c = [cycles_per_s(x) for x in v]
-                print(f"| {k} | {base[k]:.3f} | {min(c):.3f}-{max(c):.3f} | {ours / base[k]:.2f}x |")
+                c = [cycles_per_s(x) for x in results[k]]
+                lines.append(f"| {k} | {base[k]:.3f} | {min(c):.3f}-{max(c):.3f} | {ours / base[k]:.2f}x |")
         hd = results["hybrid_ds fp32"][-1]["median_s"]
-        print("\nhybrid_ds fp32 seconds per cycle, by phase (last round): "
-              + ", ".join(f"{k} {v:.3f}" for k, v in hd.items()))
-    if "hybrid_ds GRPO fp32" in results:
-        print(grpo_table(results))
+        lines.append("\nhybrid_ds fp32 seconds per cycle, by phase (last round): "
+                     + ", ".join(f"{k} {v:.3f}" for k, v in hd.items()))
+    if "hybrid_ds GRPO fp32" in base and "TRL 1.16 GRPO fp32" in base:
+        lines.append(grpo_table(results))
+    return "\n".join(lines)
 
 
 def grpo_table(results: dict[str, list[dict]]) -> str:
     """The GRPO pair: steps/s and samples/s medians, hybrid_ds / TRL, and each one's split of a step."""
     base, ours = medians(results), "hybrid_ds GRPO fp32"
-    lines = ["\n| GRPO, 8 completions per step | steps/s median | min-max | samples/s | hybrid_ds / this |",
-             "|---|---|---|---|---|"]
+    # the mean-based rate as well (all timed steps' total over their count): TRL's script reports both
+    mean = {k: statistics.median(1 / x["cycle_s_mean"] if "cycle_s_mean" in x else x["steps_per_s"]
+                                 for x in results[k]) for k in (ours, "TRL 1.16 GRPO fp32")}
+    lines = ["\n| GRPO, 8 completions per step | steps/s median | min-max | samples/s | hybrid_ds / this "
+             "| steps/s from the mean step | hybrid_ds / this |", "|---|---|---|---|---|---|---|"]
     for k in (ours, "TRL 1.16 GRPO fp32"):
         c = [cycles_per_s(x) for x in results[k]]
         lines.append(f"| {k} | {base[k]:.3f} | {min(c):.3f}-{max(c):.3f} | {8 * base[k]:.2f} | "
-                     f"{base[ours] / base[k]:.2f}x |")
+                     f"{base[ours] / base[k]:.2f}x | {mean[k]:.3f} | {mean[ours] / mean[k]:.2f}x |")
     hd = results[ours][-1]["median_s"]
     trl = results["TRL 1.16 GRPO fp32"][-1]["s_per_step"]
     lines.append("\nseconds per step, by phase (last round): hybrid_ds "
