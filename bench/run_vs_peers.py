@@ -48,11 +48,6 @@ def cycles_per_s(rec: dict) -> float:
     return rec["cycles_per_s"]
 
 
-def samples_per_s(rec: dict) -> float:
-    """PPO samples (completions) per second at :func:`cycles_per_s`: 8 per cycle or step everywhere."""
-    return 8.0 * cycles_per_s(rec)
-
-
 def run_json(cmd: list[str], env: dict) -> dict:
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if p.returncode:
