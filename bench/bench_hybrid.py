@@ -69,12 +69,14 @@ def run(args, overrides) -> dict:
     cycle_s = [b["time"] - a["time"] for a, b in zip(ppo, ppo[1:])]  # cycle 0 (warm-up) excluded
     med = statistics.median
     phases = {k[5:-2]: med(r[k] for r in ppo[1:]) for k in ppo[-1] if k.startswith("time/") and k.endswith("_s")}
-    phases["sft"] = med(r["time/sft_s"] for r in sft[1:])
+    if sft:  # MODE=ppo (e.g. the GRPO row of run_vs_peers.py) has no SFT step
+        phases["sft"] = med(r["time/sft_s"] for r in sft[1:])
     gen_tokens = med(r["ppo/response_len"] for r in ppo[1:]) * 8
     return {"bench": "hybrid_ds", "launcher": args.launcher, "nproc": args.nproc, "zero": args.zero,
             "bf16": args.bf16, "cycles_timed": len(cycle_s), "cycles_per_s": 1.0 / med(cycle_s),
+            "cycle_s_mean": statistics.mean(cycle_s),
             "cycle_s_min_max": [min(cycle_s), max(cycle_s)], "ppo_samples_per_s": 8.0 / med(cycle_s),
-            "sft_steps_per_s": 1.0 / phases["sft"], "gen_tokens_per_s": gen_tokens / phases["rollout"],
+            "sft_steps_per_s": 1.0 / phases["sft"] if sft else None, "gen_tokens_per_s": gen_tokens / phases["rollout"],
             "median_s": phases, "process_wall_s": wall,
             "peak_rss_mb": per_rank(ppo[-1], "mem/peak_rss_mb/"),
             "model_state_mb": {"params": per_rank(ppo[-1], "mem/params_mb/"),

@@ -420,7 +420,9 @@ def ppo_update(run: PhaseContext, examples: list[Example], ptx_examples: Optiona
     1. generate  2. score  3. reference and old log-probs/values  4. advantages  5. PPO epochs
     6. adapt the KL coefficient (only after a finite update: a skipped one teaches it nothing)
     """
-    cfg, dist, chunk, timer = run.cfg, run.dist, run.batches.ppo.forward_chunk, PhaseTimer()
+    cfg, dist, timer = run.cfg, run.dist, PhaseTimer()
+    # forward_chunk counts prompts (a training micro-batch); each prompt has NUM_GENERATIONS rows
+    chunk = run.batches.ppo.forward_chunk * cfg.ppo.num_generations
     # 1. rollout (ENV: whole dialogues with the environment)
     ro = generate_dialogues(run, examples) if cfg.ppo.env else generate(run, examples)
     timer.mark("rollout")

@@ -27,7 +27,9 @@ def serve_reference(cfg: Config, placement, bridge) -> int:
                   cfg.model.attn_implementation)
     ref = ref.to(dev).eval().requires_grad_(False)
     # One request per client, each a training micro-batch at most: the same activation bound as colocated.
-    chunk = len(bridge.clients) * BatchPlans.from_config(cfg, placement.policy_world).ppo.forward_chunk
+    # (forward_chunk counts prompts; each prompt has NUM_GENERATIONS rows)
+    chunk = (len(bridge.clients) * BatchPlans.from_config(cfg, placement.policy_world).ppo.forward_chunk
+             * cfg.ppo.num_generations)
     os.makedirs(cfg.run.output_dir, exist_ok=True)  # operators (and tests) find the process here
     with open(os.path.join(cfg.run.output_dir, f"reference-rank-{placement.rank}.pid"), "w") as f:
         f.write(str(os.getpid()))
