@@ -7,7 +7,15 @@ only by the modules that use them, so the CLI's ``--help`` and config validation
 (:mod:`hybrid_ds.run.api`).
 """
 
+import logging
+
 __version__ = "0.1.0"
+
+# bitsandbytes warns at import, on CPUs with AVX512-BF16, that its optional hub-fetched 4-bit CPU kernel
+# (the `kernels` package) is absent; hybrid_ds never uses that kernel (QLoRA on CPU runs bitsandbytes' own
+# fallback), and transformers imports bitsandbytes through peft whenever a scheduler is built, so every
+# run would print it. Only that logger is quieted, and only below errors.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 # ``hybrid_ds.train`` is two things: this function and the submodule ``hybrid_ds/train.py`` behind
