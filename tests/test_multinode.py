@@ -60,7 +60,7 @@ def test_two_machines_train_as_the_two_process_run(hybrid_zero2_bf16_run, tmp_pa
     out = cfg["OUTPUT_DIR"]
     rows, single = metrics(out), metrics(single_out)
     assert [(r["phase"], r["step"]) for r in rows] == [(r["phase"], r["step"]) for r in single]
-    assert len(rows) == 4  # 2 SFT steps, 2 PPO updates
+    assert len(rows) == 6  # per cycle: 1 SFT step, the reference sync (the hybrid default), 1 PPO update
     for a, b in zip(rows, single):
         keys = {k for k in b if not k.startswith(WALL)}
         assert keys == {k for k in a if not k.startswith(WALL)}
