@@ -12,7 +12,6 @@ import time
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from hybrid_ds.algorithms.context import NextBatch, PhaseContext
 from hybrid_ds.data import IGNORE_INDEX, Example, collate_sft, micro_batches
@@ -21,25 +20,18 @@ from hybrid_ds.models.logprobs import logprobs_from_logits
 from hybrid_ds.models.policy_value import final_hidden
 
 
-def token_ce_sum(logits: torch.Tensor, labels: torch.Tensor, blocked: Optional[bool] = None) -> torch.Tensor:
+def token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy over labelled positions. logits ``(B, L, V)``, labels ``(B, L)``.
 
     ``-log p(label)`` through :func:`hybrid_ds.models.logprobs.logprobs_from_logits`, whose
     logsumexp runs in fp32 blocks of at most 2**24 elements, forward and backward: no fp32
     ``(B, L, V)`` copy of half-precision logits is made (``F.cross_entropy`` on ``logits.float()``
     would make one, gigabytes at a 150 k vocabulary). Equal to ``F.cross_entropy(..., reduction="sum")``
-    to float32 rounding (tests/test_model.py). Float32 logits (``blocked`` None: by their dtype) go
-    through ``F.cross_entropy`` itself, the reference implementation, bit for bit: its fp32 log-softmax
-    is the size of the logits (no upcast copy on top), and the blocked path's rounding-level difference
-    is enough to move a 1000-step demo run (README) to another end point. Half-precision logits, where
-    the fp32 copy would cost gigabytes at large vocabularies, take the blocked path.
+    to float32 rounding (tests/test_model.py).
     """
     # Position t predicts label t + 1; the last position predicts nothing. Shifting the labels, not
     # slicing the logits, lets the backward write the logits' gradient without a sliced copy.
     nxt = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], 1)
-    if not (logits.dtype != torch.float32 if blocked is None else blocked):
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), nxt.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
     keep = nxt != IGNORE_INDEX
     logp = logprobs_from_logits(logits, nxt.masked_fill(~keep, 0))
     return -(logp * keep).sum()
