@@ -92,3 +92,12 @@ class PhaseTimer:
     def metrics(self) -> dict[str, float]:
         return {f"time/{k}_s": v for k, v in self.seconds.items()}
 
+
+def scheduled_step(ctx: PhaseContext, batch, phase: str, step: Callable[..., dict]) -> dict[str, float]:
+    """One optimizer step of a preference ``phase`` ("dpo", "rm") on ``batch`` at its schedule's rate and
+    momentum, then the schedule advanced with the step's loss (``<phase>/loss``, what reduce_on_plateau
+    reads)."""
+    sched = ctx.schedules[phase]
+    m = step(ctx, batch, lr=sched.lr, momentum=sched.momentum)
+    sched.step(m[f"{phase}/loss"])
+    return m

@@ -21,7 +21,7 @@ import time
 import torch
 
 from hybrid_ds.algorithms import pref_math
-from hybrid_ds.algorithms.context import NextBatch, PhaseContext
+from hybrid_ds.algorithms.context import NextBatch, PhaseContext, scheduled_step
 from hybrid_ds.algorithms.ppo import reference_model
 from hybrid_ds.algorithms.sft import labelled_tail
 from hybrid_ds.data import Pair, collate_pairs, micro_batches
@@ -105,10 +105,7 @@ def dpo_step(ctx: PhaseContext, pairs: list[Pair], *, lr: float, momentum=None) 
 
 def run_step(ctx: PhaseContext, next_batch: NextBatch) -> dict[str, float]:
     """The DPO phase's step for the loop: the next pairs, the scheduled rate, one optimizer step."""
-    sched = ctx.schedules["dpo"]
-    m = dpo_step(ctx, next_batch("pref"), lr=sched.lr, momentum=sched.momentum)
-    sched.step(m["dpo/loss"])
-    return m
+    return scheduled_step(ctx, next_batch("pref"), "dpo", dpo_step)
 
 
 @torch.no_grad()

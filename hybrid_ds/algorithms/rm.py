@@ -21,7 +21,7 @@ import time
 import torch
 
 from hybrid_ds.algorithms import pref_math
-from hybrid_ds.algorithms.context import NextBatch, PhaseContext
+from hybrid_ds.algorithms.context import NextBatch, PhaseContext, scheduled_step
 from hybrid_ds.data import Pair, micro_batches
 from hybrid_ds.models.reward_model import last_token_scores
 
@@ -91,10 +91,7 @@ def rm_step(ctx: PhaseContext, pairs: list[Pair], *, lr: float, momentum=None) -
 
 def run_step(ctx: PhaseContext, next_batch: NextBatch) -> dict[str, float]:
     """The reward-model phase's step for the loop: the next pairs, the scheduled rate, one optimizer step."""
-    sched = ctx.schedules["rm"]
-    m = rm_step(ctx, next_batch("pref"), lr=sched.lr, momentum=sched.momentum)
-    sched.step(m["rm/loss"])
-    return m
+    return scheduled_step(ctx, next_batch("pref"), "rm", rm_step)
 
 
 @torch.no_grad()
