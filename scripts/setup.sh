@@ -49,5 +49,9 @@ if ! "$PYBIN" -c "import torch" 2>/dev/null; then
   "$PYBIN" -m pip install -q --upgrade pip >/dev/null
   "$PYBIN" -m pip install -q "$TORCH" ${HYBRID_DS_TORCH_INDEX:+--index-url "$HYBRID_DS_TORCH_INDEX"}
 fi
-"$PYBIN" -m pip install -q -e "$TARGET" 2>&1 | grep -v "is ignored: it is neither" || true
+# setuptools warns on every editable install of a flat layout that a folder named like the package in
+# the working directory may shadow it on import. Here that folder *is* the installed package, so the
+# notice says nothing; the filter matches that message alone, other build warnings still show.
+PYTHONWARNINGS="ignore:Editable installation${PYTHONWARNINGS:+,$PYTHONWARNINGS}" \
+  "$PYBIN" -m pip install -q -e "$TARGET" 2>&1 | grep -v "is ignored: it is neither" || true
 "$PYBIN" -c "import torch, hybrid_ds; print(f'hybrid_ds {hybrid_ds.__version__} ready: torch {torch.__version__}')"
