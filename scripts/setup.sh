@@ -45,13 +45,19 @@ if [ "$CHECK" = 1 ]; then
   echo "setup.sh --check: $PYBIN would install hybrid_ds alone (torch $torch_version kept)"
   exit 0
 fi
+# pip, quiet, without the "Location ... is ignored" lines a pip.conf naming absent find-links folders
+# prints for every package; a failing install still stops the script with pip's whole output.
+pip_quiet() {
+  local out
+  if ! out=$("$PYBIN" -m pip "$@" 2>&1); then echo "$out" >&2; return 1; fi
+  grep -v "is ignored: it is neither" <<<"$out" || true
+}
 if ! "$PYBIN" -c "import torch" 2>/dev/null; then
-  "$PYBIN" -m pip install -q --upgrade pip >/dev/null
-  "$PYBIN" -m pip install -q "$TORCH" ${HYBRID_DS_TORCH_INDEX:+--index-url "$HYBRID_DS_TORCH_INDEX"}
+  pip_quiet install -q --upgrade pip >/dev/null
+  pip_quiet install -q "$TORCH" ${HYBRID_DS_TORCH_INDEX:+--index-url "$HYBRID_DS_TORCH_INDEX"}
 fi
 # setuptools warns on every editable install of a flat layout that a folder named like the package in
 # the working directory may shadow it on import. Here that folder *is* the installed package, so the
 # notice says nothing; the filter matches that message alone, other build warnings still show.
-PYTHONWARNINGS="ignore:Editable installation${PYTHONWARNINGS:+,$PYTHONWARNINGS}" \
-  "$PYBIN" -m pip install -q -e "$TARGET" 2>&1 | grep -v "is ignored: it is neither" || true
+PYTHONWARNINGS="ignore:Editable installation${PYTHONWARNINGS:+,$PYTHONWARNINGS}" pip_quiet install -q -e "$TARGET"
 "$PYBIN" -c "import torch, hybrid_ds; print(f'hybrid_ds {hybrid_ds.__version__} ready: torch {torch.__version__}')"

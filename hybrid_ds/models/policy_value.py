@@ -329,6 +329,21 @@ def build_param_groups(model: PolicyValue, weight_decay: float) -> list[dict]:
     return out
 
 
+@contextmanager
+def hf_progress_bars_off() -> Iterator[None]:
+    """transformers' "Writing model shards" bar for the duration: a run saves mid-training, and that bar
+    would cut into the run's own progress bar (the save is announced by a [hybrid_ds] line instead)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def save_policy_value(lm_state: dict, model: PolicyValue, tokenizer, out_dir: str, *, with_value_head: bool):
     """Write ``lm_state`` (keys of the PolicyValue, 'lm.' and 'v_head.' prefixes) as plain HF weights.
 
@@ -336,7 +351,8 @@ def save_policy_value(lm_state: dict, model: PolicyValue, tokenizer, out_dir: st
     """
     os.makedirs(out_dir, exist_ok=True)
     lm_sd = {k[len("lm."):]: v for k, v in lm_state.items() if k.startswith("lm.")}
-    model.lm.save_pretrained(out_dir, state_dict=lm_sd, safe_serialization=True)
+    with hf_progress_bars_off():
+        model.lm.save_pretrained(out_dir, state_dict=lm_sd, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     if with_value_head and model.v_head is not None:
         vh = {k[len("v_head."):]: v.clone() for k, v in lm_state.items() if k.startswith("v_head.")}

@@ -61,6 +61,7 @@ def train(run: Run) -> None:
     if run.ref_client is not None and 0 < cfg.hybrid.ref_sync_every <= c.cycle and run.dist.is_main:
         print("[hybrid_ds] warning: resumed with the reference on its own ranks: they start from MODEL, not from "
               "the synced reference (checkpoints do not carry it); the next REF_SYNC_EVERY sync moves them", flush=True)
+    synced_once = False
     while c.cycle < plan.cycles:
         # 1. SFT steps, 2. RL updates, as many as the curriculum says for this cycle; the phases
         # meet at collectives, so no rank runs ahead.
@@ -79,9 +80,10 @@ def train(run: Run) -> None:
                 run.dist.copy_weights(lm, run.ref, alpha=alpha)
                 c.ref_snapshot = 1  # checkpoints from now on carry the reference
             _log(run, c.cycle + 1, "ref", {"ref/synced": 1.0, "ref/alpha": cfg.hybrid.ref_sync_alpha}, advance=False)
-            if run.dist.is_main:
-                print(f"[hybrid_ds] cycle {c.cycle + 1}: reference synced to the policy "
-                      f"(alpha {cfg.hybrid.ref_sync_alpha})", flush=True)
+            if run.dist.is_main and not synced_once:  # once: a line per cycle would break the progress bar
+                print(f"[hybrid_ds] cycle {c.cycle + 1}: reference synced to the policy (alpha {alpha}); it "
+                      f"follows every {every} cycle(s), each sync logged as a \"ref\" row in metrics.jsonl", flush=True)
+            synced_once = True
         for _ in range(n_rl):
             _log(run, getattr(c, rl.counter) + 1, rl.name, {**phase_step(run, rl), **mix}, advance=False)
         c.cycle += 1
