@@ -239,7 +239,8 @@ def load_lm(name: str, tokenizer, dtype: torch.dtype = torch.float32, attn_imple
     from hybrid_ds.assets import resolve_model
 
     attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    lm = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype, **attn, **from_pretrained)
+    with hf_progress_bars_off():  # one "Loading weights" bar per rank and model said nothing the run's lines don't
+        lm = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype, **attn, **from_pretrained)
     bad = nonfinite_weights(lm)
     if bad:  # a damaged file or a diverged save: training would only stop later at MAX_NAN_STEPS
         raise ModelFileError(f"MODEL {name!r}: its weights hold NaN or infinite values ({', '.join(bad[:3])}"
@@ -331,8 +332,8 @@ def build_param_groups(model: PolicyValue, weight_decay: float) -> list[dict]:
 
 @contextmanager
 def hf_progress_bars_off() -> Iterator[None]:
-    """transformers' "Writing model shards" bar for the duration: a run saves mid-training, and that bar
-    would cut into the run's own progress bar (the save is announced by a [hybrid_ds] line instead)."""
+    """transformers' progress bars off for the duration: a run loads on every rank and saves mid-training,
+    and their bars would cut into the run's own (loads and saves are announced by [hybrid_ds] lines)."""
     from transformers.utils import logging as hf_logging
 
     was_on = hf_logging.is_progress_bar_enabled()
