@@ -57,6 +57,13 @@ EXAMPLES = [
                      {"type": "toxicity", "checkpoint": "/models/toxic_original.ckpt",
                       "huggingface_config_path": "/models/bert-base-uncased"}],
       "learn_weights": {"rule": "target", "targets": [0.8, 0.95], "lr": 0.5, "min_weight": 0.1}}),
+    ("Self-play: a judge's win probability of the policy's response over a snapshot of the policy taken every 10 "
+     "PPO updates (examples/self_play.json)",
+     {"type": "self_play", "opponent": "snapshot", "snapshot_every": 10, "score": "win_prob",
+      "judge": {"type": "llm_judge", "model": "/models/Qwen2.5-1.5B-Instruct", "score": "yes_prob",
+                "yes_token": "Yes", "no_token": "No",
+                "template": "Question: {prompt}\nAnswer: {response}\nIs the answer helpful and correct? "
+                            "Reply Yes or No."}}),
 ]
 
 INTRO = """\
