@@ -118,6 +118,30 @@ def test_reference_opponent_answers_the_same_prompts_and_the_update_logs_its_cos
     assert len(seen[0]) == len(examples) == 4  # one per prompt, row for row with the policy's
 
 
+def test_under_lora_the_opponent_is_the_base_with_the_adapters_off(tmp_path):
+    """LoRA's reference is the policy's own model with its adapters disabled: the opponent samples from
+    it. The adapters are moved off zero first, so the policy's responses from the same seed differ."""
+    from hybrid_ds.models.lora import adapters_disabled
+
+    run = make_run(base(tmp_path, "ppo", LORA_R=4, LORA_ALPHA=8, SAMPLER="lean_exact",
+                        REWARD={"type": "self_play", "judge": {"type": "word_f1"}}))
+    assert run.ref is None
+    lm = run.engine.module.lm
+    with torch.no_grad():
+        torch.manual_seed(1)
+        for name, p in lm.named_parameters():
+            if "lora_B" in name:
+                p.add_(2.0 * torch.randn_like(p))
+    seen = spy_on_opponents(self_play_node(run))
+    examples = run.next_batch("ppo")
+    seed = run.seed_for("self_play", 0)
+    with adapters_disabled(lm) as base_lm:
+        from_base = sampled_texts(run, base_lm, examples, seed)
+    assert from_base != sampled_texts(run, lm, examples, seed)
+    m = ppo.ppo_update(run, examples)
+    assert seen == [from_base] and m["time/self_play_generate_s"] > 0
+
+
 def metrics(out: str) -> list:
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if '"ppo"' in line]

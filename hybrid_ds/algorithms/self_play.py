@@ -94,14 +94,13 @@ def opponent_model(run: PhaseContext, node: SelfPlay):
     if run.ref_client is not None:  # self_play_problems refuses this at config time
         raise RuntimeError("self_play: the reference runs on its own ranks and cannot generate; use opponent "
                            "'snapshot' or REF_PLACEMENT=colocated")
-    stack = contextlib.ExitStack()  # LoRA: the policy's own model with its adapters off
-    stack.enter_context(run.engine.adapters_disabled())
-    return _entered(stack, run.dist.generation_model(run.engine))
+    return lora_base(run)
 
 
 @contextlib.contextmanager
-def _entered(stack: contextlib.ExitStack, inner):
-    with stack, inner as lm:
+def lora_base(run: PhaseContext):
+    """LoRA's reference for generation: the policy's own model with its adapters off."""
+    with run.engine.adapters_disabled(), run.dist.generation_model(run.engine) as lm:
         yield lm
 
 
