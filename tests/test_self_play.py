@@ -216,6 +216,8 @@ def test_snapshot_weights_are_the_policy_at_the_snapshot_update(tmp_path):
      "REWARD.judge: a self_play judge cannot itself hold a self_play node"),
     ({"type": "self_play", "judge": {"type": "word_f1", "on_error": "fallback"}}, {},
      "REWARD.judge.on_error: only allowed on the root spec"),
+    ({"type": "self_play", "judge": {**JUDGE, "model": "./no/such/judge"}}, {},
+     "REWARD.judge.model: './no/such/judge' does not exist"),
     ({"type": "self_play", "judge": JUDGE, "opponent": "snapshot"}, {"LORA_R": 4},
      "REWARD.opponent: 'snapshot' with LORA_R > 0 is not supported"),
     ({"type": "self_play", "judge": JUDGE}, {"ZERO_STAGE": 3}, "REWARD.opponent: self-play under ZeRO stage 3"),

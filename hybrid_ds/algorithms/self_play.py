@@ -86,6 +86,9 @@ def opponent_model(run: PhaseContext, node: SelfPlay):
     """A context giving the opponent's causal LM for ``ppo.generate`` (step 1 of the module docstring)."""
     if node.opponent == "snapshot":
         update = run.counters.ppo_update
+        if node.snapshot is None and update % node.snapshot_every and run.dist.is_main:
+            print(f"[hybrid_ds] warning: self_play: no snapshot opponent to resume with at PPO update {update} (the "
+                  f"checkpoint has no {SNAPSHOT_FILE}); taking one from the policy now", flush=True)
         if node.snapshot is None or (update % node.snapshot_every == 0 and node.snapshot_update != update):
             take_snapshot(run, node)
         return contextlib.nullcontext(node.snapshot)

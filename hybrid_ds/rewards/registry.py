@@ -157,8 +157,8 @@ _TYPES = (
         "and the reward is the policy's margin: `difference`, judge(policy) - judge(opponent), or `win_prob`, "
         "sigmoid(judge(policy) - judge(opponent)), the Bradley-Terry probability that the policy wins (every "
         "judge here scores one response at a time, so this is the rule for all). The opponent's responses are "
-        "not trained on. The PPO phase samples them (hybrid_ds/algorithms/self_play.py; not with ENV, ZeRO-3, "
-        "or the reference on its own ranks); without them (held-out evaluation, a direct call) the node scores "
+        "not trained on. The PPO phase samples them (hybrid_ds/algorithms/self_play.py; not with ENV or ZeRO-3, "
+        "nor against the reference on its own ranks or a snapshot under LoRA); without them (held-out evaluation, a direct call) the node scores "
         "with the judge alone. The judge's scores of both sides are logged as `reward/self_play/judge_policy` "
         "and `reward/self_play/judge_opponent`, the seconds spent as `time/self_play_generate_s` and "
         "`time/self_play_judge_s`. One self_play node per reward.",
