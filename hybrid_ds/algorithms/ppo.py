@@ -121,7 +121,7 @@ def generate(run: PhaseContext, examples: list[Example], model=None, seed_tag: s
     # earlier phases left in the global RNG: placements and resumed runs sample the same tokens.
     torch.manual_seed(run.seed_for(seed_tag, run.counters.ppo_update))
     logprobs = values = None
-    with run.dist.generation_model(run.engine) if model is None else model as lm:
+    with (run.dist.generation_model(run.engine) if model is None else model) as lm:
         if g.sampler.startswith("lean"):  # generate's distribution (lean_exact: its very tokens), test_sampler.py
             from hybrid_ds.rollout.sampler import SamplingSettings, sample
 
