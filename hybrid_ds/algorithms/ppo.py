@@ -20,6 +20,7 @@ import torch
 
 from hybrid_ds.algorithms import estimators as est
 from hybrid_ds.algorithms import ppo_math as pm
+from hybrid_ds.algorithms import self_play
 from hybrid_ds.algorithms import turn_math as tm
 from hybrid_ds.algorithms.context import NextBatch, PhaseContext, PhaseTimer
 from hybrid_ds.algorithms.samples import component_metrics, dialogue_metrics, rollout_metrics, sample_rows
@@ -96,10 +97,13 @@ def finish_responses(resp: torch.Tensor, stops: list, tok, n_rows: int):
 
 
 @torch.no_grad()
-def generate(run: PhaseContext, examples: list[Example]) -> Rollout:
+def generate(run: PhaseContext, examples: list[Example], model=None, seed_tag: str = "rollout") -> Rollout:
     """Sample NUM_GENERATIONS responses per prompt (rows ``i*K .. i*K+K-1`` answer prompt ``i``) with
     the config's sampling settings, stopping at EOS or at the chat template's end of turn
-    (``stop_token_ids``, hybrid_ds/data/chat.py)."""
+    (``stop_token_ids``, hybrid_ds/data/chat.py).
+
+    ``model``: a context giving another causal LM to sample with, from the seed ``seed_tag`` (a
+    self-play opponent, hybrid_ds/algorithms/self_play.py); its rollout has no log-probs or values."""
     cfg, tok, dev = run.cfg, run.tokenizer, run.dist.device
     stops = stop_token_ids(tok)
     eos = eos_arg(stops)
@@ -115,15 +119,15 @@ def generate(run: PhaseContext, examples: list[Example]) -> Rollout:
     run.engine.eval()
     # Sampling draws from a seed of (SEED, rank, update), not from whatever state model loading or
     # earlier phases left in the global RNG: placements and resumed runs sample the same tokens.
-    torch.manual_seed(run.seed_for("rollout", run.counters.ppo_update))
+    torch.manual_seed(run.seed_for(seed_tag, run.counters.ppo_update))
     logprobs = values = None
-    with run.dist.generation_model(run.engine) as lm:
+    with (run.dist.generation_model(run.engine) if model is None else model) as lm:
         if g.sampler.startswith("lean"):  # generate's distribution (lean_exact: its very tokens), test_sampler.py
             from hybrid_ds.rollout.sampler import SamplingSettings, sample
 
             st = SamplingSettings.from_gen_config(g, eos, tok.pad_token_id)
             v_head = run.engine.module.v_head  # whole here, also under ZeRO-3 (gathered with the LM)
-            own_old = old_from_rollout(run)
+            own_old = old_from_rollout(run) and model is None
             value_fn = (lambda h: v_head(h.to(v_head.weight.dtype))) if own_old and v_head is not None else None
             out = sample(lm, q_ids, q_mask, st, hf_rng=g.sampler == "lean_exact", value_fn=value_fn)
             resp = out.response_ids
@@ -428,6 +432,8 @@ def ppo_update(run: PhaseContext, examples: list[Example], ptx_examples: Optiona
     timer.mark("rollout")
     # (separate reference ranks start on the reference log-probs now, while this rank scores)
     pending = request_reference(run, ro) if run.ref_client is not None else None
+    if self_play.opponent_step(run, examples, generate):  # a self_play REWARD: its opponent answers too
+        timer.mark("self_play_generate")
     # 2. task scores (each prompt's item once per response)
     score(run, ro, [e for e in examples for _ in range(cfg.ppo.num_generations)])
     timer.mark("scoring")
@@ -447,7 +453,8 @@ def ppo_update(run: PhaseContext, examples: list[Example], ptx_examples: Optiona
     m = ppo_epochs(run, ro, ptx_examples)
     timer.mark("update")
     # 6. KL controller, on the global mean KL per sequence
-    local = {**rollout_metrics(run, ro), **component_metrics(ro.components), **dialogue_metrics(ro), **m}
+    local = {**rollout_metrics(run, ro), **component_metrics(ro.components), **dialogue_metrics(ro), **m,
+             **self_play.judge_metrics(run)}
     # the reward's counters (faults, retries, a judge's parse failures) summed over ranks; its gauges
     # (learned weights) are the same on every rank
     metrics = {**dist.mean_metrics(local), **dist.sum_counts(run.reward.pop_stats()), **run.reward.gauges(),

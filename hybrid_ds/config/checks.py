@@ -357,6 +357,8 @@ def reward_path_problems(spec: Any, path: str = REWARD_KEY) -> list[str]:
     out = []
     for i, comp in enumerate(spec.get("components") or []):
         out += reward_path_problems(comp, f"{path}.components[{i}]")
+    if isinstance(spec.get("judge"), dict):  # a self_play node's judge
+        out += reward_path_problems(spec["judge"], f"{path}.judge")
     for k in ("model", "model_type", "checkpoint", "huggingface_config_path"):
         v = spec.get(k)
         if not (isinstance(v, str) and v.startswith((".", "/", "~"))):

@@ -8,6 +8,7 @@ from typing import Any, Callable
 from .base import FaultPolicy, Leaf, Reward, RewardSpecError
 from .compose import Clip, EmaNormalize, LearnedWeightedSum, Postprocessed, Scale, WeightedSum, numbered
 from .registry import LEARN_WEIGHTS_PARAMS, ON_ERROR_MODES, POSTPROCESS_TYPES, lookup, resolve_params
+from .self_play import SelfPlay
 from .validate import validate_reward_spec
 
 
@@ -53,6 +54,9 @@ def build_node(spec: dict, ctx: BuildContext) -> Reward:
         learn = spec.get("learn_weights")
         node: Reward = WeightedSum(parts, ctx.faults, component_names(spec["components"])) if learn is None else \
             build_learned_sum(parts, spec["components"], learn, ctx)
+    elif rtype.name == "self_play":
+        p = resolve_params(rtype, spec)
+        node = SelfPlay(build_node(spec["judge"], ctx), p["opponent"], p["snapshot_every"], p["score"], ctx.faults)
     else:
         node = Leaf(rtype.name, rtype.build(resolve_params(rtype, spec), ctx), ctx.faults)
     steps = [build_postprocess(step, ctx) for step in spec.get("postprocess", [])]

@@ -57,6 +57,13 @@ EXAMPLES = [
                      {"type": "toxicity", "checkpoint": "/models/toxic_original.ckpt",
                       "huggingface_config_path": "/models/bert-base-uncased"}],
       "learn_weights": {"rule": "target", "targets": [0.8, 0.95], "lr": 0.5, "min_weight": 0.1}}),
+    ("Self-play: a judge's win probability of the policy's response over a snapshot of the policy taken every 10 "
+     "PPO updates (examples/self_play.json)",
+     {"type": "self_play", "opponent": "snapshot", "snapshot_every": 10, "score": "win_prob",
+      "judge": {"type": "llm_judge", "model": "/models/Qwen2.5-1.5B-Instruct", "score": "yes_prob",
+                "yes_token": "Yes", "no_token": "No",
+                "template": "Question: {prompt}\nAnswer: {response}\nIs the answer helpful and correct? "
+                            "Reply Yes or No."}}),
 ]
 
 INTRO = """\
@@ -105,6 +112,14 @@ to the initial sum of weights, each floored at `min_weight`. A component below i
 weight; one above it loses weight. The batch is then scored with the updated weights.
 Every PPO update logs the current weights (`reward.gauges()`; `reward.metrics()` returns them with
 `pop_stats()`) as `reward/weight/<component type>` (`<type>_1`, `<type>_2` when a type repeats; `<prefix>/<index>/...` inside a nested sum).
+
+**Self-play.** A `self_play` node needs the opponent's responses to the same prompts; a run's PPO phase
+samples them (from the reference, or a snapshot of the policy saved in checkpoints as `self_play.pt`)
+and hands them over with `node.set_opponents(texts)` before scoring. Its judge scores both sides in one
+batch: the policy's responses, then the opponent's, so a judge's `ema_normalize` updates once on both.
+Outside PPO (held-out evaluation, a direct call) the node scores with the judge alone. Cost, on
+`examples/demo.json` with the reward of `examples/self_play.json` (one CPU process): 0.17 s more per PPO
+update (0.51 s instead of 0.34 s), 0.04 s sampling the opponent, 0.12 s judging.
 
 **Distributed.** With `make_reward(all_reduce_sum=fn)`, `ema_normalize` sums (count, sum,
 sum of squares) over data-parallel ranks with `fn(tensor) -> tensor`, so all ranks hold identical

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import head, judge, models, nli, overlap, python_fn, text
+from . import head, judge, models, nli, overlap, python_fn, self_play, text
 
 
 @dataclass(frozen=True)
@@ -151,6 +151,28 @@ _TYPES = (
                "component below its target gains weight. The weights are reward state (checkpointed) and "
                "are reported as `reward/weight/<component type>` by `reward.metrics()`", nullable=True),),
         "that of the components", "as the components"),
+    RewardType(
+        "self_play", "Self-play: for each prompt an opponent answers too (the same prompts and sampling "
+        "settings, its own seed), `judge` scores the policy's and the opponent's responses in one batched call, "
+        "and the reward is the policy's margin: `difference`, judge(policy) - judge(opponent), or `win_prob`, "
+        "sigmoid(judge(policy) - judge(opponent)), the Bradley-Terry probability that the policy wins (every "
+        "judge here scores one response at a time, so this is the rule for all). The opponent's responses are "
+        "not trained on. The PPO phase samples them (hybrid_ds/algorithms/self_play.py; not with ENV or ZeRO-3, "
+        "nor against the reference on its own ranks or a snapshot under LoRA); without them (held-out evaluation, a direct call) the node scores "
+        "with the judge alone. The judge's scores of both sides are logged as `reward/self_play/judge_policy` "
+        "and `reward/self_play/judge_opponent`, the seconds spent as `time/self_play_generate_s` and "
+        "`time/self_play_judge_s`. One self_play node per reward.",
+        (Param("judge", "object", None, "the judge: any reward spec (an `llm_judge`, a `reward_model`, a "
+               "`weighted_sum`, ...), not itself holding a self_play node", required=True),
+         Param("opponent", "str", "reference", "'reference': the run's frozen reference (with LoRA the "
+               "adapters-off base); 'snapshot': a frozen copy of the policy, retaken every `snapshot_every` PPO "
+               "updates (the first at the first update), kept on the policy's ranks and written to checkpoints "
+               "(`self_play.pt`)", choices=self_play.OPPONENTS),
+         Param("snapshot_every", "int", 1, "opponent 'snapshot': PPO updates between snapshots", low=1),
+         Param("score", "str", "difference", "how the two judge scores become the reward",
+               choices=self_play.SCORE_RULES)),
+        "difference: the judge's range minus itself; win_prob: (0, 1)", "higher = the judge prefers the policy",
+        needs_model=True),
     RewardType(
         "sentiment", "Probability of the `target` sentiment label of the response.",
         (Param("backend", "str", "pipeline", "'pipeline': transformers text-classification; "

@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 from .registry import ALIASES, LEARN_WEIGHTS_PARAMS, ON_ERROR_MODES, POSTPROCESS_TYPES, REWARD_TYPES, Param
+from .self_play import self_play_specs
 
 STRUCTURAL_KEYS = ("type", "postprocess", "weight", "on_error", "fallback")
 _KIND_NAMES = {"bool": "a boolean", "int": "an integer", "number": "a number", "str": "a string",
@@ -140,6 +141,8 @@ def _check_node(spec: Any, path: str, in_components: bool) -> list[str]:
             problems.append(f"{path}.{key}: only allowed {where}")
     if rtype.check is not None:
         problems += rtype.check(spec, path)
+    if rtype.name == "self_play" and isinstance(spec.get("judge"), dict):
+        problems += _check_judge(spec["judge"], f"{path}.judge")
     if rtype.name == "weighted_sum" and isinstance(spec.get("components"), list):
         problems += _check_components(spec["components"], f"{path}.components")
         problems += _check_learn_weights(spec, path)
@@ -147,6 +150,15 @@ def _check_node(spec: Any, path: str, in_components: bool) -> list[str]:
         problems += check_param(Param("weight", "number", 1.0, low=0), spec["weight"], path)
     if "postprocess" in spec:
         problems += _check_postprocess(spec["postprocess"], f"{path}.postprocess")
+    return problems
+
+
+def _check_judge(judge: dict, path: str) -> list[str]:
+    """A ``self_play`` node's judge: a reward spec of its own, without root-only keys or self-play inside."""
+    problems = _check_node(judge, path, in_components=False)
+    problems += [f"{path}.{key}: only allowed on the root spec" for key in ("on_error", "fallback") if key in judge]
+    problems += [f"{where}: a self_play judge cannot itself hold a self_play node"
+                 for where, _ in self_play_specs(judge, path)]
     return problems
 
 

@@ -13,6 +13,7 @@ On disk, under ``OUTPUT_DIR/checkpoints/``::
       trainer_state.json        counters, data positions, KL controller, reward statistics, launch layout
       rng/rank-00000.pt         python, numpy, torch (and CUDA) generators as tensors, one file per rank
       reference.pt              the reference model, when REF_INIT=after_warmup took its snapshot
+      self_play.pt              a self_play REWARD's snapshot opponent and the PPO update it was taken at
       config.json               the resolved config the run was started with (compared on resume)
       hf/                       model config and tokenizer, for ``export``
     warmup-0000003/             (hybrid) a checkpoint taken during the SFT warm-up, on SIGTERM/SIGINT
@@ -43,6 +44,7 @@ import signal
 import time
 from typing import Optional
 
+from hybrid_ds.algorithms import self_play
 from hybrid_ds.engine.signals import Guard
 from hybrid_ds.run.checkpoint_dir import (
     CHECKPOINTS,
@@ -202,6 +204,9 @@ def _save_main(run, path: str, ref_state: Optional[dict]) -> None:
     torch.save({k: s.state_dict() for k, s in run.schedules.items()}, os.path.join(path, "schedules.pt"))
     if ref_state is not None:
         torch.save(ref_state, os.path.join(path, "reference.pt"))
+    snapshot = self_play.snapshot_state(run)  # a self_play REWARD's snapshot opponent (exact resume)
+    if snapshot is not None:
+        torch.save(snapshot, os.path.join(path, self_play.SNAPSHOT_FILE))
     hf = os.path.join(path, "hf")
     run.engine.module.lm.config.save_pretrained(hf)
     run.engine.module.lm.generation_config.save_pretrained(hf)
@@ -319,6 +324,8 @@ def load_checkpoint(run, point: ResumePoint) -> None:
         raise ResumeError(f"DeepSpeed could not load {os.path.join(path, ENGINE_TAG)}.")
     if os.path.isfile(os.path.join(path, "reference.pt")):
         dist.load_frozen_state_dict(run.ref, load_verified(os.path.join(path, "reference.pt")))
+    if os.path.isfile(os.path.join(path, self_play.SNAPSHOT_FILE)):
+        self_play.load_snapshot(run, load_verified(os.path.join(path, self_play.SNAPSHOT_FILE)))
     # 2. schedules, counters, data positions, KL controller, reward statistics
     schedules = load_verified(os.path.join(path, "schedules.pt"))
     for phase, sched in run.schedules.items():

@@ -62,6 +62,8 @@ def checkpoint_problem(point: ResumePoint) -> str:
     files += [(os.path.join("rng", f"rank-{r:05d}.pt"), "torch") for r in range(world)]
     if counters.get("ref_snapshot"):
         files.append(("reference.pt", "torch"))
+    if os.path.isfile(os.path.join(path, "self_play.pt")):  # a self_play REWARD's snapshot opponent
+        files.append(("self_play.pt", "torch"))
     if deepspeed:
         engine = os.path.join(path, ENGINE_TAG)
         names = sorted(os.listdir(engine)) if os.path.isdir(engine) else []

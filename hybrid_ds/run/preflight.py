@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from hybrid_ds.algorithms.self_play import self_play_problems
 from hybrid_ds.config import Config, ConfigError
 from hybrid_ds.config.batch_plan import BatchPlan, BatchPlans
 from hybrid_ds.config.checks import (batch_problems, file_problems, output_dir_problem, pref_problems,
@@ -81,6 +82,7 @@ def config_problems(cfg: Config, *, check_files: bool = True, world_size: Option
     problems += launch_problems(cfg, check_files)
     if cfg.run.mode != "sft":
         problems += validate_reward_spec(cfg.reward, path=REWARD_KEY)
+        problems += self_play_problems(cfg, REWARD_KEY)
         problems += [p for p in (env_problem(cfg.ppo.env),) if p]
     if check_files:
         problems += file_problems(cfg)
