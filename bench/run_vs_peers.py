@@ -103,6 +103,8 @@ def main() -> None:
     ap.add_argument("--only", choices=("cycle", "grpo"), default=None,
                     help="only the hybrid-cycle entries, or only the GRPO pair (default: both)")
     ap.add_argument("--matrix", action="store_true", help="the shape x length x precision matrix (bench/matrix.py)")
+    ap.add_argument("--rows", default="", help="matrix: only the rows whose name contains this (e.g. gpt2-8x512); "
+                    "records then go to matrix_<rows>.json, beside the whole matrix's")
     ap.add_argument("--threads", type=int, default=2,
                     help="OMP_NUM_THREADS of every entry (the unit's 2; 1 when the machine is oversubscribed)")
     ap.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
@@ -188,11 +190,15 @@ def run_matrix(args, work: str, env: dict, trl_env: dict) -> None:
 
     root = os.path.join(REPO, "peer-work", "matrix")
     jobs = {}
-    for row in matrix.ROWS:
+    rows = [row for row in matrix.ROWS if args.rows in row.name]
+    if not rows:
+        sys.exit(f"--rows {args.rows!r} matches no row of bench/matrix.py: {[row.name for row in matrix.ROWS]}")
+    for row in rows:
         for label, job in matrix.row_jobs(row, work, root, args.cycles or 4, args.threads, sys.executable, PEERS,
                                           env, trl_env).items():
             jobs[f"{row.name} | {label}"] = job
-    results = round_robin(jobs, args.rounds, os.path.join(args.out, "matrix.json"))
+    name = f"matrix_{args.rows.replace(' ', '_')}.json" if args.rows else "matrix.json"
+    results = round_robin(jobs, args.rounds, os.path.join(args.out, name))
     print(matrix_table(results))
 
 
