@@ -312,11 +312,10 @@ class _ClientAborted(Exception):
 class RefServer:
     """Reference side: answer every client's requests with ``compute_fn`` until all shut down.
 
-    ``compute_fn(input_ids, attention_mask, P, T, temperature) -> (B, T)`` float32 (see
-    :func:`model_logprob_fn`), or a list of them, the k-th answering model k (REFS). ``batch_clients``:
-    a round's requests as one batch (False: one call per request, each bit-identical to a local
-    computation). ``weights``: the parameters the model ``compute_fn`` (the first: REFS "policy") reads,
-    in ``named_parameters`` order, which a SYNC round updates (None: SYNC is refused).
+    ``compute_fn(input_ids, attention_mask, P, T, temperature) -> (B, T)`` float32 (:func:`model_logprob_fn`),
+    or a list, the k-th answering model k (REFS). ``batch_clients``: a round's requests as one batch (False:
+    one call per request, each bit-identical to a local computation). ``weights``: the parameters a SYNC
+    round updates (the model's, REFS' "policy" one, in ``named_parameters`` order; None: SYNC is refused).
     """
 
     def __init__(self, bridge: Bridge, compute_fn: ComputeFn, *, batch_clients: bool = True,
@@ -324,8 +323,7 @@ class RefServer:
                  weights: Optional[Sequence[torch.Tensor]] = None):
         if bridge.placement.role != "reference":
             raise ValueError(f"RefServer runs on reference ranks; this is {bridge.describe(bridge.placement.rank)}")
-        self.bridge, self.weights = bridge, weights
-        self.compute_fns = list(compute_fn) if isinstance(compute_fn, (list, tuple)) else [compute_fn]
+        self.bridge, self.compute_fn, self.weights = bridge, compute_fn, weights
         self.batch_clients, self.idle_timeout_s, self.watchdog = batch_clients, idle_timeout_s, watchdog
         self.me = bridge.describe(bridge.placement.rank)
         self.stats = ServeStats()
@@ -364,9 +362,9 @@ class RefServer:
             op, seq = h[0], h[6]
             if op == ABORT:
                 raise _ClientAborted(f"{br.describe(c)} aborted (see its log for the error)", c)
-            if seq != expected[c] or op not in (REQUEST, SHUTDOWN, SYNC) or not 0 <= h[7] < len(self.compute_fns):
-                raise BridgeError(f"protocol error: {br.describe(c)} sent {_OP_NAMES.get(op, op)} seq {seq} k {h[7]}, "
-                                  f"expected REQUEST (k < {len(self.compute_fns)}), SYNC/SHUTDOWN seq {expected[c]}", c)
+            if seq != expected[c] or op not in (REQUEST, SHUTDOWN, SYNC):
+                raise BridgeError(f"protocol error: {br.describe(c)} sent {_OP_NAMES.get(op, op)} seq {seq}, "
+                                  f"expected REQUEST, SYNC or SHUTDOWN seq {expected[c]}", c)
             expected[c] += 1
             if op == SYNC:
                 syncs.append((c, seq, h[1], h[2], _bits_float(h[3])))
@@ -418,6 +416,8 @@ class RefServer:
         return out
 
     def _run(self, ids, mask, P, T, temperature, ref=0) -> torch.Tensor:
+        if not 0 <= ref < len(fns := self.compute_fn if isinstance(self.compute_fn, list) else [self.compute_fn]):
+            raise ValueError(f"a request for model {ref}; this reference holds {len(fns)} (REFS)")
         timer = None
         if self.watchdog:
             timer = threading.Timer(self.bridge.timeout_s, self._watchdog_fired)
@@ -425,7 +425,7 @@ class RefServer:
             timer.start()
         t0 = time.perf_counter()
         try:
-            lp = self.compute_fns[ref](ids, mask, P, T, temperature)
+            lp = fns[ref](ids, mask, P, T, temperature)
         finally:
             if timer is not None:
                 timer.cancel()
