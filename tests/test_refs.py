@@ -180,7 +180,8 @@ def test_refs_problems_name_their_entry(tmp_path):
     with pytest.raises(ConfigError, match="MODE=dpo has no PPO phase"):
         load_config(None, cfg_args(tmp_path, MODE="dpo", TRAIN_FILE="builtin:demo-pairs", REFS=other))
     with pytest.raises(ConfigError) as e:
-        load_config(None, cfg_args(tmp_path, REFS=other, REF_SYNC_EVERY=1, REF_INIT="after_warmup", SFT_WARMUP_STEPS=1))
+        load_config(None, cfg_args(tmp_path, REFS=other, REF_SYNC_EVERY=1, REF_INIT="after_warmup",
+                                   SFT_WARMUP_STEPS=1))
     assert len(e.value.problems) == 2 and all("which REFS does not list" in p for p in e.value.problems)
     # REF_SYNC_EVERY's auto: 1 in hybrid with SFT steps, unless REFS leaves out the reference it would move
     assert load_config(None, cfg_args(tmp_path, REFS=other)).hybrid.ref_sync_every == 0
