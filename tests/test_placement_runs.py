@@ -11,6 +11,7 @@ import pytest
 
 from launch_utils import REPO, assert_finite_rows, env, free_port, launch, load_weights, metrics, rel_norm_diffs
 from test_ppo_runs import assert_rl_outputs
+from tiny_models import tiny_model_dir
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +30,12 @@ def cfg_for(tmp_path, name, **extra):
 def test_separate_reference_matches_colocated(tmp_path, zero):
     # Cycle 1 measures the KL from the starting reference; after cycle 2's SFT step the reference is
     # synced to the policy (REF_SYNC_EVERY=2, a copy): over the bridge, under ZeRO-3 parameter by parameter.
-    a = cfg_for(tmp_path, "colocated", REF_SYNC_EVERY=2)
-    b = cfg_for(tmp_path, "separate", REF_PLACEMENT="separate", REF_RANKS=1, REF_SYNC_EVERY=2)
+    # Under ZeRO-3 the KL is REFS' (docs/ppo.md): the run's own reference plus another model at weight 0.5,
+    # both on the reference rank, each answering its own requests; the sync moves the first alone.
+    refs = {} if zero == 2 else {"REFS": [{"model": "policy", "weight": 1.0},
+                                          {"model": tiny_model_dir("gpt2", seed=1), "weight": 0.5}]}
+    a = cfg_for(tmp_path, "colocated", REF_SYNC_EVERY=2, **refs)
+    b = cfg_for(tmp_path, "separate", REF_PLACEMENT="separate", REF_RANKS=1, REF_SYNC_EVERY=2, **refs)
     launch(a, tmp_path, nproc=2, zero=zero, name="a")
     launch(b, tmp_path, nproc=3, zero=zero, name="b")
     # The colocated run is also test_ppo_runs' fp32 hybrid run on 2 processes at this ZeRO stage.
@@ -40,12 +45,19 @@ def test_separate_reference_matches_colocated(tmp_path, zero):
     assert_finite_rows(mb, 2, "ppo")
     for run in (a, b):
         assert_finite_rows(metrics(run["OUTPUT_DIR"], "sft"), 2, "sft")
+    per_ref = ["objective/kl/ref0", "objective/kl/ref1"] if refs else []
     for ra, rb in zip(ma, mb):
-        for k in ("ppo/reward_mean", "objective/kl", "ppo/loss/policy", "ppo/loss/value"):
+        for k in ["ppo/reward_mean", "objective/kl", "ppo/loss/policy", "ppo/loss/value"] + per_ref:
             assert abs(ra[k] - rb[k]) <= 1e-5 * max(1.0, abs(ra[k])), (k, ra[k], rb[k])
-    # the synced reference is the policy the rollout sampled from: KL 0 (before the sync it was not)
+    # the synced reference is the policy the rollout sampled from: KL 0 (before the sync it was not);
+    # REFS' other model is never synced, and objective/kl is the weighted sum
+    own = "objective/kl/ref0" if refs else "objective/kl"
     for m in (ma, mb):
-        assert abs(m[0]["objective/kl"]) > 1e-4 and abs(m[1]["objective/kl"]) < 1e-3, m
+        assert abs(m[0][own]) > 1e-4 and abs(m[1][own]) < 1e-3, m
+        for r in m if refs else []:
+            assert r["objective/kl/ref1"] > 1e-2, r
+            want = r["objective/kl/ref0"] + 0.5 * r["objective/kl/ref1"]
+            assert abs(r["objective/kl"] - want) <= 1e-5 * max(1.0, abs(want)), r
     assert [r["step"] for r in metrics(b["OUTPUT_DIR"], "ref")] == [2]
     # Without the key third of c_attn.bias: its gradient is identically zero (softmax is invariant to a
     # per-query shift of the key scores), so Adam turns round-off there into +-lr steps (README).

@@ -282,6 +282,42 @@ def test_a_hung_reference_times_out_with_its_rank(model):
     assert 1 in errors  # the server notices too (its reply cannot be delivered)
 
 
+def test_one_reference_rank_answers_for_each_refs_model(model):
+    """REFS on its own ranks (2 policy ranks, 1 reference holding two models): each policy rank sends one
+    request per model, all before waiting; each is answered by its own model (as the colocated
+    ``ppo.forward_logprobs`` of that model, to fp32 rounding), one round per model. A request for a model
+    the reference does not hold reaches its client as the reference's error, naming the model."""
+    other = W.tiny_gpt2(seed=1)
+
+    def policy(pl, bridge):
+        from hybrid_ds.models.logprobs import sequence_inputs
+
+        ro = W.rollout(pl.rank, 0)
+        ids, att, _ = sequence_inputs(ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask)
+        with RefClient(bridge) as client:
+            pending = [client.request(ids, att, ro.query_ids.shape[1], ro.response_ids.shape[1], W.TEMPERATURE, ref=k)
+                       for k in (0, 1)]
+            return [float((p.wait() - local_logprobs(m, ro)).abs().max()) for p, m in zip(pending, (model, other))]
+
+    def server(pl, bridge):
+        return RefServer(bridge, [model_logprob_fn(model), model_logprob_fn(other)]).serve()
+
+    results, errors = run_layout(3, 1, policy, server)
+    assert not errors, errors
+    assert max(results[0] + results[1]) <= 1e-6
+    assert results[2].requests == 4 and results[2].rounds == 2
+    assert float((local_logprobs(model, W.rollout(0, 0)) - local_logprobs(other, W.rollout(0, 0))).abs().max()) > 1e-2
+
+    def too_far(pl, bridge):
+        r = as_request(pl.rank, W.rollout(pl.rank, 0))
+        with RefClient(bridge) as client:
+            client.request(r.input_ids, r.attention_mask, r.P, r.T, W.TEMPERATURE, ref=2).wait()
+
+    results, errors = run_layout(2, 1, too_far, server)
+    assert isinstance(errors[1], ValueError), errors
+    assert "reference rank 1 failed: ValueError: a request for model 2; this reference holds 2" in str(errors[0])
+
+
 def test_sync_mixes_the_policy_weights_like_the_colocated_copy(model):
     """REF_SYNC_EVERY over the bridge (2 policy ranks, 1 reference): a SYNC with alpha 0.25 leaves the
     reference's weights bit-equal to ``Dist.copy_weights`` (the colocated path) and the next request is

@@ -61,6 +61,8 @@ class PhaseContext(Protocol):
     ref: Optional[torch.nn.Module]  # the frozen reference on these ranks (None: own ranks, SFT only, or LoRA,
     #                                  whose reference is engine.adapters_disabled())
     ref_client: Optional[RefClient]  # the reference on its own ranks (REF_PLACEMENT=separate)
+    ref_models: list  # REFS, colocated: each entry's frozen model in REFS order, None for "policy" (ref above);
+    #                   [] without REFS or on its own ranks (hybrid_ds/config/refs.py)
     reward: Optional[Reward]
     kl_ctl: Optional[KLController]
     schedules: dict[str, PhaseSchedule]

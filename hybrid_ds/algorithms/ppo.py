@@ -23,7 +23,9 @@ from hybrid_ds.algorithms import ppo_math as pm
 from hybrid_ds.algorithms import self_play
 from hybrid_ds.algorithms import turn_math as tm
 from hybrid_ds.algorithms.context import NextBatch, PhaseContext, PhaseTimer
-from hybrid_ds.algorithms.samples import component_metrics, dialogue_metrics, rollout_metrics, sample_rows
+from hybrid_ds.algorithms.samples import (component_metrics, dialogue_metrics, reference_kl_metrics, rollout_metrics,
+                                          sample_rows)
+from hybrid_ds.config.refs import ref_weights
 from hybrid_ds.data import Example, collate_prompts, collate_sft, micro_batches, stop_token_ids
 from hybrid_ds.models.heads import untrained_heads_term
 from hybrid_ds.models.logprobs import (entropy_from_logits, lm_response_logprobs, logprobs_from_logits,
@@ -43,7 +45,7 @@ class Rollout:
     group: Optional[torch.Tensor] = None  # (B,) long, global id of the prompt each response answers
     scores: Optional[torch.Tensor] = None  # (B,) task reward
     logprobs: Optional[torch.Tensor] = None  # (B, T) old policy log-probs at TEMPERATURE
-    ref_logprobs: Optional[torch.Tensor] = None  # (B, T) reference log-probs at TEMPERATURE
+    ref_logprobs: Optional[torch.Tensor] = None  # (B, T) reference log-probs at TEMPERATURE; REFS: (B, K, T)
     values: Optional[torch.Tensor] = None  # (B, T) old values (ADVANTAGE=gae only)
     rewards: Optional[torch.Tensor] = None  # (B, T) KL-shaped per-token rewards
     kl: Optional[torch.Tensor] = None  # (B, T) per-token KL estimate
@@ -100,10 +102,8 @@ def finish_responses(resp: torch.Tensor, stops: list, tok, n_rows: int):
 def generate(run: PhaseContext, examples: list[Example], model=None, seed_tag: str = "rollout") -> Rollout:
     """Sample NUM_GENERATIONS responses per prompt (rows ``i*K .. i*K+K-1`` answer prompt ``i``) with
     the config's sampling settings, stopping at EOS or at the chat template's end of turn
-    (``stop_token_ids``, hybrid_ds/data/chat.py).
-
-    ``model``: a context giving another causal LM to sample with, from the seed ``seed_tag`` (a
-    self-play opponent, hybrid_ds/algorithms/self_play.py); its rollout has no log-probs or values."""
+    (``stop_token_ids``, hybrid_ds/data/chat.py). ``model``: a context giving another causal LM to sample
+    with, from the seed ``seed_tag`` (a self-play opponent, algorithms/self_play.py), no log-probs/values."""
     cfg, tok, dev = run.cfg, run.tokenizer, run.dist.device
     stops = stop_token_ids(tok)
     eos = eos_arg(stops)
@@ -247,17 +247,34 @@ def forward_logprobs(model, ro: Rollout, temperature: float, chunk: int, with_va
     return torch.cat(lps), (torch.cat(vals) if critic else None)
 
 
-def reference_model(run: PhaseContext):
-    """Context giving the colocated reference: its own frozen model, or in a LoRA run (``run.ref`` is
-    None) the policy's base with the adapters disabled, the same weights with no second model."""
+def reference_model(run: PhaseContext, index: int = 0):
+    """Context giving colocated reference ``index`` (REFS order; 0 without REFS): a REFS frozen model, or
+    the run's own: its frozen copy, or with LoRA (``run.ref`` None) the policy's base, adapters disabled."""
+    frozen = run.ref_models[index] if run.ref_models else None
+    if frozen is not None:
+        return contextlib.nullcontext(frozen)
     return contextlib.nullcontext(run.ref) if run.ref is not None else run.engine.adapters_disabled()
 
 
-def request_reference(run: PhaseContext, ro: Rollout):
-    """Send the rollout's ids and masks to this rank's reference rank; ``.wait()`` gives ``(B, T)`` fp32."""
+def request_reference(run: PhaseContext, ro: Rollout, index: int = 0):
+    """Ask this rank's reference rank for model ``index``'s (REFS order) log-probs; ``.wait()``: ``(B, T)`` fp32."""
     ids, att, _ = sequence_inputs(ro.query_ids, ro.query_mask, ro.response_ids, _attention(ro))
     return run.ref_client.request(ids, att, ro.query_ids.shape[1], ro.response_ids.shape[1],
-                                  run.cfg.gen.temperature)
+                                  run.cfg.gen.temperature, ref=index)
+
+
+def reference_logprobs(run: PhaseContext, ro: Rollout, chunk: int, pending: Optional[list] = None) -> torch.Tensor:
+    """Step 3's reference log-probs ``(B, T)``; with REFS ``(B, K, T)``, the K references in REFS order.
+    From ``pending`` (:func:`request_reference`'s, one per reference) when the reference has its own
+    ranks, else from the colocated references (:func:`reference_model`), ``chunk`` rows at a time."""
+    if pending is not None:
+        lps = [p.wait().to(ro.response_mask.device) for p in pending]
+    else:
+        lps = []
+        for k in range(max(len(run.cfg.ppo.refs), 1)):
+            with reference_model(run, k) as ref:
+                lps.append(forward_logprobs(ref, ro, run.cfg.gen.temperature, chunk, with_values=False)[0])
+    return torch.stack(lps, 1) if run.cfg.ppo.refs else lps[0]
 
 
 # --------------------------------------------------------------------------------------
@@ -281,7 +298,7 @@ def compute_advantages(run: PhaseContext, ro: Rollout) -> None:
     beta = run.kl_ctl.value if c.kl_in == "reward" else 0.0
     ro.rewards, ro.kl = pm.shape_rewards(ro.scores, ro.logprobs, ro.ref_logprobs, m, beta,
                                          estimator=c.kl_estimator, missing_eos_penalty=c.missing_eos_penalty,
-                                         ended_with_eos=ro.ended)
+                                         ended_with_eos=ro.ended, ref_weights=ref_weights(run.cfg))
     if ro.env_rewards is not None:  # ENV's per-turn rewards, on the last token of the turns they answer
         ro.rewards = ro.rewards + ro.env_rewards.to(ro.rewards.dtype)
     if c.advantage in est.GROUP_ESTIMATORS:
@@ -326,7 +343,7 @@ def ppo_epochs(run: PhaseContext, ro: Rollout, ptx_examples: Optional[list[Examp
     minis = [p[k * per_mini:(k + 1) * per_mini] for p in perms for k in range(n_mini)]
     local_tokens = torch.stack([ro.response_mask[idx].sum() for idx in minis]).double()
     global_tokens = dist.all_reduce_sum(local_tokens).clamp(min=1.0) / dist.world
-    critic, kl_in_loss = has_critic(run), c.kl_in == "loss"
+    critic, kl_in_loss, ref_w = has_critic(run), c.kl_in == "loss", ref_weights(cfg)
     T = ro.response_ids.shape[1]
     stats: dict[str, list] = {}
     grad_norms, skipped, kept, ptx_losses = [], torch.zeros((), device=dist.device), [], []
@@ -359,8 +376,8 @@ def ppo_epochs(run: PhaseContext, ro: Rollout, ptx_examples: Optional[list[Examp
                                                  c.clip_range_value, num_tokens=n, weights=w)
                     loss, shares["loss/value"] = loss + c.vf_coef * vf, vf
                     pg_stats = {**pg_stats, **vf_stats}
-                if kl_in_loss:  # GRPO's KL term: beta x k3(pi, ref), aggregated as the policy loss
-                    kl = pm.token_mean(est.kl_k3(logp, b["ref_logprobs"]), m, n, w)
+                if kl_in_loss:  # GRPO's KL term: beta x k3(pi, ref) (REFS: weighted), aggregated as the policy loss
+                    kl = pm.token_mean(pm.weighted_kl(logp, b["ref_logprobs"], ref_w, est.kl_k3), m, n, w)
                     loss, shares["loss/kl"] = loss + run.kl_ctl.value * kl, kl
                 if c.entropy_coef > 0:
                     ent = pm.token_mean(entropy_from_logits(_cut_if(guard, logits), cfg.gen.temperature), m, n, w)
@@ -430,8 +447,10 @@ def ppo_update(run: PhaseContext, examples: list[Example], ptx_examples: Optiona
     # 1. rollout (ENV: whole dialogues with the environment)
     ro = generate_dialogues(run, examples) if cfg.ppo.env else generate(run, examples)
     timer.mark("rollout")
-    # (separate reference ranks start on the reference log-probs now, while this rank scores)
-    pending = request_reference(run, ro) if run.ref_client is not None else None
+    # (separate reference ranks start on the reference log-probs now, while this rank scores; REFS: one
+    # request per reference, in REFS order)
+    pending = ([request_reference(run, ro, k) for k in range(max(len(cfg.ppo.refs), 1))]
+               if run.ref_client is not None else None)
     if self_play.opponent_step(run, examples, generate):  # a self_play REWARD: its opponent answers too
         timer.mark("self_play_generate")
     # 2. task scores (each prompt's item once per response)
@@ -439,13 +458,12 @@ def ppo_update(run: PhaseContext, examples: list[Example], ptx_examples: Optiona
     timer.mark("scoring")
     # 3. reference log-probs, then old policy log-probs and values (no dropout, no grad)
     if pending is None:
-        with reference_model(run) as ref:
-            ro.ref_logprobs, _ = forward_logprobs(ref, ro, cfg.gen.temperature, chunk, with_values=False)
+        ro.ref_logprobs = reference_logprobs(run, ro, chunk)
     timer.mark("reference")
     if ro.logprobs is None:  # not the sampler's own (OLD_LOGPROBS)
         ro.logprobs, ro.values = forward_logprobs(run.engine, ro, cfg.gen.temperature, chunk, with_values=True)
     if pending is not None:
-        ro.ref_logprobs = pending.wait().to(ro.logprobs.device)
+        ro.ref_logprobs = reference_logprobs(run, ro, chunk, pending)
     timer.mark("old_logprobs")
     # 4. advantages
     compute_advantages(run, ro)
@@ -453,8 +471,8 @@ def ppo_update(run: PhaseContext, examples: list[Example], ptx_examples: Optiona
     m = ppo_epochs(run, ro, ptx_examples)
     timer.mark("update")
     # 6. KL controller, on the global mean KL per sequence
-    local = {**rollout_metrics(run, ro), **component_metrics(ro.components), **dialogue_metrics(ro), **m,
-             **self_play.judge_metrics(run)}
+    local = {**rollout_metrics(run, ro), **reference_kl_metrics(run, ro), **component_metrics(ro.components),
+             **dialogue_metrics(ro), **m, **self_play.judge_metrics(run)}
     # the reward's counters (faults, retries, a judge's parse failures) summed over ranks; its gauges
     # (learned weights) are the same on every rank
     metrics = {**dist.mean_metrics(local), **dist.sum_counts(run.reward.pop_stats()), **run.reward.gauges(),

@@ -32,7 +32,7 @@ References
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -188,6 +188,26 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k1") -> Tensor:
     raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
 
 
+def weighted_kl(logp: Tensor, ref_logp: Tensor, weights: Optional[Sequence[float]] = None,
+                kl_fn: Callable[[Tensor, Tensor], Tensor] = kl_penalty) -> Tensor:
+    """Per-token KL to one reference, or REFS' weighted sum over several (docs/ppo.md, "Several references").
+
+    Without ``weights``: ``kl_fn(logp, ref_logp)`` with ``ref_logp`` ``(B, T)``. With ``weights``
+    ``(K,)``: ``ref_logp`` is ``(B, K, T)`` and the result ``sum_k w_k kl_fn(logp, ref_logp[:, k])``
+    ``(B, T)``, each reference's KL by the one estimator. The sum starts from its first term, so one
+    reference of weight 1 gives ``kl_fn``'s very numbers (times 1.0 is exact in floating point).
+    """
+    if weights is None:
+        return kl_fn(logp, ref_logp)
+    if ref_logp.dim() != 3 or ref_logp.shape[1] != len(weights):
+        raise ValueError(f"ref_logp of shape {tuple(ref_logp.shape)} for {len(weights)} weights; expected (B, K, T)")
+    total = None
+    for k, w in enumerate(weights):
+        term = w * kl_fn(logp, ref_logp[:, k])
+        total = term if total is None else total + term
+    return total
+
+
 def last_token_index(mask: Tensor) -> Tuple[Tensor, Tensor]:
     """Index of the last real token in each row and whether the row has any.
 
@@ -209,6 +229,7 @@ def shape_rewards(
     estimator: str = "k1",
     missing_eos_penalty: Optional[float] = None,
     ended_with_eos: Optional[Tensor] = None,
+    ref_weights: Optional[Sequence[float]] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Per-token rewards: KL penalty on every token, task score on the last real token.
 
@@ -217,7 +238,8 @@ def shape_rewards(
     ``mask`` ``(B, T)`` -> ``(rewards (B, T), kl (B, T))`` in ``logp``'s dtype, both 0 outside the
     mask (so everything after the last real token is 0). ``kl`` is the per-token estimate from
     :func:`kl_penalty`, not multiplied by ``beta``; ``kl.sum(1).mean()`` is the per-sequence KL
-    that :class:`AdaptiveKLController` expects.
+    that :class:`AdaptiveKLController` expects. REFS: with ``ref_weights`` ``(K,)``, ``ref_logp`` is
+    ``(B, K, T)`` and ``kl`` the weighted sum of the K references' estimates (:func:`weighted_kl`).
 
     Missing EOS (docs/ppo.md §12): when ``missing_eos_penalty`` is given, rows whose
     ``ended_with_eos`` ``(B,)`` is False get ``score - missing_eos_penalty``. We *subtract* rather
@@ -231,7 +253,8 @@ def shape_rewards(
     if missing_eos_penalty is not None and ended_with_eos is None:
         raise ValueError("missing_eos_penalty needs ended_with_eos (a (B,) bool tensor)")
     m = _float_mask(mask, logp)
-    kl = torch.where(m != 0, kl_penalty(logp, ref_logp, estimator) * m, torch.zeros_like(logp))
+    per_token = weighted_kl(logp, ref_logp, ref_weights, lambda a, b: kl_penalty(a, b, estimator))
+    kl = torch.where(m != 0, per_token * m, torch.zeros_like(logp))
     rewards = -beta * kl
     scores = scores.to(device=rewards.device, dtype=rewards.dtype)
     if missing_eos_penalty is not None:

@@ -6,6 +6,8 @@ KL and length (written by :mod:`hybrid_ds.run.samples`). The rollout's tensors a
 
 from __future__ import annotations
 
+import torch
+
 from hybrid_ds.algorithms import ppo_math as pm
 from hybrid_ds.algorithms.context import PhaseContext
 from hybrid_ds.data import Example
@@ -49,6 +51,19 @@ def rollout_metrics(run: PhaseContext, ro) -> dict[str, float]:
         **({"ppo/return_mean": float(pm.masked_mean(ro.returns, m))} if ro.returns is not None else {}),
         **({"ppo/value_mean_old": float(pm.masked_mean(ro.values, m))} if ro.values is not None else {}),
     }
+
+
+def reference_kl_metrics(run: PhaseContext, ro) -> dict[str, float]:
+    """REFS: per-rank means of each reference's KL per sequence, ``objective/kl/ref<k>`` in REFS order,
+    unweighted, by the estimator of ``objective/kl`` (their weighted sum); {} without REFS."""
+    if not run.cfg.ppo.refs:
+        return {}
+    m = ro.response_mask
+    out = {}
+    for k in range(ro.ref_logprobs.shape[1]):
+        kl = pm.kl_penalty(ro.logprobs, ro.ref_logprobs[:, k], run.cfg.ppo.kl_estimator)
+        out[f"objective/kl/ref{k}"] = float(torch.where(m != 0, kl * m, torch.zeros_like(kl)).sum(1).mean())
+    return out
 
 
 def dialogue_metrics(ro) -> dict[str, float]:

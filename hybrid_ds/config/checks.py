@@ -16,6 +16,7 @@ from hybrid_ds.assets import BUILTIN_MODELS
 from hybrid_ds.config.batch_plan import BatchPlan
 from hybrid_ds.config.heads import heads_problems
 from hybrid_ds.config.load import ds_config_names, resolve_ds_config
+from hybrid_ds.config.refs import ref_model_keys, refs_problems
 from hybrid_ds.config.schema import REWARD_KEY, TRACKER_PACKAGES, Config, key_table
 def _check_bounds(key: str, value, meta) -> Optional[str]:
     if value is None:
@@ -87,6 +88,7 @@ def validate(cfg: Config) -> list[str]:
     problems += multiturn_problems(cfg)
     problems += log_problems(cfg)
     problems += heads_problems(cfg.heads.heads)
+    problems += refs_problems(cfg)
     if cfg.heads.heads and cfg.run.mode == "ppo":
         problems.append("HEADS: task heads train with the SFT loss and MODE=ppo has no SFT step; use MODE=sft or "
                         "hybrid.")
@@ -238,6 +240,7 @@ def file_problems(cfg: Config) -> list[str]:
             p = model_problem(key, name, BUILTIN_MODELS)
             if p:
                 out.append(p)
+    out += refs_file_problems(cfg)
     out_dir = cfg.run.output_dir
     problem = output_dir_problem(out_dir) if out_dir else None
     if problem:
@@ -248,6 +251,20 @@ def file_problems(cfg: Config) -> list[str]:
     elif launcher_ds not in ("", "none"):  # deepspeed_config_file of an accelerate launch yaml
         out += ds_config_problems(launcher_ds, "deepspeed_config_file (accelerate config)")
     out += reward_path_problems(cfg.reward) if cfg.run.mode != "sft" else []
+    return out
+
+
+def refs_file_problems(cfg: Config) -> list[str]:
+    """Each REFS model is loadable as MODEL is: a builtin, a hub name, or a local directory with its config
+    and intact weight files (config/refs.py)."""
+    out = []
+    for key, name in ref_model_keys(cfg):
+        p = model_problem(key, name, BUILTIN_MODELS)
+        local = os.path.expanduser(name)
+        if not p and os.path.isdir(local):
+            weights = weight_file_problems(local)
+            p = f"{key}: " + "; ".join(weights) + "." if weights else None
+        out += [p] if p else []
     return out
 
 

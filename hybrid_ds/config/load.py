@@ -9,6 +9,7 @@ import math
 import os
 from typing import Any, Optional, Union, get_args, get_origin
 
+from hybrid_ds.config.refs import follows_policy
 from hybrid_ds.config.schema import ALIASES, Config, ConfigError, field_types, key_table
 _YES = {"yes", "true", "1", "y", "on"}
 
@@ -219,11 +220,12 @@ def resolve_auto(cfg: Config) -> None:
     cycles have SFT steps, with the reference on the policy ranks and no LoRA; else 0. Why 1: SFT moves
     the policy away from a frozen reference, the per-token KL penalty then outweighs a small task reward
     and PPO learns to end responses at once (README, "Hybrid defaults", has the measured curves). Where
-    a sync cannot run (REF_PLACEMENT=separate, LORA_R > 0: see checks.py) or has nothing to follow (no
-    SFT steps in any cycle, where a sync would only erase the KL anchor of PPO itself) auto is 0."""
+    a sync cannot run (REF_PLACEMENT=separate, LORA_R > 0: see checks.py; REFS without "policy": refs.py) or
+    has nothing to follow (no SFT steps in any cycle, where a sync would only erase the KL anchor of PPO
+    itself) auto is 0."""
     h = cfg.hybrid
     if h.ref_sync_every != -1:
         return
     sft_in_cycles = h.cycle_sft_steps > 0 or (h.curriculum != "none" and h.curriculum_sft_steps_end > 0)
-    syncable = cfg.run.ref_placement == "colocated" and not cfg.lora.r
+    syncable = cfg.run.ref_placement == "colocated" and not cfg.lora.r and follows_policy(cfg.ppo.refs)
     h.ref_sync_every = int(cfg.run.mode == "hybrid" and sft_in_cycles and syncable)

@@ -194,6 +194,9 @@ class PPOConfig:
     kl_in: str = opt("reward", "Where the KL to the reference acts: reward (a per-token penalty in the reward, "
                                "INIT_KL_COEF x KL_ESTIMATOR) or loss (beta x the k3 KL in the loss, as GRPO).",
                      key="KL_IN", choices=("reward", "loss"))
+    refs: list = opt([], "Several references: [{\"model\": a model or \"policy\" (the run's own reference), \"weight\": "
+                         "w > 0}, ...]; the KL is then the weighted sum of each one's KL (docs/ppo.md). [] = the run's "
+                         "own reference alone.", key="REFS")
     env: str = opt("", "Multi-turn rollouts: a Python callable package.module:function (imported, never evaluated) "
                        "that gets the conversation so far and the item and returns the next user/tool message, or "
                        "None to end the dialogue; empty = one response per prompt. See docs/ppo.md.", key="ENV")

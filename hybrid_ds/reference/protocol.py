@@ -7,7 +7,7 @@ Who talks to whom
 
 What is sent (H = an int64[8] header; headers on tag 1, payloads on tag 2)
     policy -> reference
-      REQUEST   H = [REQUEST, B, L, P, T, temperature as float64 bits, seq, 0]
+      REQUEST   H = [REQUEST, B, L, P, T, temperature as float64 bits, seq, k]   k: the model asked (REFS)
                 then int64 (2, B, L): input_ids and attention_mask stacked, L = P + T
       SHUTDOWN  H = [SHUTDOWN, 0, 0, 0, 0, 0, seq, 0]          this client is done, nothing follows
       ABORT     H = [ABORT, 0, 0, 0, 0, 0, seq, 0]             this client failed, the reference stops
@@ -21,12 +21,12 @@ What is sent (H = an int64[8] header; headers on tag 1, payloads on tag 2)
 
 In which order
     Each client's messages are FIFO, and each REQUEST is answered by exactly one RESULT or ERROR,
-    in order (a client may send its next request before waiting the previous reply: the
-    non-blocking :meth:`RefClient.request` lets it score rewards meanwhile). The server works in
-    rounds: it receives one message from every active client, in client order, runs all requests
-    of the round as one batch (prompts left-padded and responses right-padded to the longest, mask
-    0, which leaves every log-prob unchanged up to float rounding), and replies to each client.
-    Data-parallel policy ranks run in lock step, so the requests of one PPO update share a round.
+    in order (a client may send its next requests before waiting the previous reply: the non-blocking
+    :meth:`RefClient.request` lets it score rewards meanwhile). The server works in rounds: it receives
+    one message from every active client, in client order, runs the round's requests for one model as one
+    batch (prompts left-padded, responses right-padded to the longest, mask 0: every log-prob unchanged
+    up to float rounding), and replies to each client. Policy ranks run in lock step: a PPO update's
+    requests share a round, one round per model (REFS, config/refs.py: every reference rank holds them all).
 
 How shutdown works
     A client sends SHUTDOWN when it is done (:meth:`RefClient.close`, or leaving its ``with``
@@ -133,8 +133,8 @@ class RefClient:
         return self.request(input_ids, attention_mask, response_start, response_len, temperature).wait()
 
     def request(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int,
-                response_len: int, temperature: float) -> PendingLogprobs:
-        """Send the request and return at once; ``.wait()`` on the result gives the log-probs."""
+                response_len: int, temperature: float, ref: int = 0) -> PendingLogprobs:
+        """Send the request for model ``ref`` (REFS) and return at once; ``.wait()`` gives the log-probs."""
         self._check_open()
         B, L = input_ids.shape
         P, T = int(response_start), int(response_len)
@@ -148,7 +148,7 @@ class RefClient:
         self._seq += 1
         payload = torch.stack([input_ids.detach().to("cpu", torch.int64),
                                attention_mask.detach().to("cpu", torch.int64)]).contiguous()
-        header = _header(REQUEST, B, L, P, T, _float_bits(float(temperature)), seq=self._seq)
+        header = _header(REQUEST, B, L, P, T, _float_bits(float(temperature)), self._seq, int(ref), seq=self._seq)
         br = self.bridge
         sends = [br.isend(header, self.ref, TAG_HEADER), br.isend(payload, self.ref, TAG_PAYLOAD)]
         reply_header = torch.zeros(HEADER_LEN, dtype=torch.int64)
@@ -269,6 +269,7 @@ class Request:
     P: int  # prompt length (response starts here)
     T: int  # response length
     temperature: float
+    ref: int = 0  # which of the server's models answers (REFS order)
 
 
 def merge_requests(reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
@@ -311,11 +312,10 @@ class _ClientAborted(Exception):
 class RefServer:
     """Reference side: answer every client's requests with ``compute_fn`` until all shut down.
 
-    ``compute_fn(input_ids, attention_mask, P, T, temperature) -> (B, T)`` float32 (see
-    :func:`model_logprob_fn`). ``batch_clients``: run the requests of a round as one batch
-    (False: one ``compute_fn`` call per request, each bit-identical to a local computation).
-    ``weights``: the parameters compute_fn's model reads, in ``named_parameters`` order, which a SYNC
-    round updates (None: SYNC is refused).
+    ``compute_fn(input_ids, attention_mask, P, T, temperature) -> (B, T)`` float32 (:func:`model_logprob_fn`),
+    or a list, the k-th answering model k (REFS). ``batch_clients``: a round's requests as one batch (False:
+    one call per request, each bit-identical to a local computation). ``weights``: the parameters a SYNC
+    round updates (the model's, REFS' "policy" one, in ``named_parameters`` order; None: SYNC is refused).
     """
 
     def __init__(self, bridge: Bridge, compute_fn: ComputeFn, *, batch_clients: bool = True,
@@ -375,7 +375,7 @@ class RefServer:
             B, L, P, T = h[1:5]
             payload = torch.empty(2, B, L, dtype=torch.int64)
             br.wait(br.irecv(payload, c, TAG_PAYLOAD), c, "receiving its request")
-            reqs.append(Request(c, seq, payload[0], payload[1], P, T, _bits_float(h[5])))
+            reqs.append(Request(c, seq, payload[0], payload[1], P, T, _bits_float(h[5]), h[7]))
         self.stats.idle_s += time.perf_counter() - t0
         if syncs:
             self._sync(syncs, mixed=len(syncs) != len(headers))
@@ -398,26 +398,26 @@ class RefServer:
         self.stats.syncs += 1
 
     def _compute(self, reqs: list[Request]) -> dict[int, torch.Tensor]:
-        """Log-probs per request (keyed by client), requests of equal temperature batched together."""
+        """Log-probs per request (keyed by client), requests of equal temperature and model batched together."""
         out: dict[int, torch.Tensor] = {}
-        by_temp: dict[float, list[Request]] = {}
+        by_temp: dict[tuple, list[Request]] = {}
         for r in reqs:
-            by_temp.setdefault(r.temperature, []).append(r)
-        for temp, group in by_temp.items():
-            batches = [group] if self.batch_clients else [[r] for r in group]
-            for batch in batches:
+            by_temp.setdefault((r.temperature, r.ref), []).append(r)
+        for (temp, ref), group in by_temp.items():
+            for batch in ([group] if self.batch_clients else [[r] for r in group]):
                 ids, mask, P, T = merge_requests(batch)
-                lp = self._run(ids, mask, P, T, temp)
+                lp = self._run(ids, mask, P, T, temp, ref)
                 row = 0
                 for r in batch:
                     b = r.input_ids.shape[0]
                     out[r.client] = lp[row:row + b, :r.T].contiguous()
                     row += b
-        if reqs:
-            self.stats.rounds += 1
+        self.stats.rounds += bool(reqs)
         return out
 
-    def _run(self, ids, mask, P, T, temperature) -> torch.Tensor:
+    def _run(self, ids, mask, P, T, temperature, ref=0) -> torch.Tensor:
+        if not 0 <= ref < len(fns := self.compute_fn if isinstance(self.compute_fn, list) else [self.compute_fn]):
+            raise ValueError(f"a request for model {ref}; this reference holds {len(fns)} (REFS)")
         timer = None
         if self.watchdog:
             timer = threading.Timer(self.bridge.timeout_s, self._watchdog_fired)
@@ -425,7 +425,7 @@ class RefServer:
             timer.start()
         t0 = time.perf_counter()
         try:
-            lp = self.compute_fn(ids, mask, P, T, temperature)
+            lp = fns[ref](ids, mask, P, T, temperature)
         finally:
             if timer is not None:
                 timer.cancel()

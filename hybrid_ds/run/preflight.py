@@ -7,8 +7,9 @@
    placement and batch arithmetic for the launched world, the files it names, and what OUTPUT_DIR
    holds (resume).
 2. :func:`preflight`: the checks that need the tokenizer, the model's config and the data: the
-   tokenizer loads and has EOS, MAXSEQ fits the model's positions, the data reads and tokenises,
-   the batches fit the items actually kept, the schedules can be built.
+   tokenizer loads and has EOS, MAXSEQ fits the model's positions, REFS' models share the policy's
+   vocabulary, the data reads and tokenises, the batches fit the items actually kept, the schedules
+   can be built.
 
 Each user-caused problem raises ConfigError or DataError: the CLI prints it and exits 2.
 """
@@ -24,6 +25,7 @@ from hybrid_ds.config.batch_plan import BatchPlan, BatchPlans
 from hybrid_ds.config.checks import (batch_problems, file_problems, output_dir_problem, pref_problems,
                                      tracker_package_problems, uses_pairs, validate)
 from hybrid_ds.config.load import build_config, normalise_paths, parse_override, read_config_file
+from hybrid_ds.config.refs import ref_model_keys
 from hybrid_ds.config.schema import REWARD_KEY
 from hybrid_ds.data import (DataReport, Example, Pair, chat_template_problem, load_items, load_pairs,
                             prompt_template_problem, tokenize_items, tokenize_pairs, use_chat_template)
@@ -192,6 +194,7 @@ def preflight(cfg: Config, seed: int) -> Preflight:
     from hybrid_ds.assets import resolve_model
     from hybrid_ds.models.policy_value import (ModelFileError, attention_problem, load_model_config, load_tokenizer,
                                                 max_positions, value_head_problem)
+    from hybrid_ds.models.references import vocabulary_problems
 
     # 1. tokenizer and the model's config
     problems = []
@@ -216,6 +219,8 @@ def preflight(cfg: Config, seed: int) -> Preflight:
         problems += [p for p in [attention_problem(model_config, cfg.model.attn_implementation),
                                  value_head_problem(resolve_model(cfg.run.model), model_config)
                                  if cfg.run.mode == "sft" or cfg.ppo.advantage == "gae" else None] if p]
+        if tokenizer is not None:  # REFS' frozen models read the policy's token ids (models/references.py)
+            problems += vocabulary_problems(ref_model_keys(cfg), tokenizer, model_config)
     except ModelFileError as e:
         problems.append(f"MODEL: {e}.")
     if problems:

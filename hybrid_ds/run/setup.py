@@ -10,6 +10,7 @@ from hybrid_ds.algorithms.kl_control import make_kl_controller
 from hybrid_ds.algorithms.registry import mode_phases
 from hybrid_ds.config import Config
 from hybrid_ds.config.batch_plan import BatchPlans
+from hybrid_ds.config.refs import follows_policy, ref_entries
 from hybrid_ds.data import BatchStream
 from hybrid_ds.engine.trackers import Trackers
 from hybrid_ds.assets import resolve_model
@@ -76,13 +77,17 @@ def build_run(cfg: Config, dist, seed: int, ref_client=None, pre: Optional[Prefl
     head = None if rm_head is not None else load_value_head(model, resolve_model(cfg.run.model))
     if head and dist.is_main:
         print(f"[hybrid_ds] value head loaded from {head}")
-    colocated_ref = (any(p.needs_reference for p in phases) and ref_client is None  # else on its own ranks
-                     and not cfg.lora.r)
+    colocated = any(p.needs_reference for p in phases) and ref_client is None  # else on its own ranks
+    colocated_ref = colocated and not cfg.lora.r and follows_policy(cfg.ppo.refs)  # REFS may not list it
     ref = load_lm(cfg.run.model, tokenizer, **load) if colocated_ref else None
+    # REFS' frozen models (config/refs.py), loaded from their files here and at every resume
+    ref_models = [None if e.model is None else load_lm(e.model, tokenizer, **load)
+                  for e in ref_entries(cfg)] if colocated else []
     optimizer = build_optimizer(build_param_groups(model, cfg.optim.weight_decay), cfg, cfg.sft.lr,
                                 ds_config=dist.ds_config)
     engine = dist.prepare_trainable(model, optimizer)
     ref = dist.prepare_frozen(ref) if colocated_ref else None
+    ref_models = [None if m is None else dist.prepare_frozen(m) for m in ref_models]
     # 3. reward and KL controller (RL phases)
     reward = kl_ctl = None
     if rl:
@@ -100,7 +105,8 @@ def build_run(cfg: Config, dist, seed: int, ref_client=None, pre: Optional[Prefl
     run = Run(cfg, dist, tokenizer, examples, engine, ref, reward, schedules, kl_ctl, logger, plan,
               BatchPlans.from_config(cfg, dist.world), seed=seed, ref_client=ref_client,
               eval_examples=pre.eval_examples, pairs=pre.pairs, eval_pairs=pre.eval_pairs,
-              samples=SampleLogger(cfg.run.output_dir, enabled=dist.is_main, trackers=trackers))
+              samples=SampleLogger(cfg.run.output_dir, enabled=dist.is_main, trackers=trackers),
+              ref_models=ref_models)
     if plan.sft_steps or cfg.ppo.ptx_coef > 0:
         run.streams["sft"] = BatchStream(len(examples), cfg.sft.batch, seed, cfg.data.shuffle)
     if plan.ppo_updates:

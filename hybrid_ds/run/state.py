@@ -55,6 +55,7 @@ class Run:
     samples: Optional[SampleLogger] = None  # LOG_SAMPLES_EVERY's tables (main rank)
     pairs: list[Pair] = field(default_factory=list)  # preference pairs (MODE=dpo, rm; HYBRID_RL=dpo)
     eval_pairs: list[Pair] = field(default_factory=list)  # MODE=dpo and rm: EVAL_FILE's pairs
+    ref_models: list = field(default_factory=list)  # REFS, colocated: per entry its frozen model (None: "policy")
 
     def seed_for(self, tag: str, step: int) -> int:
         """A reproducible seed for ``tag`` at ``step`` on this rank (resumable: no hidden RNG state)."""
