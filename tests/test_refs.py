@@ -203,17 +203,37 @@ def test_bad_reference_files_exit_2_in_dry_run_and_real_run(tmp_path, capsys):
     a, b = list(vocab)[100:102]
     vocab[a], vocab[b] = vocab[b], vocab[a]  # two tokens trade ids
     write_json(os.path.join(tokens, "tokenizer.json"), tok)
+    short = shutil.copytree(src, tmp_path / "short")
+    write_json(os.path.join(short, "config.json"), {**conf, "n_positions": 16})
     base_cfg = {"MODE": "ppo", "MODEL": "builtin:tiny-gpt2", "TRAIN_FILE": "builtin:demo-tasks",
                 "OUTPUT_DIR": str(tmp_path / "o")}
     missing = write_json(tmp_path / "missing.json", {**base_cfg, "REFS": [{"model": "./nowhere", "weight": 1}]})
     mismatched = write_json(tmp_path / "vocab.json", {**base_cfg, "REFS": [
-        {"model": "policy", "weight": 1}, {"model": str(sizes), "weight": 1}, {"model": str(tokens), "weight": 1}]})
+        {"model": "policy", "weight": 1}, {"model": str(sizes), "weight": 1}, {"model": str(tokens), "weight": 1},
+        {"model": str(short), "weight": 1}]})
     for argv, wants in (([missing, "--dry-run"], ["REFS[0].model: './nowhere' does not exist"]),
                         ([missing], ["REFS[0].model: './nowhere' does not exist"]),
                         ([mismatched, "--dry-run"], ["REFS[1].model", f"vocabulary of {conf['vocab_size'] + 8}",
-                                                     "REFS[2].model: the tokenizer of", "other ids"])):
+                                                     "REFS[2].model: the tokenizer of", "other ids",
+                                                     "REFS[3].model", "covers 16 positions, fewer than MAXSEQ"])):
         with pytest.raises(SystemExit) as e:
             main(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and "Traceback" not in err, err
         assert all(w in err for w in wants), err
+
+
+def test_a_reference_under_home_is_found_through_tilde(tmp_path, monkeypatch):
+    """``~`` in a REFS path is expanded before the preflight reads the model's files, as for MODEL."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(tiny_model_dir("gpt2", seed=1), tmp_path / "ref")
+    cfg = load_config(None, cfg_args(tmp_path, MODEL=str(tmp_path / "ref"),
+                                     REFS=[{"model": "policy", "weight": 1}, {"model": "~/ref", "weight": 0.5}]))
+    assert cfg.ppo.refs[1]["model"] == str(tmp_path / "ref")
+    assert main([write_json(tmp_path / "c.json", {**cfg_json(tmp_path), "REFS": [
+        {"model": "policy", "weight": 1}, {"model": "~/ref", "weight": 0.5}]}), "--dry-run"]) in (0, None)
+
+
+def cfg_json(tmp_path):
+    return {"MODE": "ppo", "MODEL": str(tmp_path / "ref"), "TRAIN_FILE": "builtin:demo-tasks", "MAXSEQ": 256,
+            "OUTPUT_DIR": str(tmp_path / "o2")}

@@ -224,6 +224,11 @@ def test_snapshot_weights_are_the_policy_at_the_snapshot_update(tmp_path):
     ({"type": "weighted_sum", "components": [{"type": "self_play", "judge": JUDGE}, {"type": "self_play",
                                                                                     "judge": JUDGE}]}, {},
      "REWARD: 2 self_play nodes (REWARD.components[0], REWARD.components[1]); a reward holds at most one"),
+    ({"type": "weighted_sum", "components": [{"type": "word_f1", "weight": 1},
+                                             {"type": "self_play", "judge": JUDGE, "weight": 0}]}, {},
+     "REWARD.components[1].weight: 0 would sample the opponent every update"),
+    ({"type": "self_play", "judge": JUDGE}, {"REFS": [{"model": "builtin:tiny-gpt2", "weight": 1.0}]},
+     "REWARD.opponent: 'reference' is the run's own reference, which REFS does not list"),
 ])
 def test_config_errors_name_the_nodes_path(reward, keys, expected, tmp_path):
     cfg = base(tmp_path, "ppo", REWARD=reward, **keys)
@@ -240,3 +245,11 @@ def test_the_reference_on_its_own_ranks_cannot_be_the_opponent(tmp_path):
     assert "REWARD.opponent: 'reference' with REF_PLACEMENT=separate" in str(e.value)
     cfg["REWARD"]["opponent"] = "snapshot"  # the snapshot is kept on the policy's ranks
     load_config(None, [f"{k}={json.dumps(v)}" for k, v in cfg.items()], world_size=2)
+
+
+def test_a_perplexity_judge_gets_the_policys_model_as_a_top_level_leaf_does(tmp_path):
+    """MODEL fills a perplexity judge's missing ``model`` inside self_play too, as it does for a
+    top-level or weighted_sum leaf (config/load.py)."""
+    cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in base(
+        tmp_path, "ppo", REWARD={"type": "self_play", "judge": {"type": "perplexity"}}).items()])
+    assert cfg.reward["judge"]["model"] == cfg.run.model

@@ -8,8 +8,9 @@ this module gives it those responses. Each PPO update, right after the policy's 
    loaded and prepared like a colocated reference and overwritten with the policy's weights
    (``dist.copy_weights``, as REF_SYNC_EVERY moves the reference) at PPO updates 0, N, 2N, ...
    (N = ``snapshot_every``), before that update's rollout;
-2. ``ppo.generate`` (passed in by the PPO phase, which imports this module) samples the opponent's responses to the same prompts (NUM_GENERATIONS each, row for
-   row) with the same settings and sampler, from a seed of its own (``seed_for("self_play", update)``):
+2. ``ppo.generate`` (passed in by the PPO phase, which imports this module) samples the opponent's
+   responses to the same prompts (NUM_GENERATIONS each, row for row) with the same settings and
+   sampler, from a seed of its own (``seed_for("self_play", update)``):
    the same seed as the policy would make a policy equal to its opponent (the first update against
    the reference or a fresh snapshot) answer exactly as it does, a reward of zero everywhere. The
    opponent's rollout is handed to the node and dropped: it is not trained on;
@@ -33,6 +34,7 @@ from typing import Callable, Optional
 
 from hybrid_ds.algorithms.context import PhaseContext
 from hybrid_ds.config import Config
+from hybrid_ds.config.refs import follows_policy
 from hybrid_ds.data import Example
 from hybrid_ds.models.policy_value import load_dtype, load_lm
 from hybrid_ds.rewards.self_play import SelfPlay, find_self_play, self_play_specs
@@ -69,6 +71,13 @@ def self_play_problems(cfg: Config, reward_key: str) -> list[str]:
             problems.append(f"{path}.opponent: 'reference' with REF_PLACEMENT=separate: the reference ranks serve "
                             f"log-probs only and do not generate; use \"opponent\": \"snapshot\" (kept on the policy's "
                             f"ranks) or REF_PLACEMENT=colocated")
+        if spec.get("weight") == 0:
+            problems.append(f"{path}.weight: 0 would sample the opponent every update for a score the sum never "
+                            f"reads; remove the component or give it a weight > 0")
+        if opponent == "reference" and not follows_policy(cfg.ppo.refs):
+            problems.append(f"{path}.opponent: 'reference' is the run's own reference, which REFS does not list (its "
+                            f"models only give log-probs); add {{\"model\": \"policy\", \"weight\": w}} to REFS or use "
+                            f"\"opponent\": \"snapshot\"")
         if opponent == "snapshot" and cfg.lora.r:
             problems.append(f"{path}.opponent: 'snapshot' with LORA_R > 0 is not supported (a copy of the quantised "
                             f"or frozen base per snapshot); use \"opponent\": \"reference\" (the adapters-off base) "

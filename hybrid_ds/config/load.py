@@ -133,7 +133,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__f
 
 
 def normalise_paths(cfg: Config) -> None:
-    """Expand ``~`` in every path key and in the reward spec's model paths; resolve DS_CONFIG
+    """Expand ``~`` in every path key and in the reward spec's and REFS' model paths; resolve DS_CONFIG
     (see :func:`resolve_ds_config`); give a perplexity reward without ``model`` the policy's MODEL."""
     table = key_table()
     for key in PATH_KEYS:
@@ -146,12 +146,15 @@ def normalise_paths(cfg: Config) -> None:
         cfg.run.ds_config = resolve_ds_config(cfg.run.ds_config) or cfg.run.ds_config
     if isinstance(cfg.reward, dict) and isinstance(cfg.run.model, str):
         _fill_reward_models(cfg.reward, cfg.run.model)
+    for entry in cfg.ppo.refs if isinstance(cfg.ppo.refs, list) else []:  # REFS' model paths too
+        if isinstance(entry, dict) and isinstance(entry.get("model"), str) and entry["model"].startswith("~"):
+            entry["model"] = os.path.expanduser(entry["model"])
 
 
 def _fill_reward_models(spec: dict, policy_model: str) -> None:
     """In place: ``~`` expanded in every leaf's ``model``; ``perplexity`` leaves without ``model``
     score fluency under the policy's own base model (MODEL)."""
-    for comp in spec.get("components") or []:
+    for comp in [*(spec.get("components") or []), spec.get("judge")]:  # weighted_sum's parts, self_play's judge
         if isinstance(comp, dict):
             _fill_reward_models(comp, policy_model)
     if spec.get("type") == "perplexity" and "model" not in spec and policy_model:

@@ -12,16 +12,16 @@ from __future__ import annotations
 import os
 
 from hybrid_ds.assets import resolve_model
-from hybrid_ds.models.policy_value import ModelFileError, load_model_config, load_tokenizer
+from hybrid_ds.models.policy_value import ModelFileError, load_model_config, load_tokenizer, max_positions
 
 # The files a saved tokenizer leaves; a model directory without any of them has only its vocabulary size to check.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
-def vocabulary_problems(models: list[tuple[str, str]], tokenizer, model_config) -> list[str]:
-    """For each ``(key, name)`` of REFS' frozen models: its config's ``vocab_size`` equals MODEL's
-    (``model_config``), and its own tokenizer, when it has one, maps tokens to the ids of the policy's
-    ``tokenizer`` (TOKENIZER or MODEL's)."""
+def vocabulary_problems(models: list[tuple[str, str]], tokenizer, model_config, maxseq: int = 0) -> list[str]:
+    """For each ``(key, name)`` of REFS' frozen models: its positions cover ``maxseq`` (MAXSEQ), its
+    config's ``vocab_size`` equals MODEL's (``model_config``), and its own tokenizer, when it has one,
+    maps tokens to the ids of the policy's ``tokenizer`` (TOKENIZER or MODEL's)."""
     problems, policy_vocab = [], None
     for key, name in models:
         try:
@@ -29,6 +29,10 @@ def vocabulary_problems(models: list[tuple[str, str]], tokenizer, model_config) 
         except ModelFileError as e:
             problems.append(f"{key}: {e}.")
             continue
+        n_pos = max_positions(config)
+        if n_pos and maxseq > n_pos:
+            problems.append(f"{key}: {name!r} covers {n_pos} positions, fewer than MAXSEQ ({maxseq}) sequences need; "
+                            f"set MAXSEQ <= {n_pos} or use another reference.")
         size, policy_size = getattr(config, "vocab_size", None), getattr(model_config, "vocab_size", None)
         if size != policy_size:
             problems.append(f"{key}: {name!r} has a vocabulary of {size} tokens and MODEL of {policy_size}; a "

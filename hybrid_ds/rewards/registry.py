@@ -159,8 +159,9 @@ _TYPES = (
         "judge here scores one response at a time, so this is the rule for all). The opponent's responses are "
         "not trained on. The PPO phase samples them (hybrid_ds/algorithms/self_play.py; not with ENV or ZeRO-3, "
         "nor against the reference on its own ranks or a snapshot under LoRA); without them (held-out evaluation, a direct call) the node scores "
-        "with the judge alone. The judge's scores of both sides are logged as `reward/self_play/judge_policy` "
-        "and `reward/self_play/judge_opponent`, the seconds spent as `time/self_play_generate_s` and "
+        "with the judge alone. When the node is the REWARD itself (post-processed or not), the judge's scores of "
+        "both sides are logged as `reward/self_play/judge_policy` and `reward/self_play/judge_opponent`; as a "
+        "weighted_sum component, its margin is that component's `reward/<name>`. The seconds spent as `time/self_play_generate_s` and "
         "`time/self_play_judge_s`. One self_play node per reward.",
         (Param("judge", "object", None, "the judge: any reward spec (an `llm_judge`, a `reward_model`, a "
                "`weighted_sum`, ...), not itself holding a self_play node", required=True),

@@ -25,7 +25,7 @@ from hybrid_ds.config.batch_plan import BatchPlan, BatchPlans
 from hybrid_ds.config.checks import (batch_problems, file_problems, output_dir_problem, pref_problems,
                                      tracker_package_problems, uses_pairs, validate)
 from hybrid_ds.config.load import build_config, normalise_paths, parse_override, read_config_file
-from hybrid_ds.config.refs import ref_model_keys
+from hybrid_ds.config.refs import follows_policy, ref_model_keys
 from hybrid_ds.config.schema import REWARD_KEY
 from hybrid_ds.data import (DataReport, Example, Pair, chat_template_problem, load_items, load_pairs,
                             prompt_template_problem, tokenize_items, tokenize_pairs, use_chat_template)
@@ -171,6 +171,17 @@ def eval_warnings(cfg: Config) -> list[str]:
     return []
 
 
+def reference_warnings(cfg: Config) -> list[str]:
+    """A hybrid run whose SFT steps move the policy away from references that never follow it: REFS
+    without "policy" (its models are frozen files, so REF_SYNC_EVERY's auto is 0 there)."""
+    h = cfg.hybrid
+    if cfg.run.mode == "hybrid" and cfg.ppo.refs and not follows_policy(cfg.ppo.refs) and h.cycle_sft_steps > 0:
+        return ["REFS lists no \"policy\" entry: every reference is a frozen file, none follows the policy that "
+                "the cycles' SFT steps move, and the KL penalty grows with them (README, \"Hybrid defaults\"); add "
+                "{\"model\": \"policy\", \"weight\": w} to keep the auto REF_SYNC_EVERY of 1."]
+    return []
+
+
 @dataclass
 class Preflight:
     """What the checks before training found and built: shared by --dry-run and build_run."""
@@ -220,7 +231,7 @@ def preflight(cfg: Config, seed: int) -> Preflight:
                                  value_head_problem(resolve_model(cfg.run.model), model_config)
                                  if cfg.run.mode == "sft" or cfg.ppo.advantage == "gae" else None] if p]
         if tokenizer is not None:  # REFS' frozen models read the policy's token ids (models/references.py)
-            problems += vocabulary_problems(ref_model_keys(cfg), tokenizer, model_config)
+            problems += vocabulary_problems(ref_model_keys(cfg), tokenizer, model_config, cfg.data.maxseq)
     except ModelFileError as e:
         problems.append(f"MODEL: {e}.")
     if problems:
@@ -254,7 +265,8 @@ def preflight(cfg: Config, seed: int) -> Preflight:
     except ValueError as e:
         raise ConfigError([str(e).replace("\n", " ")], "the run's schedule") from None
     steps = {"LR_SFT": plan.sft_steps, "LR_PPO": plan.ppo_optimizer_steps, "LR_PREF": plan.pref_steps}
-    warnings = schedule_warnings(cfg, {k: v for k, v in steps.items() if v > 0}) + eval_warnings(cfg)
+    warnings = (schedule_warnings(cfg, {k: v for k, v in steps.items() if v > 0}) + eval_warnings(cfg)
+                + reference_warnings(cfg))
     eval_report = DataReport()
     eval_examples = [] if pairs_only else prepare_eval_data(cfg, tokenizer, eval_report)
     eval_pairs = prepare_pairs(cfg, tokenizer, seed, eval_report, held_out=True) if pairs_only and \
