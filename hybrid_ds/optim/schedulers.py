@@ -414,8 +414,10 @@ class PhaseSchedule:
 def make_phase_schedules(cfg, sft_steps: int, ppo_steps: int) -> dict[str, PhaseSchedule]:
     """{"sft": ..., "ppo": ...} over LR_SFT and LR_PPO, for each phase with steps > 0."""
     out = {}
-    if sft_steps > 0:
-        out["sft"] = PhaseSchedule(cfg, cfg.sft.lr, sft_steps)
-    if ppo_steps > 0:
-        out["ppo"] = PhaseSchedule(cfg, cfg.ppo.lr, ppo_steps)
+    for phase, lr, steps in (("sft", cfg.sft.lr, sft_steps), ("ppo", cfg.ppo.lr, ppo_steps)):
+        if steps > 0:
+            try:
+                out[phase] = PhaseSchedule(cfg, lr, steps)
+            except ValueError as e:  # name the phase: SFT and PPO share SCHEDULER but not their step counts
+                raise ValueError(f"{phase.upper()} phase ({steps} optimizer steps): {e}") from None
     return out

@@ -262,8 +262,10 @@ def preflight(cfg: Config, seed: int) -> Preflight:
         schedules = make_phase_schedules(cfg, plan.sft_steps, plan.ppo_optimizer_steps)
         if plan.pref_steps:  # the DPO or reward-model phase's own schedule, over LR_PREF
             schedules["rm" if cfg.run.mode == "rm" else "dpo"] = PhaseSchedule(cfg, cfg.pref.lr, plan.pref_steps)
-    except ValueError as e:
-        raise ConfigError([str(e).replace("\n", " ")], "the run's schedule") from None
+    except ValueError as e:  # "<what>:\n  - problem\n  - problem" -> one line per problem, each naming <what>
+        head, *items = str(e).split("\n")
+        raise ConfigError([f"{head.rstrip(':')}: {i.strip().removeprefix('- ')}" for i in items] or [head],
+                          "the run's schedule") from None
     steps = {"LR_SFT": plan.sft_steps, "LR_PPO": plan.ppo_optimizer_steps, "LR_PREF": plan.pref_steps}
     warnings = (schedule_warnings(cfg, {k: v for k, v in steps.items() if v > 0}) + eval_warnings(cfg)
                 + reference_warnings(cfg))

@@ -53,8 +53,10 @@ def build_run(cfg: Config, dist, seed: int, ref_client=None, pre: Optional[Prefl
     # 2. models: policy+value trunk (trainable), reference (frozen copy of the start). With LoRA the
     #    trunk is a frozen base with adapters, and the reference is that base, adapters off (models/lora.py).
     if dist.is_main:
-        ref = " and its reference" if (any(p.needs_reference for p in phases) and ref_client is None
-                                       and not cfg.lora.r) else ""
+        here = any(p.needs_reference for p in phases) and ref_client is None
+        ref = " and its reference" if here and not cfg.lora.r and follows_policy(cfg.ppo.refs) else ""
+        frozen = [e.model for e in ref_entries(cfg) if e.model is not None] if here else []
+        ref += f", REFS: {', '.join(frozen)}" if frozen else ""
         print(f"[hybrid_ds] loading the model {cfg.run.model}{ref}", flush=True)
     dtype = load_dtype(cfg.model.torch_dtype, dist.plan.mixed_precision, dist.uses_deepspeed)
     load = dict(dtype=dtype, attn_implementation=cfg.model.attn_implementation)
