@@ -274,6 +274,25 @@ def test_linear_with_warmup_and_hold_after_the_end():
     assert lrs[10] == 0.0 and lrs[12] == 0.0
 
 
+@pytest.mark.parametrize("warmup,total", [(0, 1), (0, 7), (3, 10), (10, 10)])
+def test_linear_and_constant_are_the_transformers_schedules(warmup, total):
+    """Built without importing transformers.optimization (schedulers._build_scheduler): the same lr at
+    every step, past the end included, as transformers' own builders."""
+    from transformers import optimization as tfo
+
+    theirs = {"linear": tfo.get_linear_schedule_with_warmup, "constant": tfo.get_constant_schedule}
+    for name, build in theirs.items():
+        shadow = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        ref = build(shadow, warmup, total) if name == "linear" else build(shadow)
+        want = [shadow.param_groups[0]["lr"]]
+        for _ in range(total + 2):
+            shadow.step()
+            ref.step()
+            want.append(shadow.param_groups[0]["lr"])
+        keys = dict(NUM_WARMUP_STEPS=warmup) if name == "linear" else {}  # constant refuses a warm-up
+        assert curve(total + 2, SCHEDULER=name, total=total, **keys) == want, name
+
+
 def test_warmup_ratio_rounds_up():
     sched = optim.PhaseSchedule(make_cfg(SCHEDULER="linear", WARMUP_RATIO=0.25), 1.0, 10)
     assert sched.warmup_steps == 3  # ceil(2.5)
