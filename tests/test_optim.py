@@ -249,6 +249,18 @@ def test_validation_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
+def test_a_runs_start_imports_neither_peft_nor_mlflow():
+    """Start-up cost of every process: the default (linear) schedule is built without transformers.
+    optimization (which imports peft and bitsandbytes), and engine.dist.import_deepspeed imports
+    DeepSpeed without its autotuner's mlflow, which stays importable for REPORT_TO=mlflow (no entry of
+    it is left in sys.modules; tests/test_api.py's run reports to mlflow after an import_deepspeed)."""
+    code = ("import sys; from hybrid_ds import optim; from hybrid_ds.config import build_config; "
+            "from hybrid_ds.engine.dist import import_deepspeed; cfg, _ = build_config({}); "
+            "optim.PhaseSchedule(cfg, 1e-3, 10); import_deepspeed(); assert 'deepspeed' in sys.modules; "
+            "late = [m for m in ('peft', 'bitsandbytes', 'mlflow') if m in sys.modules]; assert not late, late")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
 # --------------------------------------------------------------------------------------
 # schedules
 
