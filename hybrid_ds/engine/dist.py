@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Iterator, Optional
@@ -328,8 +329,6 @@ def import_deepspeed() -> None:
     through it when transformers saves); the autotuner runs in the ``deepspeed --autotuning``
     launcher, never in a training process. mlflow stays importable (REPORT_TO=mlflow imports it
     later); nothing changes when either is already imported."""
-    import sys
-
     if "deepspeed" in sys.modules or "mlflow" in sys.modules:
         return
     sys.modules["mlflow"] = None  # `import mlflow` raises ImportError until the entry is removed
