@@ -26,10 +26,11 @@ import time
 def preload() -> None:
     """What ``python -m hybrid_ds.train --dry-run`` imports (a training run imports all of it and more):
     the command line, config and preflight modules, torch, transformers' auto classes and
-    Accelerate (PEFT only with LORA_R, transformers' schedules only beyond linear and constant:
-    optim/schedulers.py). Nothing is run; no thread is started."""
+    schedules, Accelerate and PEFT. Nothing is run; no thread is started."""
     import accelerate  # noqa: F401
+    import peft  # noqa: F401
     import torch  # noqa: F401
+    import transformers.optimization  # noqa: F401
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
     import hybrid_ds.run.cli
