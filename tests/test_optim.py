@@ -249,6 +249,18 @@ def test_validation_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
+def test_a_runs_start_imports_neither_peft_nor_mlflow():
+    """Start-up cost of every process: the default (linear) schedule is built without transformers.
+    optimization (which imports peft and bitsandbytes), and engine.dist.import_deepspeed imports
+    DeepSpeed without its autotuner's mlflow, which stays importable for REPORT_TO=mlflow (no entry of
+    it, not even the None that hid it, is left in sys.modules)."""
+    code = ("import sys; from hybrid_ds import optim; from hybrid_ds.config import build_config; "
+            "from hybrid_ds.engine.dist import import_deepspeed; cfg, _ = build_config({}); "
+            "optim.PhaseSchedule(cfg, 1e-3, 10); import_deepspeed(); assert 'deepspeed' in sys.modules; "
+            "late = [m for m in ('peft', 'bitsandbytes', 'mlflow') if m in sys.modules]; assert not late, late")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
 # --------------------------------------------------------------------------------------
 # schedules
 
@@ -272,6 +284,25 @@ def test_linear_with_warmup_and_hold_after_the_end():
     assert lrs[0] == 0.0 and lrs[1] == approx(0.5) and lrs[2] == approx(1.0)
     assert lrs[6] == approx((10 - 6) / (10 - 2))
     assert lrs[10] == 0.0 and lrs[12] == 0.0
+
+
+@pytest.mark.parametrize("warmup,total", [(0, 1), (0, 7), (3, 10), (10, 10)])
+def test_linear_and_constant_are_the_transformers_schedules(warmup, total):
+    """Built without importing transformers.optimization (schedulers._build_scheduler): the same lr at
+    every step, past the end included, as transformers' own builders."""
+    from transformers import optimization as tfo
+
+    theirs = {"linear": tfo.get_linear_schedule_with_warmup, "constant": tfo.get_constant_schedule}
+    for name, build in theirs.items():
+        shadow = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        ref = build(shadow, warmup, total) if name == "linear" else build(shadow)
+        want = [shadow.param_groups[0]["lr"]]
+        for _ in range(total + 2):
+            shadow.step()
+            ref.step()
+            want.append(shadow.param_groups[0]["lr"])
+        keys = dict(NUM_WARMUP_STEPS=warmup) if name == "linear" else {}  # constant refuses a warm-up
+        assert curve(total + 2, SCHEDULER=name, total=total, **keys) == want, name
 
 
 def test_warmup_ratio_rounds_up():

@@ -232,53 +232,71 @@ def shm_segments(port):
                   and f"_{port}_" in n)
 
 
-@pytest.mark.slow
-def test_shared_memory_of_a_killed_run_is_removed_by_the_next_start(tmp_path):
+@pytest.fixture(scope="module")
+def killed_then_next_run(tmp_path_factory):
     """LOCAL_SIZE (set by the deepspeed launcher) turns on DeepSpeed's CPU shared-memory all-reduce:
-    68 MiB per rank in /dev/shm, never unlinked by DeepSpeed. A clean end removes its own; a killed
-    run's are removed by the next start."""
-    out = tmp_path / "out"
+    68 MiB per rank in /dev/shm, never unlinked by DeepSpeed. A 2-process ZeRO-2 SFT run killed after
+    step 2, then the next start in its OUTPUT_DIR (RESUME=fresh, 2 steps, ending with its step-2
+    checkpoint). Returns (the /dev/shm segments seen along the way and the next run's exit and log,
+    OUTPUT_DIR, config): the next run is also the finished 2-rank ZeRO-2 run whose checkpoint
+    test_damaged_deepspeed_shard_of_rank_1_stops_every_rank_with_exit_2 damages (one launch fewer)."""
+    tmp = tmp_path_factory.mktemp("shm")
+    out = tmp / "out"
     cfg = sft_cfg(out, MAX_STEPS=40)
-    path = tmp_path / "cfg.json"
+    path = tmp / "cfg.json"
     path.write_text(json.dumps(cfg))
 
-    def launch(port, name, **extra):
+    def launch(port, name, hooks, **extra):
         cmd = [os.path.join(BIN, "accelerate"), "launch", "--config_file", os.path.join(REPO, "launch", "zero2.yaml"),
                "--num_processes", "2", "--main_process_port", str(port),
                os.path.join(REPO, "tests", "scripts", "train_with_faults.py"), str(path),
                *[f"{k}={v}" for k, v in extra.items()]]
-        e = dict(env(), LOCAL_SIZE="2", HYBRID_DS_FAULT_HANG_AT="2")  # tests/fault_injection.py
-        log = open(tmp_path / f"{name}.log", "w")
+        e = dict(env(), LOCAL_SIZE="2", **hooks)  # tests/fault_injection.py
+        log = open(tmp / f"{name}.log", "w")
         p = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        p.log_path = tmp_path / f"{name}.log"
+        p.log_path = tmp / f"{name}.log"
         return p
 
     port = free_port()
-    p = launch(port, "killed")
+    p = launch(port, "killed", {"HYBRID_DS_FAULT_HANG_AT": "2"})
     wait_for(lambda: "hanging after step 2" in p.log_path.read_text(), p, "step 2")
-    assert len(shm_segments(port)) == 2  # one per rank
+    seen = {"killed, running": shm_segments(port)}
     kill_all(p)
-    assert len(shm_segments(port)) == 2  # SIGKILL: nobody removed them
+    seen["killed, after SIGKILL"] = shm_segments(port)
     port2 = free_port()
-    p = launch(port2, "next", RESUME="fresh", MAX_STEPS=1)
-    rc, log = finish(p, timeout=300)
-    assert rc == 0, log[-3000:]
-    assert shm_segments(port) == [], "the killed run's segments are still there"
-    assert shm_segments(port2) == [], "the clean run left its own segments"
+    rc, log = finish(launch(port2, "next", {}, RESUME="fresh", MAX_STEPS=2), timeout=300)
+    seen.update({"next": (rc, log), "killed, after the next start": shm_segments(port),
+                 "next, after its end": shm_segments(port2)})
+    return seen, out, {**cfg, "RESUME": "fresh", "MAX_STEPS": 2}
 
 
 @pytest.mark.slow
-def test_damaged_deepspeed_shard_of_rank_1_stops_every_rank_with_exit_2(tmp_path):
+def test_shared_memory_of_a_killed_run_is_removed_by_the_next_start(killed_then_next_run):
+    """A clean end removes its own segments; a killed run's are removed by the next start."""
+    seen, _, _ = killed_then_next_run
+    assert len(seen["killed, running"]) == 2  # one per rank
+    assert len(seen["killed, after SIGKILL"]) == 2  # SIGKILL: nobody removed them
+    rc, log = seen["next"]
+    assert rc == 0, log[-3000:]
+    assert seen["killed, after the next start"] == [], "the killed run's segments are still there"
+    assert seen["next, after its end"] == [], "the clean run left its own segments"
+
+
+@pytest.mark.slow
+def test_damaged_deepspeed_shard_of_rank_1_stops_every_rank_with_exit_2(killed_then_next_run, tmp_path):
     """Two ranks, ZeRO-2: rank 0 verifies every rank's files before anything changes; its decision
-    reaches rank 1, so both exit 2 with the message and nothing is touched."""
+    reaches rank 1, so both exit 2 with the message and nothing is touched. The finished run is the
+    fixture's next start (a copy of its OUTPUT_DIR)."""
+    seen, finished, cfg = killed_then_next_run
+    assert seen["next"][0] == 0, seen["next"][1][-3000:]
     out = tmp_path / "out"
-    cfg = sft_cfg(out, MAX_STEPS=2)
-    run_ok(cfg, tmp_path, "base", nproc=2, zero=2)
+    shutil.copytree(finished, out)
+    cfg = {**cfg, "OUTPUT_DIR": str(out)}
     engine = out / "checkpoints" / "step-0000002" / "engine"
     shard = next(p for p in engine.iterdir() if "zero_pp_rank_1_" in p.name and p.name.endswith("optim_states.pt"))
     truncate(shard)
     before = snapshot(out)
-    rc, log = finish(start({**cfg, "MAX_STEPS": 4}, tmp_path, "bad", nproc=2, zero=2), timeout=300)
+    rc, log = finish(start({**cfg, "RESUME": "auto", "MAX_STEPS": 4}, tmp_path, "bad", nproc=2, zero=2), timeout=300)
     # The launcher's report: a rank exited 2; a rank it stopped before that rank's own exit 2 shows
     # SIGTERM (-15). That both ranks reached the refusal is the message count below.
     codes = re.findall(r"exitcode\s*:\s*(-?\d+)", log)

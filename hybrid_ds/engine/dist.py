@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Iterator, Optional
@@ -321,8 +322,25 @@ def _zero3_whole_weights(ds_engine, module: torch.nn.Module, device: torch.devic
         offload._register_deepspeed_module(offload.module)
 
 
+def import_deepspeed() -> None:
+    """Import DeepSpeed without the import of mlflow its autotuner makes (``deepspeed/autotuning/
+    autotuner.py``: ``try: import mlflow``), about a second of every process's start with mlflow
+    installed. Every run imports DeepSpeed (Accelerate starts its comm under ZeRO, and unwraps models
+    through it when transformers saves); the autotuner runs in the ``deepspeed --autotuning``
+    launcher, never in a training process. mlflow stays importable (REPORT_TO=mlflow imports it
+    later); nothing changes when either is already imported."""
+    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
+        return
+    sys.modules["mlflow"] = None  # `import mlflow` raises ImportError until the entry is removed
+    try:
+        import deepspeed  # noqa: F401
+    finally:
+        del sys.modules["mlflow"]
+
+
 def init_dist(cfg: Config, *, sft_micro: int, sft_accum: int) -> Dist:
     """Create the process group (gloo on CPU, NCCL on GPU) and the Accelerator for this launch."""
+    import_deepspeed()
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 

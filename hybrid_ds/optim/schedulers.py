@@ -276,13 +276,26 @@ def _constant(step: int) -> float:
     return 1.0
 
 
+def _linear_with_warmup(step: int, *, warmup: int, total: int) -> float:
+    """transformers' linear schedule (``_get_linear_schedule_with_warmup_lr_lambda``), term for term."""
+    if step < warmup:
+        return float(step) / float(max(1, warmup))
+    return max(0.0, float(total - step) / float(max(1, total - warmup)))
+
+
 def _build_scheduler(name: str, opt, s, base_lr: float, total: int, warmup: int):
     """The torch/transformers scheduler of ``name`` attached to the shadow optimizer ``opt``."""
     from torch.optim import lr_scheduler as sch
+
+    # linear (the default) and constant are built here, the same LambdaLR as transformers builds:
+    # importing transformers.optimization imports peft and bitsandbytes (through
+    # transformers.trainer_utils), seconds of every process's start. tests/test_optim.py compares them.
+    if name == "linear":
+        return sch.LambdaLR(opt, functools.partial(_linear_with_warmup, warmup=warmup, total=total))
+    if name == "constant":
+        return sch.LambdaLR(opt, _constant)
     from transformers import optimization as tfo
 
-    if name == "linear":
-        return tfo.get_linear_schedule_with_warmup(opt, warmup, total)
     if name == "cosine":
         return tfo.get_cosine_schedule_with_warmup(opt, warmup, total, num_cycles=s.num_cycles)
     if name == "cosine_with_restarts":
@@ -291,8 +304,6 @@ def _build_scheduler(name: str, opt, s, base_lr: float, total: int, warmup: int)
     if name == "polynomial":
         return tfo.get_polynomial_decay_schedule_with_warmup(opt, warmup, total, lr_end=s.lr_floor,
                                                              power=s.poly_power)
-    if name == "constant":
-        return tfo.get_constant_schedule(opt)
     if name == "constant_with_warmup":
         return tfo.get_constant_schedule_with_warmup(opt, warmup)
     if name == "inverse_sqrt":

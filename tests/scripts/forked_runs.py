@@ -51,10 +51,14 @@ def run_job(job: dict) -> int:
 
 def preload(configs) -> None:
     """Import, once and before any fork, what every run would import lazily on its own: torch's
-    compiler stack (the optimizers' constructors import it), DeepSpeed's ZeRO stages, transformers'
-    schedules and each config's model class. The parent builds no model and starts no thread."""
+    compiler stack (the optimizers' constructors import it), DeepSpeed's ZeRO stages (imported as a run
+    imports them, without mlflow: engine.dist.import_deepspeed), transformers' schedules and each
+    config's model class. The parent builds no model and starts no thread."""
     import importlib
 
+    from hybrid_ds.engine.dist import import_deepspeed
+
+    import_deepspeed()
     import accelerate  # noqa: F401
     import deepspeed.runtime.zero.stage3  # noqa: F401
     import deepspeed.runtime.zero.stage_1_and_2  # noqa: F401
