@@ -60,6 +60,22 @@ re-copying the whole cache every step as sequences grow. Neither math attention 
 GELU (2%), nor torch.compile of the forward on CPU (~18% of the forward, 40 s compile per
 shape, tokens no longer bit-identical) earned a flag; CUDA graphs were not tried (no GPU).
 
+Shared prefill (``repeats=K``, GRPO/RLOO's NUM_GENERATIONS responses per prompt): the ``B`` prompts are
+prefilled once each and the prefill's KV cache (only its written positions) and final hidden state
+are copied to the ``B*K`` rows, rows ``i*K .. i*K+K-1`` answering prompt ``i``, as ``generate`` on
+``input_ids.repeat_interleave(K, 0)``. The hidden states and the cache are bit-identical to a
+prefill of the repeated rows, but on CPU the LM head's matrix product rounds by the row count
+(~1e-6 in the first logits), which could move an exact draw. So the first logits are the head
+called on the repeated hidden state as the GPT-2 and Llama steps call it (the forward's very bits),
+and where the model has no such step (other families, LoRA or quantised weights, ZeRO-3 partitions
+left in place) the exact draw (``hf_rng=True``) prefills every row as before; the candidate draw
+shares there with the prefill's own logits (the same distribution, ~1e-6 apart). Not shared into
+transformers' StaticCache (sized by its first forward's batch). Each prompt's rows then decode
+from their own copies. Measured on the work unit, 1 thread (bench/bench_sampler.py ``--repeats``,
+median per-round ratio unshared / shared, 30-token prompts, 32 new tokens, candidate draw / exact
+draw): 2 prompts x 4 1.17x / 1.13x (GPT-2), 1.07x / 1.04x (a Llama of its size); 8 prompts x 8
+1.47x / 1.36x (GPT-2), 1.28x / 1.22x (Llama), bench/results/sampler_shared_prefill_*.
+
 Integration: pass the bare HF causal LM in eval mode (``engine.module.lm``), inside
 ``dist.generation_model`` so that ZeRO-3 weights are gathered once for the whole call (no
 collective runs inside, so ranks may stop at different steps; left partitioned, GPT-2 falls
