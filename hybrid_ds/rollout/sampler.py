@@ -81,7 +81,7 @@ Integration: pass the bare HF causal LM in eval mode (``engine.module.lm``), ins
 collective runs inside, so ranks may stop at different steps; left partitioned, GPT-2 falls
 back to the module forward and its hooks). Seed ``generator`` differently per rank.
 PPO (hybrid_ds.algorithms.ppo.generate) runs it with ``hf_rng=False`` under ``SAMPLER: "lean"`` (the default)
-and ``hf_rng=True`` under ``"lean_exact"``, and passes the value head as ``value_fn`` so that in
+and ``hf_rng=True`` under ``"lean_exact"``, with ``repeats=NUM_GENERATIONS``, and passes the value head as ``value_fn`` so that in
 float32 the rollout's own log-probs and values serve as PPO's old ones (``OLD_LOGPROBS``).
 """
 
