@@ -337,6 +337,21 @@ def test_same_tokens_as_generate_on_cuda():
         assert torch.equal(our_tokens(model, ids, mask, st, seed).response_ids, hf_tokens(model, ids, mask, st, seed))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_shared_prefill_gives_generates_tokens_on_cuda():
+    """The shared prefill's exactness rests on the trunk's prefill giving each row the same bits
+    whatever the row count; checked on CPU above, here on CUDA (cuBLAS picks kernels by shape)."""
+    K = 4
+    for model in (tiny_gpt2(eos_logit=3.0).cuda(), tiny_llama().cuda()):
+        ids, mask = (x.cuda() for x in prompts(B=3, pads=(0, 3, 5)))
+        rep_ids, rep_mask = ids.repeat_interleave(K, 0), mask.repeat_interleave(K, 0)
+        st = settings(**CASES["design"])
+        for seed in range(2):
+            assert torch.equal(our_tokens(model, ids, mask, st, seed, repeats=K).response_ids,
+                               hf_tokens(model, rep_ids, rep_mask, st, seed))
+
+
 def recomputed(model, ids, mask, out: SampleOutput, temperature: float, v_head):
     """Log-probs and values of a full forward on prompt + response, computed the pre-hook way: every
     layer's hidden states requested and the last one read."""

@@ -64,7 +64,8 @@ Shared prefill (``repeats=K``, GRPO/RLOO's NUM_GENERATIONS responses per prompt)
 prefilled once each and the prefill's KV cache (only its written positions) and final hidden state
 are copied to the ``B*K`` rows, rows ``i*K .. i*K+K-1`` answering prompt ``i``, as ``generate`` on
 ``input_ids.repeat_interleave(K, 0)``. The hidden states and the cache are bit-identical to a
-prefill of the repeated rows, but on CPU the LM head's matrix product rounds by the row count
+prefill of the repeated rows (measured on CPU, fp32, every family; on CUDA only the gpu-marked test
+checks it), but on CPU the LM head's matrix product rounds by the row count
 (~1e-6 in the first logits), which could move an exact draw. So the first logits are the head
 called on the repeated hidden state as the GPT-2 and Llama steps call it (the forward's very bits),
 and where the model has no such step (other families, LoRA or quantised weights, ZeRO-3 partitions
