@@ -470,7 +470,7 @@ def test_shared_prefill_equals_the_repeated_batch(model_fn, hf_rng, cache, share
     rep_ids, rep_mask = ids.repeat_interleave(K, 0), mask.repeat_interleave(K, 0)
     st = settings(**CASES["design"])
     v_head = torch.nn.Linear(model.config.hidden_size, 1)
-    kw = dict(hf_rng=hf_rng, cache=cache, value_fn=v_head)
+    kw = {"hf_rng": hf_rng, "cache": cache, "value_fn": v_head}
     out, rows = prefill_rows(model, lambda: our_tokens(model, ids, mask, st, 4, repeats=K, **kw))
     ref, ref_rows = prefill_rows(model, lambda: our_tokens(model, rep_ids, rep_mask, st, 4, **kw))
     assert rows == [3 if shared else 9] and ref_rows == [9]

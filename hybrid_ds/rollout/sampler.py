@@ -64,9 +64,9 @@ Shared prefill (``repeats=K``, GRPO/RLOO's NUM_GENERATIONS responses per prompt)
 prefilled once each and the prefill's KV cache (only its written positions) and final hidden state
 are copied to the ``B*K`` rows, rows ``i*K .. i*K+K-1`` answering prompt ``i``, as ``generate`` on
 ``input_ids.repeat_interleave(K, 0)``. The hidden states and the cache are bit-identical to a
-prefill of the repeated rows (measured on CPU, fp32, every family; on CUDA only the gpu-marked test
-checks it), but on CPU the LM head's matrix product rounds by the row count
-(~1e-6 in the first logits), which could move an exact draw. So the first logits are the head
+prefill of the repeated rows (measured on CPU, fp32, every family of tests/tiny_models.py; on CUDA
+only the gpu-marked test checks it), but on CPU the LM head's matrix product rounds by the row
+count (~1e-6 in the first logits), which could move an exact draw. So the first logits are the head
 called on the repeated hidden state as the GPT-2 and Llama steps call it (the forward's very bits),
 and where the model has no such step (other families, LoRA or quantised weights, ZeRO-3 partitions
 left in place) the exact draw (``hf_rng=True``) prefills every row as before; the candidate draw
@@ -82,8 +82,9 @@ Integration: pass the bare HF causal LM in eval mode (``engine.module.lm``), ins
 collective runs inside, so ranks may stop at different steps; left partitioned, GPT-2 falls
 back to the module forward and its hooks). Seed ``generator`` differently per rank.
 PPO (hybrid_ds.algorithms.ppo.generate) runs it with ``hf_rng=False`` under ``SAMPLER: "lean"`` (the default)
-and ``hf_rng=True`` under ``"lean_exact"``, with ``repeats=NUM_GENERATIONS``, and passes the value head as ``value_fn`` so that in
-float32 the rollout's own log-probs and values serve as PPO's old ones (``OLD_LOGPROBS``).
+and ``hf_rng=True`` under ``"lean_exact"``, with ``repeats=NUM_GENERATIONS``, and passes the value
+head as ``value_fn`` so that in float32 the rollout's own log-probs and values serve as PPO's old
+ones (``OLD_LOGPROBS``).
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ def sample(model, input_ids: Tensor, attention_mask: Tensor, settings: SamplingS
     attention_mask = attention_mask.to(dev).long()
     # shared prefill (module docstring): not into transformers' StaticCache, sized by its first forward's
     # batch, nor where the exact draw needs generate's logits bits and only the model's head can give them
-    lean_head = Gpt2Step.supports(model) or LlamaStep.supports(model, L)
+    lean_head = repeats > 1 and (Gpt2Step.supports(model) or LlamaStep.supports(model, L))
     share = repeats > 1 and cache != "static" and (lean_head or not hf_rng)
     prefill_ids, prefill_mask = input_ids, attention_mask  # (B / repeats, P) when shared
     if repeats > 1:
