@@ -2,7 +2,7 @@
 for GPT-2 and a Llama of the same size side by side.
 
     OMP_NUM_THREADS=2 python bench/bench_sampler.py [--iters 20] [--bs 8] [--new 32] [--models gpt2,llama]
-        [--caches dynamic,static] [--out bench/results/sampler]
+        [--caches dynamic,static] [--repeats K] [--out bench/results/sampler]
 
 The work unit is the peers' (/work/shared/bench-peers): GPT-2 4 layers x 256 wide, vocab 4096, 8
 left-padded prompts, exactly ``--new`` new tokens (``min_new_tokens = max_new_tokens`` for
@@ -20,6 +20,11 @@ once per round (round-robin, so that load from other processes hits all alike); 
 time is reported, with the minimum, the median process CPU time and the 1-minute load average
 before and after (the bench machine is shared). Prints one JSON line, and with ``--out`` writes it
 to ``OUT.json`` and a table to ``OUT.txt``.
+
+``--repeats K`` samples K responses per prompt, as GRPO does (``--bs`` x K rows): every variant runs on
+the prompts repeat_interleaved K times, and ``sample_shared_prefill`` / ``sample_candidate_rng_shared_prefill``
+pass the ``--bs`` prompts with ``repeats=K`` (each prompt prefilled once); ``shared_prefill_speedup``
+is the median over rounds of each round's unshared / shared time.
 
 Compare speedups rather than seconds when the machine is loaded: with 2 OpenMP threads and
 other processes running, every variant's time inflates several-fold, the ratios much less.
@@ -96,6 +101,9 @@ def table(result: dict) -> str:
         model, variant = name.split("/")
         rows.append(f"| {model} | {variant} | {med} | {result['min_s'][name]} | {result['tokens_per_s'][name]} | "
                     f"{result['speedup'].get(name, 1.0)}x | {result['same_tokens_as_generate'].get(name, '-')} |")
+    shared = result.get("shared_prefill_speedup", {})
+    rows += [""] * bool(shared) + [f"{name} over its unshared variant (median per-round ratio): {r}x"
+                                   for name, r in shared.items()]
     ratio = result.get("llama_over_gpt2_speedup")
     if ratio is not None:
         rows.append(f"\nLlama's speed-up over generate / GPT-2's (sample, exact draw): {ratio}")
@@ -110,6 +118,8 @@ def main() -> None:
     parser.add_argument("--models", default="gpt2,llama", help="gpt2 (the unit's bench-small) and/or llama")
     parser.add_argument("--caches", default="",
                         help="also time sample() on transformers' caches (decoding through the forward): dynamic,static")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="responses per prompt (GRPO's K); > 1 adds the shared-prefill variants")
     parser.add_argument("--out", default="", help="write OUT.json and OUT.txt")
     args = parser.parse_args()
 
@@ -124,7 +134,9 @@ def main() -> None:
     gpt2 = AutoModelForCausalLM.from_pretrained(unit / "bench-small").eval()
     models = {"gpt2": gpt2, "llama": llama_like(gpt2)}
     models = {k: models[k] for k in args.models.split(",")}
-    ids, mask = prompts(unit, tok, args.bs)
+    uniq_ids, uniq_mask = prompts(unit, tok, args.bs)
+    K = args.repeats
+    ids, mask = uniq_ids.repeat_interleave(K, 0), uniq_mask.repeat_interleave(K, 0)
     st = SamplingSettings(max_new_tokens=args.new, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
                           **SETTINGS)
     gen_kwargs = {**st.generate_kwargs(), "min_new_tokens": args.new}
@@ -137,6 +149,13 @@ def main() -> None:
             f"{label}/sample_candidate_rng": lambda m=model: sample(m, ids, mask, st, fixed_length=True,
                                                                    hf_rng=False).response_ids,
         })
+        if K > 1:
+            variants.update({
+                f"{label}/sample_shared_prefill": lambda m=model: sample(
+                    m, uniq_ids, uniq_mask, st, fixed_length=True, repeats=K).response_ids,
+                f"{label}/sample_candidate_rng_shared_prefill": lambda m=model: sample(
+                    m, uniq_ids, uniq_mask, st, fixed_length=True, hf_rng=False, repeats=K).response_ids,
+            })
         for cache in filter(None, args.caches.split(",")):
             variants[f"{label}/sample_{cache}_cache"] = lambda m=model, c=cache: sample(
                 m, ids, mask, st, fixed_length=True, cache=c).response_ids
@@ -155,14 +174,15 @@ def main() -> None:
                 wall[name].append(time.perf_counter() - w)
                 cpu[name].append(time.process_time() - c)
     med = {name: statistics.median(ts) for name, ts in wall.items()}
-    tokens = args.bs * args.new
+    tokens = args.bs * K * args.new
 
     def generate_of(name):
         return name.split("/")[0] + "/hf_generate"
 
     speedup = {k: round(med[generate_of(k)] / v, 2) for k, v in med.items() if not k.endswith("/hf_generate")}
     result = {
-        "bench": "sampler", "bs": args.bs, "new_tokens": args.new, "iters": args.iters,
+        "bench": "sampler", "bs": args.bs, "repeats": K, "prompt_len": uniq_ids.shape[1], "new_tokens": args.new,
+        "iters": args.iters,
         "threads": torch.get_num_threads(), "settings": SETTINGS,
         "median_s": {k: round(v, 4) for k, v in med.items()},
         "tokens_per_s": {k: round(tokens / v, 1) for k, v in med.items()},
@@ -174,6 +194,10 @@ def main() -> None:
         "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
+    shared = {k: round(statistics.median(a / b for a, b in zip(wall[k.replace("_shared_prefill", "")], ts)), 3)
+              for k, ts in wall.items() if k.endswith("_shared_prefill")}
+    if shared:
+        result["shared_prefill_speedup"] = shared  # per-round ratios: both ran back to back in each round
     if {"gpt2/sample", "llama/sample"} <= speedup.keys():
         result["llama_over_gpt2_speedup"] = round(speedup["llama/sample"] / speedup["gpt2/sample"], 3)
     print(json.dumps(result))

@@ -117,6 +117,27 @@ def test_grpo_rollout_groups_and_advantages(grpo_run):
     assert "ppo/loss/value" not in m and math.isfinite(m["ppo/loss/kl"]) and m["ppo/loss/kl"] >= 0
 
 
+def test_grpo_rollout_prefills_each_prompt_once(grpo_run):
+    """NUM_GENERATIONS rows per prompt, one prefill row per prompt (the sampler's ``repeats``); the
+    rollout's own old log-probs (fp32) still equal a recomputed forward on the K rows."""
+    run, prefill_rows = grpo_run, []
+
+    def spy(_module, _args, kwargs):
+        if kwargs["input_ids"].shape[1] > 1:
+            prefill_rows.append(kwargs["input_ids"].shape[0])
+
+    handle = run.engine.module.lm.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        ro = ppo.generate(run, run.examples[:2])
+    finally:
+        handle.remove()
+    assert prefill_rows == [2] and ro.query_ids.shape[0] == 8
+    assert torch.equal(ro.query_ids[::4].repeat_interleave(4, 0), ro.query_ids)
+    assert ro.logprobs is not None  # OLD_LOGPROBS auto in fp32: the sampler's
+    recomputed, _ = ppo.forward_logprobs(run.engine, ro, run.cfg.gen.temperature, 64, with_values=True)
+    torch.testing.assert_close(ro.logprobs, recomputed, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("keys", [dict(ADVANTAGE="rloo", NUM_GENERATIONS=2, LOSS_AGG="dr_grpo"),
                                   dict(ADVANTAGE="reinforce_pp", PTX_COEF=0.5)], ids=["rloo", "reinforce_pp+ptx"])
 def test_other_estimators_run_a_hybrid_cycle(tmp_path, keys):

@@ -337,6 +337,21 @@ def test_same_tokens_as_generate_on_cuda():
         assert torch.equal(our_tokens(model, ids, mask, st, seed).response_ids, hf_tokens(model, ids, mask, st, seed))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_shared_prefill_gives_generates_tokens_on_cuda():
+    """The shared prefill's exactness rests on the trunk's prefill giving each row the same bits
+    whatever the row count; checked on CPU above, here on CUDA (cuBLAS picks kernels by shape)."""
+    K = 4
+    for model in (tiny_gpt2(eos_logit=3.0).cuda(), tiny_llama().cuda()):
+        ids, mask = (x.cuda() for x in prompts(B=3, pads=(0, 3, 5)))
+        rep_ids, rep_mask = ids.repeat_interleave(K, 0), mask.repeat_interleave(K, 0)
+        st = settings(**CASES["design"])
+        for seed in range(2):
+            assert torch.equal(our_tokens(model, ids, mask, st, seed, repeats=K).response_ids,
+                               hf_tokens(model, rep_ids, rep_mask, st, seed))
+
+
 def recomputed(model, ids, mask, out: SampleOutput, temperature: float, v_head):
     """Log-probs and values of a full forward on prompt + response, computed the pre-hook way: every
     layer's hidden states requested and the last one read."""
@@ -422,3 +437,58 @@ def test_llama_step_logits_are_bit_identical_to_the_forward(family, pads):
             logits, hidden = step(toks[:, t], pos[:, n:n + 1], n)
             assert torch.equal(logits, out.logits[:, -1])
             assert torch.equal(hidden, out.hidden_states[-1][:, -1])
+
+
+def prefill_rows(model, fn):
+    """``fn()``'s result and the batch size of each forward of ``model`` over more than one position."""
+    rows = []
+
+    def spy(_module, _args, kwargs):
+        if kwargs["input_ids"].shape[1] > 1:
+            rows.append(kwargs["input_ids"].shape[0])
+
+    handle = model.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        return fn(), rows
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("model_fn,hf_rng,cache,shared", [
+    (tiny_gpt2, True, "prealloc", True),  # GPT-2 step: the head on the repeated hidden state, generate's bits
+    (tiny_llama, True, "prealloc", True),  # Llama step, likewise
+    (tiny_gpt2, True, "dynamic", True),  # transformers' DynamicCache repeats itself
+    (lambda: tiny_family("phi3"), True, "prealloc", False),  # the exact draw without a lean head: not shared
+    (lambda: tiny_family("phi3"), False, "prealloc", True),  # the candidate draw: shared, the prefill's own logits
+], ids=["gpt2_exact", "llama_exact", "gpt2_dynamic", "phi3_exact", "phi3_candidates"])
+def test_shared_prefill_equals_the_repeated_batch(model_fn, hf_rng, cache, shared):
+    """``repeats=K`` on B prompts = the same prompts repeat_interleaved K times (generate's tokens where
+    ``hf_rng``), log-probs and values equal within the recomputed forward's tolerance and equal to that
+    forward; the prompts are prefilled once each (B rows, not B*K) where sharing applies."""
+    model, K = model_fn(), 3
+    ids, mask = prompts(B=3, pads=(0, 3, 5))
+    rep_ids, rep_mask = ids.repeat_interleave(K, 0), mask.repeat_interleave(K, 0)
+    st = settings(**CASES["design"])
+    v_head = torch.nn.Linear(model.config.hidden_size, 1)
+    kw = {"hf_rng": hf_rng, "cache": cache, "value_fn": v_head}
+    out, rows = prefill_rows(model, lambda: our_tokens(model, ids, mask, st, 4, repeats=K, **kw))
+    ref, ref_rows = prefill_rows(model, lambda: our_tokens(model, rep_ids, rep_mask, st, 4, **kw))
+    assert rows == [3 if shared else 9] and ref_rows == [9]
+    assert torch.equal(out.response_ids, ref.response_ids) and torch.equal(out.response_mask, ref.response_mask)
+    if hf_rng:
+        assert torch.equal(out.response_ids, hf_tokens(model, rep_ids, rep_mask, st, 4))
+    torch.testing.assert_close(out.logprobs, ref.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.values, ref.values, atol=1e-5, rtol=0)
+    full, full_v = recomputed(model, rep_ids, rep_mask, out, st.temperature, v_head)
+    torch.testing.assert_close(out.logprobs, full, atol=2e-5, rtol=0)
+    torch.testing.assert_close(out.values, full_v, atol=1e-5, rtol=0)
+    # rows of one prompt drew different responses: the cache copies are independent
+    assert not all(torch.equal(out.response_ids[i * K], out.response_ids[i * K + 1]) for i in range(3))
+
+
+def test_repeats_one_prefills_every_row_and_bad_repeats_are_refused(gpt2):
+    ids, mask = prompts()
+    _, rows = prefill_rows(gpt2, lambda: our_tokens(gpt2, ids, mask, settings(), 0, repeats=1))
+    assert rows == [5]
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        sample(gpt2, ids, mask, settings(), repeats=0)

@@ -109,8 +109,8 @@ def generate(run: PhaseContext, examples: list[Example], model=None, seed_tag: s
     eos = eos_arg(stops)
     max_prompt = max(1, cfg.data.maxseq - cfg.gen.max_new_tokens)
     K = cfg.ppo.num_generations
-    q_ids, q_mask = collate_prompts(examples, tok.pad_token_id, max_prompt)
-    q_ids, q_mask = q_ids.repeat_interleave(K, 0).to(dev), q_mask.repeat_interleave(K, 0).to(dev)
+    p_ids, p_mask = (x.to(dev) for x in collate_prompts(examples, tok.pad_token_id, max_prompt))  # once per prompt
+    q_ids, q_mask = p_ids.repeat_interleave(K, 0), p_mask.repeat_interleave(K, 0)
     g = cfg.gen
     kwargs = dict(do_sample=True, top_p=g.top_p, top_k=g.top_k, temperature=g.temperature,
                   no_repeat_ngram_size=g.no_repeat_ngram_size, repetition_penalty=g.repetition_penalty,
@@ -129,7 +129,7 @@ def generate(run: PhaseContext, examples: list[Example], model=None, seed_tag: s
             v_head = run.engine.module.v_head  # whole here, also under ZeRO-3 (gathered with the LM)
             own_old = old_from_rollout(run) and model is None
             value_fn = (lambda h: v_head(h.to(v_head.weight.dtype))) if own_old and v_head is not None else None
-            out = sample(lm, q_ids, q_mask, st, hf_rng=g.sampler == "lean_exact", value_fn=value_fn)
+            out = sample(lm, p_ids, p_mask, st, hf_rng=g.sampler == "lean_exact", value_fn=value_fn, repeats=K)
             resp = out.response_ids
             if own_old:
                 logprobs, values = out.logprobs, out.values

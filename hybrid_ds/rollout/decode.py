@@ -63,6 +63,20 @@ def _preallocated_cache(capacity: int):
             def get_seq_length(self, *args) -> int:
                 return self.length
 
+            def batch_repeat_interleave(self, repeats: int) -> None:
+                """Each row's cache ``repeats`` times, rows ``i*repeats .. i*repeats+repeats-1`` copying row
+                ``i`` (``Cache.batch_repeat_interleave``; the sampler's shared prefill): only the written
+                positions are copied, by broadcasting, and the capacity stays."""
+                if not self.is_initialized:
+                    return
+                for name in ("_k", "_v"):
+                    old = getattr(self, name)
+                    b, h, cap, d = old.shape
+                    new = old.new_empty(b * repeats, h, cap, d)
+                    new.view(b, repeats, h, cap, d)[:, :, :, :self.length] = old[:, None, :, :self.length]
+                    setattr(self, name, new)
+                self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
         _LAYER_CLASS = PreallocatedLayer
     return Cache(layer_class_to_replicate=lambda: _LAYER_CLASS(capacity))
 

@@ -60,13 +60,31 @@ re-copying the whole cache every step as sequences grow. Neither math attention 
 GELU (2%), nor torch.compile of the forward on CPU (~18% of the forward, 40 s compile per
 shape, tokens no longer bit-identical) earned a flag; CUDA graphs were not tried (no GPU).
 
+Shared prefill (``repeats=K``, GRPO/RLOO's NUM_GENERATIONS responses per prompt): the ``B`` prompts are
+prefilled once each and the prefill's KV cache (only its written positions) and final hidden state
+are copied to the ``B*K`` rows, rows ``i*K .. i*K+K-1`` answering prompt ``i``, as ``generate`` on
+``input_ids.repeat_interleave(K, 0)``. The hidden states and the cache are bit-identical to a
+prefill of the repeated rows (measured on CPU, fp32, every family of tests/tiny_models.py; on CUDA
+only the gpu-marked test checks it), but on CPU the LM head's matrix product rounds by the row
+count (~1e-6 in the first logits), which could move an exact draw. So the first logits are the head
+called on the repeated hidden state as the GPT-2 and Llama steps call it (the forward's very bits),
+and where the model has no such step (other families, LoRA or quantised weights, ZeRO-3 partitions
+left in place) the exact draw (``hf_rng=True``) prefills every row as before; the candidate draw
+shares there with the prefill's own logits (the same distribution, ~1e-6 apart). Not shared into
+transformers' StaticCache (sized by its first forward's batch). Each prompt's rows then decode
+from their own copies. Measured on the work unit, 1 thread (bench/bench_sampler.py ``--repeats``,
+median per-round ratio unshared / shared, 30-token prompts, 32 new tokens, candidate draw / exact
+draw): 2 prompts x 4 1.17x / 1.13x (GPT-2), 1.07x / 1.04x (a Llama of its size); 8 prompts x 8
+1.47x / 1.36x (GPT-2), 1.28x / 1.22x (Llama), bench/results/sampler_shared_prefill_*.
+
 Integration: pass the bare HF causal LM in eval mode (``engine.module.lm``), inside
 ``dist.generation_model`` so that ZeRO-3 weights are gathered once for the whole call (no
 collective runs inside, so ranks may stop at different steps; left partitioned, GPT-2 falls
 back to the module forward and its hooks). Seed ``generator`` differently per rank.
 PPO (hybrid_ds.algorithms.ppo.generate) runs it with ``hf_rng=False`` under ``SAMPLER: "lean"`` (the default)
-and ``hf_rng=True`` under ``"lean_exact"``, and passes the value head as ``value_fn`` so that in
-float32 the rollout's own log-probs and values serve as PPO's old ones (``OLD_LOGPROBS``).
+and ``hf_rng=True`` under ``"lean_exact"``, with ``repeats=NUM_GENERATIONS``, and passes the value
+head as ``value_fn`` so that in float32 the rollout's own log-probs and values serve as PPO's old
+ones (``OLD_LOGPROBS``).
 """
 
 from __future__ import annotations
@@ -75,6 +93,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from hybrid_ds.models.policy_value import final_hidden, logits_to_keep
@@ -101,7 +120,8 @@ class SampleOutput:
 @torch.no_grad()
 def sample(model, input_ids: Tensor, attention_mask: Tensor, settings: SamplingSettings, *,
            generator: Optional[torch.Generator] = None, fixed_length: bool = False, hf_rng: bool = True,
-           cache: str = "prealloc", value_fn: Optional[Callable[[Tensor], Tensor]] = None) -> SampleOutput:
+           cache: str = "prealloc", value_fn: Optional[Callable[[Tensor], Tensor]] = None,
+           repeats: int = 1) -> SampleOutput:
     """Sample up to ``settings.max_new_tokens`` tokens after each left-padded prompt.
 
     Shapes: ``input_ids`` ``(B, P)`` left-padded prompt ids, ``attention_mask`` ``(B, P)`` with 1 on
@@ -120,15 +140,30 @@ def sample(model, input_ids: Tensor, attention_mask: Tensor, settings: SamplingS
     state is the LM head's input, :func:`hybrid_ds.models.policy_value.final_hidden`); when given,
     ``values[:, t]`` is its value at the position whose logits drew token ``t`` (the last prompt
     token for ``t = 0``), the same positions as the log-probs, so a rollout needs no second forward.
+    ``repeats``: responses per prompt (GRPO's NUM_GENERATIONS). The output has ``B * repeats`` rows,
+    rows ``i*repeats .. i*repeats+repeats-1`` answering prompt ``i`` (as ``generate`` on
+    ``input_ids.repeat_interleave(repeats, 0)``); each prompt is prefilled once and its KV cache and
+    final hidden state copied to its rows (the exceptions: "Shared prefill" in the module docstring).
     """
     s = settings
-    B, P = input_ids.shape
-    if P == 0 or attention_mask.shape != input_ids.shape:
-        raise ValueError(f"sample needs left-padded prompts (B, P >= 1) and a mask of the same shape, got "
-                         f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)}")
+    P = input_ids.shape[1]
+    if P == 0 or attention_mask.shape != input_ids.shape or repeats < 1:
+        raise ValueError(f"sample needs left-padded prompts (B, P >= 1), a mask of the same shape and repeats >= 1, "
+                         f"got input_ids {tuple(input_ids.shape)}, attention_mask {tuple(attention_mask.shape)} "
+                         f"and repeats {repeats}")
     N, dev, pad = s.max_new_tokens, input_ids.device, s.pad_token_id
     L = P + N
     attention_mask = attention_mask.to(dev).long()
+    # shared prefill (module docstring): not into transformers' StaticCache, sized by its first forward's
+    # batch, nor where the exact draw needs generate's logits bits and only the model's head can give them
+    lean_head = repeats > 1 and (Gpt2Step.supports(model) or LlamaStep.supports(model, L))
+    share = repeats > 1 and cache != "static" and (lean_head or not hf_rng)
+    prefill_ids, prefill_mask = input_ids, attention_mask  # (B / repeats, P) when shared
+    if repeats > 1:
+        input_ids, attention_mask = (x.repeat_interleave(repeats, 0) for x in (input_ids, attention_mask))
+        if not share:
+            prefill_ids, prefill_mask = input_ids, attention_mask
+    B = input_ids.shape[0]
     track_eos = not fixed_length
 
     # 0. what every step slices, built once
@@ -151,12 +186,20 @@ def sample(model, input_ids: Tensor, attention_mask: Tensor, settings: SamplingS
     keep = logits_to_keep(model, 1)
     want_h = value_fn is not None
     out_v = torch.zeros(B, N, dtype=torch.float32, device=dev) if want_h else None
-    with final_hidden(model, on=want_h) as final:
-        first = model(input_ids=input_ids, attention_mask=attention_mask if padded else None, position_ids=pos,
-                      use_cache=True, **cache_arg(model, kv), **keep)
+    need_h = want_h or (share and lean_head)
+    with final_hidden(model, on=need_h) as final:
+        first = model(input_ids=prefill_ids, attention_mask=prefill_mask if padded else None,
+                      position_ids=pos[::repeats] if share else pos, use_cache=True, **cache_arg(model, kv), **keep)
     logits = first.logits[:, -1].float()
-    hidden = final.hidden[:, -1] if want_h else None
+    hidden = final.hidden[:, -1] if need_h else None
     del first
+    if share:  # each prompt's prefill to its `repeats` rows
+        kv.batch_repeat_interleave(repeats)
+        hidden = hidden.repeat_interleave(repeats, 0) if need_h else None
+        if lean_head:  # the head as the lean steps call it, on all B rows: the forward's very logits
+            logits = F.linear(hidden, model.lm_head.weight, model.lm_head.bias).float()
+        else:
+            logits = logits.repeat_interleave(repeats, 0)
     proc = Processors(s, input_ids, attention_mask, ids, logits.shape[-1], N if fixed_length else s.min_new_tokens,
                        hf_rng, generator)
     if cache == "prealloc" and Gpt2Step.supports(model):
