@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from launch_utils import launch, load_weights, max_rel_diff, metrics, rel_norm_diffs
+from launch_utils import forked_runs, launch, load_weights, max_rel_diff, metrics, rel_norm_diffs
 
 pytestmark = pytest.mark.slow
 
@@ -54,19 +54,22 @@ def test_sft_loss_falls_and_inference_lm_generates(tmp_path, nproc, zero, bf16):
 def test_accumulation_and_ranks_are_equivalent(tmp_path, zero):
     """fp32: 1 process x accumulation 4 == 2 processes x accumulation 2 (same global batch, same order).
 
-    The 1-process run starts in tmp_path, not the repository: launch/zeroN.yaml names
-    ds_configs/zeroN.json relative to the repository, and the log shows it was found. Under ZeRO-2 the
-    2-process run is the deepspeed launcher's (its ZeRO-2 default, no accelerate), so one launch is
-    both this equivalence and test_torchrun_and_deepspeed_launchers' deepspeed case."""
+    Under ZeRO-2 the 1-process run starts in tmp_path, not the repository: launch/zero2.yaml names
+    ds_configs/zero2.json relative to the repository, and the log shows it was found; the 2-process run
+    is the deepspeed launcher's (its ZeRO-2 default, no accelerate), so one launch is both this
+    equivalence and test_torchrun_and_deepspeed_launchers' deepspeed case. Under ZeRO-3 both runs'
+    ranks fork from one interpreter (launch_utils.forked_runs): what is compared is what trains."""
     a = sft_cfg(tmp_path, "a", MAX_STEPS=5, GRAD_ACCUM=4, LR_SFT=1e-3)
     b = sft_cfg(tmp_path, "b", MAX_STEPS=5, GRAD_ACCUM=2, LR_SFT=1e-3)
-    p = launch(a, tmp_path, nproc=1, zero=zero, name="a", cwd=str(tmp_path))
-    log = p.stdout + p.stderr
-    assert f"ZeRO stage {zero}" in log and f"ds_configs/zero{zero}.json" in log, log[-3000:]
     if zero == 2:
+        p = launch(a, tmp_path, nproc=1, zero=zero, name="a", cwd=str(tmp_path))
+        log = p.stdout + p.stderr
+        assert f"ZeRO stage {zero}" in log and f"ds_configs/zero{zero}.json" in log, log[-3000:]
         run_launcher(b, tmp_path, "deepspeed")
-    else:
-        launch(b, tmp_path, nproc=2, zero=zero, name="b")
+    else:  # the launchers are proven under ZeRO-2; ZeRO-3's ranks fork from one interpreter (one import)
+        done, log = forked_runs({"a": ({**a, "ZERO_STAGE": 3}, 1), "b": ({**b, "ZERO_STAGE": 3}, 2)}, tmp_path)
+        assert done == {"a": (0, done["a"][1]), "b": (0, done["b"][1])}, log[-3000:]
+        assert "ZeRO stage 3" in log, log[-3000:]
     wa = load_weights(os.path.join(a["OUTPUT_DIR"], "inference_lm"))
     wb = load_weights(os.path.join(b["OUTPUT_DIR"], "inference_lm"))
     from hybrid_ds.assets import resolve_model
