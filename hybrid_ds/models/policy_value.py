@@ -150,10 +150,11 @@ def load_model_config(name: str):
     try:
         return AutoConfig.from_pretrained(resolve_model(name))
     except Exception as e:  # noqa: BLE001 - a user's directory: name it and give the loader's reason
-        raise ModelFileError(f"{name!r}: its config.json cannot be loaded ({_first_line(e)})") from None
+        raise ModelFileError(f"{name!r}: its config.json cannot be loaded ({first_line(e)})") from None
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
+    """A loader's reason in one line: the exception's first line, or its type when it says nothing."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
@@ -370,7 +371,7 @@ def value_head_problem(path: str, model_config) -> Optional[str]:
         state = torch.load(f, map_location="cpu", weights_only=True)
         shape = tuple(state["weight"].shape)
     except Exception as e:  # noqa: BLE001 - a user's file: name it and give the loader's reason
-        return f"MODEL: {f} cannot be read as a value head ({_first_line(e)}); remove it to start a fresh value head."
+        return f"MODEL: {f} cannot be read as a value head ({first_line(e)}); remove it to start a fresh value head."
     if shape != (1, model_config.hidden_size) or tuple(state.get("bias", torch.zeros(1)).shape) != (1,):
         return (f"MODEL: {f} holds a value head of shape {shape}, the model's hidden size is "
                 f"{model_config.hidden_size}; remove it to start a fresh value head.")
@@ -387,6 +388,6 @@ def load_value_head(model: PolicyValue, path: str) -> Optional[str]:
         state = torch.load(f, map_location="cpu", weights_only=True)
         model.v_head.load_state_dict({k: v.to(model.v_head.weight.dtype) for k, v in state.items()})
     except Exception as e:  # noqa: BLE001 - a user's file: name it and give the loader's reason
-        raise ModelFileError(f"{f}: not a value head of this model ({_first_line(e)}); remove it to start a fresh "
+        raise ModelFileError(f"{f}: not a value head of this model ({first_line(e)}); remove it to start a fresh "
                              f"value head") from None
     return f

@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 
 from hybrid_ds.assets import resolve_model
-from hybrid_ds.models.policy_value import ModelFileError, load_model_config, load_tokenizer, max_positions
+from hybrid_ds.models.policy_value import (ModelFileError, first_line, load_model_config, load_tokenizer,
+                                           max_positions)
 
 # The files a saved tokenizer leaves; a model directory without any of them has only its vocabulary size to check.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -44,9 +45,7 @@ def vocabulary_problems(models: list[tuple[str, str]], tokenizer, model_config, 
         try:
             own = load_tokenizer(name)
         except Exception as e:  # noqa: BLE001 - a user's tokenizer files: name them and give the loader's reason
-            text = str(e).strip()
-            problems.append(f"{key}: the tokenizer of {name!r} cannot be loaded "
-                            f"({text.splitlines()[0] if text else type(e).__name__}).")
+            problems.append(f"{key}: the tokenizer of {name!r} cannot be loaded ({first_line(e)}).")
             continue
         policy_vocab = tokenizer.get_vocab() if policy_vocab is None else policy_vocab
         theirs = own.get_vocab()

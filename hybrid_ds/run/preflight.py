@@ -203,8 +203,8 @@ class Preflight:
 def preflight(cfg: Config, seed: int) -> Preflight:
     """The checks of step 2 (module docstring); ``load_config`` has run step 1."""
     from hybrid_ds.assets import resolve_model
-    from hybrid_ds.models.policy_value import (ModelFileError, attention_problem, load_model_config, load_tokenizer,
-                                                max_positions, value_head_problem)
+    from hybrid_ds.models.policy_value import (ModelFileError, attention_problem, first_line, load_model_config,
+                                                load_tokenizer, max_positions, value_head_problem)
     from hybrid_ds.models.references import vocabulary_problems
 
     # 1. tokenizer and the model's config
@@ -214,9 +214,7 @@ def preflight(cfg: Config, seed: int) -> Preflight:
     try:
         tokenizer = load_tokenizer(tok_name)
     except Exception as e:  # noqa: BLE001 - a user's tokenizer files: name them and give the loader's reason
-        text = str(e).strip()
-        problems.append(f"{tok_key}: the tokenizer of {tok_name!r} cannot be used "
-                        f"({text.splitlines()[0] if text else type(e).__name__}).")
+        problems.append(f"{tok_key}: the tokenizer of {tok_name!r} cannot be used ({first_line(e)}).")
     try:
         model_config = load_model_config(cfg.run.model)
         n_pos = max_positions(model_config)
