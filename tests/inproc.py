@@ -59,3 +59,17 @@ def train(cfg: dict, tmp_path, name="cfg") -> None:
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(cfg))
     assert main([str(path)]) == 0, f"{name}: the run failed"
+
+
+def full_forward_logprobs(model, ro, temperature: float) -> torch.Tensor:
+    """Response log-probs ``(B, T)``, float64, of ``model`` on the rollout ``ro`` from one full forward of
+    prompt + response (positions counted over real tokens), log_softmax of all logits / temperature,
+    gathered at the response ids: the naive computation the reference paths are checked against."""
+    ids = torch.cat([ro.query_ids, ro.response_ids], 1)
+    att = torch.cat([ro.query_mask, ro.response_mask.long()], 1)
+    pos = (torch.cumsum(att, 1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=att, position_ids=pos).logits.double()
+    P, T = ro.query_ids.shape[1], ro.response_ids.shape[1]
+    lp = torch.log_softmax(logits[:, P - 1:P + T - 1] / temperature, -1)
+    return lp.gather(2, ro.response_ids.unsqueeze(-1)).squeeze(-1)

@@ -555,3 +555,18 @@ def test_schedule_construction_checks_the_derived_total():
 
 def test_committed_docs_match_the_tables():
     assert (ROOT / "docs" / "optim.md").read_text() == optim.optim_reference_markdown()
+
+
+def test_a_schedule_that_cannot_be_built_names_its_phase_and_exits_2(tmp_path, capsys):
+    """More warm-up steps than the SFT phase has: exit 2, one problem naming the phase and its steps."""
+    from hybrid_ds.train import main
+
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"MODE": "sft", "MODEL": "builtin:tiny-gpt2", "TRAIN_FILE": "builtin:demo-tasks",
+                               "OUTPUT_DIR": str(tmp_path / "o"), "MAX_STEPS": 3, "MAXSEQ": 128,
+                               "SCHEDULER": "constant_with_warmup", "NUM_WARMUP_STEPS": 20}))
+    with pytest.raises(SystemExit) as e:
+        main([str(cfg), "--dry-run"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    assert "SFT phase (3 optimizer steps): cannot build the constant_with_warmup schedule" in err, err

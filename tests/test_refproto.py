@@ -21,6 +21,7 @@ import torch
 from hybrid_ds.engine.placement import (Placement, connect_bridge, placement_problems, policy_world_size,
                                  setup_placement)
 from hybrid_ds.reference.protocol import Request, RefClient, RefServer, merge_requests, model_logprob_fn
+from inproc import full_forward_logprobs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "scripts", "refproto_worker.py")
@@ -133,16 +134,8 @@ def test_merged_batch_gives_each_request_its_own_logprobs(model):
 
 
 def naive_logprobs(model, ro):
-    """Response log-probs ``(B, T)`` from one full forward of prompt + response (positions counted
-    over real tokens), log_softmax of all logits / temperature, gathered at the response ids."""
-    ids = torch.cat([ro.query_ids, ro.response_ids], 1)
-    att = torch.cat([ro.query_mask, ro.response_mask.long()], 1)
-    pos = (torch.cumsum(att, 1) - 1).clamp(min=0)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=att, position_ids=pos).logits.double()
-    P, T = ro.query_ids.shape[1], ro.response_ids.shape[1]
-    lp = torch.log_softmax(logits[:, P - 1:P + T - 1] / W.TEMPERATURE, -1)
-    return lp.gather(2, ro.response_ids.unsqueeze(-1)).squeeze(-1).float()
+    """inproc.full_forward_logprobs at the layout's temperature, in float32 as the protocol answers."""
+    return full_forward_logprobs(model, ro, W.TEMPERATURE).float()
 
 
 # --------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from hybrid_ds.assets import resolve_model
 from hybrid_ds.config import ConfigError
 from hybrid_ds.run.preflight import load_config
 from hybrid_ds.train import main
-from inproc import base, make_run, train
+from inproc import base, full_forward_logprobs, make_run, train
 from tiny_models import tiny_model_dir
 
 IGNORED = ("time/", "perf/", "mem/", "time")  # wall-clock and memory keys differ between runs
@@ -87,20 +87,12 @@ def test_resumed_run_with_refs_equals_the_uninterrupted_one(runs):
 # (b) two references against a hand computation
 
 
-def full_forward_logprobs(model_dir, ro, temperature):
-    """Response log-probs ``(B, T)`` of the model saved in ``model_dir``, loaded here with transformers
-    alone, from one full forward of prompt + response (positions counted over real tokens)."""
+def model_logprobs(model_dir, ro, temperature):
+    """inproc.full_forward_logprobs of the model saved in ``model_dir``, loaded here with transformers alone."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = torch.cat([ro.query_ids, ro.response_ids], 1)
-    att = torch.cat([ro.query_mask, ro.response_mask.long()], 1)
-    pos = (torch.cumsum(att, 1) - 1).clamp(min=0)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=att, position_ids=pos).logits.double()
-    P, T = ro.query_ids.shape[1], ro.response_ids.shape[1]
-    lp = torch.log_softmax(logits[:, P - 1:P + T - 1] / temperature, -1)
-    return lp.gather(2, ro.response_ids.unsqueeze(-1)).squeeze(-1)
+    return full_forward_logprobs(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(),
+                                 ro, temperature)
 
 
 def test_two_references_weighted_kl_equals_the_hand_computation(tmp_path):
@@ -124,10 +116,10 @@ def test_two_references_weighted_kl_equals_the_hand_computation(tmp_path):
     ppo.compute_advantages(run, ro)
 
     m = ro.response_mask.double()
-    logp = full_forward_logprobs(policy, ro, temp)  # the policy before its first step is MODEL
+    logp = model_logprobs(policy, ro, temp)  # the policy before its first step is MODEL
     per_ref = []
     for model_dir in (policy, other):
-        d = full_forward_logprobs(model_dir, ro, temp) - logp
+        d = model_logprobs(model_dir, ro, temp) - logp
         per_ref.append((torch.exp(d) - d - 1) * m)
     hand = 0.75 * per_ref[0] + 0.5 * per_ref[1]
     assert ro.ref_logprobs.shape == (ro.response_ids.shape[0], 2, ro.response_ids.shape[1])
@@ -237,3 +229,15 @@ def test_a_reference_under_home_is_found_through_tilde(tmp_path, monkeypatch):
 def cfg_json(tmp_path):
     return {"MODE": "ppo", "MODEL": str(tmp_path / "ref"), "TRAIN_FILE": "builtin:demo-tasks", "MAXSEQ": 256,
             "OUTPUT_DIR": str(tmp_path / "o2")}
+
+
+def test_a_hybrid_run_whose_refs_leave_out_the_policy_is_warned(tmp_path, capsys):
+    """SFT moves the policy and no listed reference follows it: --dry-run says so (preflight warning)."""
+    frozen = [{"model": "builtin:tiny-gpt2", "weight": 1.0}]
+    cfg = write_json(tmp_path / "h.json", {"MODE": "hybrid", "MODEL": "builtin:tiny-gpt2",
+                                           "TRAIN_FILE": "builtin:demo-tasks", "OUTPUT_DIR": str(tmp_path / "o3"),
+                                           "MAXSEQ": 256})
+    assert main([cfg, "--dry-run", f"REFS={json.dumps(frozen)}"]) in (0, None)
+    assert 'REFS lists no "policy" entry' in capsys.readouterr().out
+    assert main([cfg, "--dry-run", f"REFS={json.dumps(frozen + [{'model': 'policy', 'weight': 1.0}])}"]) in (0, None)
+    assert 'REFS lists no "policy" entry' not in capsys.readouterr().out
