@@ -22,6 +22,18 @@ def write_json(path, obj):
     return str(path)
 
 
+# Under pytest-xdist (.ci/run: `-n 2 --dist loadgroup`) each test module runs whole on one worker, so
+# its module-scoped fixtures (a trained model, a launched run) are built once; modules that share a
+# session fixture form one group, so that fixture too is built once.
+SHARED_SESSION_RUN = {"test_multinode.py": "test_ppo_runs.py"}  # both read hybrid_zero2_bf16_run
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = os.path.basename(item.fspath)
+        item.add_marker(pytest.mark.xdist_group(SHARED_SESSION_RUN.get(module, module)))
+
+
 @pytest.fixture(autouse=True)
 def _cpu_tier_stays_on_cpu(request, monkeypatch):
     """Every test outside the GPU tier (`-m gpu`) launches its runs on the CPU, also on a machine with
