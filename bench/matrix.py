@@ -94,16 +94,21 @@ def build_unit(base: str, root: str, shape: str, bf16: bool) -> str:
 
 
 def row_jobs(row: Row, base: str, root: str, cycles: int, threads: int, py: str, peers: str, env: dict,
-             trl_env: dict) -> dict:
-    """The row's three entries as {label: (command, environment)}, in run_vs_peers.run_json's form."""
+             trl_env: dict, plain: bool = False) -> dict:
+    """The row's three entries as {label: (command, environment)}, in run_vs_peers.run_json's form;
+    ``plain`` adds a fourth, "hybrid_ds plain": the same run as ``python -m hybrid_ds.train`` (one
+    process without DeepSpeed, what a user runs on one process without a launcher)."""
     fp32 = build_unit(base, root, row.shape, bf16=False)
     peer = build_unit(base, root, row.shape, bf16=True) if row.bf16 else fp32
     n, L = str(cycles - 1), str(row.new)
     wrap = [py, "bench/peer_bf16.py"] if row.bf16 else [py]  # the peers' extra modules in bf16 too
     ours = [py, "bench/bench_hybrid.py", "--work", fp32, "--cycles", str(cycles), "--threads", str(threads)]
     ours += ["--bf16"] if row.bf16 else []
+    lengths = [f"MAX_NEW_TOKENS={L}", f"MIN_NEW_TOKENS={L}"]
+    extra = {"hybrid_ds plain": (ours + ["--launcher", "python"] + lengths, env)} if plain else {}
     return {
-        "hybrid_ds": (ours + [f"MAX_NEW_TOKENS={L}", f"MIN_NEW_TOKENS={L}"], env),
+        "hybrid_ds": (ours + lengths, env),
+        **extra,
         "floor": (wrap + [os.path.join(peers, "floor_bench.py"), "--iters", n, "--new", L], dict(env, PEER_WORK=peer)),
         "original": (wrap + [os.path.join(peers, "seed_trl011_hybrid.py"), "--cycles", n, "--gen", "per_prompt",
                       "--fixed-len", "--max-new-tokens", L], dict(trl_env, PEER_WORK=peer)),

@@ -105,6 +105,8 @@ def main() -> None:
     ap.add_argument("--matrix", action="store_true", help="the shape x length x precision matrix (bench/matrix.py)")
     ap.add_argument("--rows", default="", help="matrix: only the rows whose name contains this (e.g. gpt2-8x512); "
                     "records then go to matrix_<rows>.json, beside the whole matrix's")
+    ap.add_argument("--plain-too", action="store_true",
+                    help="matrix: also run hybrid_ds as `python -m hybrid_ds.train` (1 process, no DeepSpeed)")
     ap.add_argument("--threads", type=int, default=2,
                     help="OMP_NUM_THREADS of every entry (the unit's 2; 1 when the machine is oversubscribed)")
     ap.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
@@ -195,7 +197,7 @@ def run_matrix(args, work: str, env: dict, trl_env: dict) -> None:
         sys.exit(f"--rows {args.rows!r} matches no row of bench/matrix.py: {[row.name for row in matrix.ROWS]}")
     for row in rows:
         for label, job in matrix.row_jobs(row, work, root, args.cycles or 4, args.threads, sys.executable, PEERS,
-                                          env, trl_env).items():
+                                          env, trl_env, plain=args.plain_too).items():
             jobs[f"{row.name} | {label}"] = job
     name = f"matrix_{args.rows.replace(' ', '_')}.json" if args.rows else "matrix.json"
     results = round_robin(jobs, args.rounds, os.path.join(args.out, name))
@@ -221,8 +223,17 @@ def matrix_table(results: dict[str, list[dict]]) -> str:
                         for lab in ("hybrid_ds", "floor", "original"))
         lines.append(f"| {row.name} | {ours:.3f} | {floor:.3f} | {orig:.3f} | {ours / floor:.2f}x | "
                      f"{ours / orig:.2f}x | {rss} |")
-        for lab in ("hybrid_ds", "floor", "original"):
-            split = matrix.phase_split(results[k[lab]][-1])
+        plain = results.get(f"{row.name} | hybrid_ds plain")
+        if plain:  # the same run without DeepSpeed (--plain-too), against the same floor and original loop
+            mine = base[f"{row.name} | hybrid_ds plain"]
+            lines.append(f"| {row.name}, python (no DeepSpeed) | {mine:.3f} | {floor:.3f} | {orig:.3f} | "
+                         f"{mine / floor:.2f}x | {mine / orig:.2f}x | "
+                         + ", ".join(f"{r} {max(matrix.peak_rss(x)[r] for x in plain):.0f}"
+                                     for r in matrix.peak_rss(plain[0])) + "; ; |")
+        for lab in ("hybrid_ds", "hybrid_ds plain", "floor", "original"):
+            if lab not in k and not plain:
+                continue
+            split = matrix.phase_split(results[f"{row.name} | {lab}"][-1])
             splits.append(f"| {row.name} | {lab} | " + ", ".join(f"{p} {v:.3f}" for p, v in split.items()) + " |")
     lines += ["\nseconds per cycle by phase (last round):\n", "| row | entry | split |", "|---|---|---|"] + splits
     return "\n".join(lines)

@@ -70,6 +70,21 @@ def test_ds_configs_load_and_fill(path, tmp_path, base_cfg):
     assert cfg.run.ds_config == path
 
 
+@pytest.mark.parametrize("path", DS_CONFIGS, ids=os.path.basename)
+def test_one_process_under_zero_without_offload_is_pointed_to_the_plain_engine(path):
+    from hybrid_ds.engine.launch_plan import LaunchPlan
+
+    with open(path) as f:
+        template = json.load(f)
+    plan = LaunchPlan(template["zero_optimization"]["stage"], "no", template, path)
+    offload = "offload" in os.path.basename(path)
+    assert plan.offloads is offload
+    note = plan.single_process_note(1)
+    assert bool(note) is not offload, note  # offloading saves memory even on one process
+    assert not offload and "python -m hybrid_ds.train" in note or offload
+    assert plan.single_process_note(2) == "" and LaunchPlan(0, "no", None, "x").single_process_note(1) == ""
+
+
 @pytest.mark.parametrize("path", LAUNCH_CONFIGS, ids=os.path.basename)
 def test_launch_configs_parse_and_point_at_ds_configs(path):
     import yaml

@@ -34,6 +34,21 @@ class LaunchPlan:
     ds_template: Optional[dict]  # DeepSpeed config before our values are filled in
     source: str  # where the DeepSpeed decision came from, for the log
 
+    @property
+    def offloads(self) -> bool:
+        """Whether ZeRO moves optimizer states or parameters off the compute device (CPU or NVMe)."""
+        zero = (self.ds_template or {}).get("zero_optimization", {})
+        return any(str((zero.get(f"offload_{k}") or {}).get("device", "none")) != "none"
+                   for k in ("optimizer", "param"))
+
+    def single_process_note(self, world: int) -> str:
+        """For a run on one process under ZeRO without offload, which partitions nothing: that plain
+        ``python -m hybrid_ds.train`` (no DeepSpeed) trains the same model faster; else empty."""
+        if world != 1 or self.zero_stage == 0 or self.offloads:
+            return ""
+        return (f"note: ZeRO stage {self.zero_stage} on one process partitions nothing and costs a DeepSpeed step; "
+                f"`python -m hybrid_ds.train CONFIG` runs without DeepSpeed (1.0-1.3x faster on bench/README.md's matrix)")
+
 
 def plan_launch(cfg: Config) -> LaunchPlan:
     """Combine the config with what ``accelerate launch`` / ``deepspeed`` exported in the environment."""

@@ -149,6 +149,8 @@ def execute(cfg, world: int, pre=None, reward_fns=None):
             print(f"[hybrid_ds] {cfg.run.mode} on {dist.world} process(es), device {dist.device.type}, "
                   f"process group {dist.backend}, ZeRO stage {dist.zero_stage} ({dist.plan.source}), precision {dist.plan.mixed_precision}, "
                   f"seed {seed}")
+            if note := dist.plan.single_process_note(dist.world):
+                print(f"[hybrid_ds] {note}")
         with ref_client as client:  # SHUTDOWN to the reference at the end, ABORT on an error
             # 6. build, restore; 7. train; 8. the final checkpoint, inference_lm/ and ppo_full/
             r = build_run(cfg, dist, seed, ref_client=client, pre=pre, reward_fns=reward_fns)
