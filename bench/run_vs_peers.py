@@ -2,7 +2,8 @@
 
     python bench/run_vs_peers.py [--rounds 3] [--cycles 21] [--bf16-too] [--only cycle|grpo] [--threads 2]
         [--out bench/results]
-    python bench/run_vs_peers.py --matrix [--rounds 3] [--cycles 4] [--threads 2] [--out bench/results]
+    python bench/run_vs_peers.py --matrix [--rows SUBSTR] [--plain-too] [--rounds 3] [--cycles 4] [--threads 2]
+        [--out bench/results]
 
 Peers (from ``../shared/bench-peers``): the original loop on TRL 0.11.4 (per-prompt generation),
 the same with batched generation, and the bare HF-generate floor; all fixed 32 new tokens,
@@ -13,7 +14,8 @@ imports) into ``peer-work/tyro`` when the interpreter lacks it; the venv is left
 The GRPO pair: hybrid_ds with ADVANTAGE=grpo against TRL 1.x's GRPOTrainer (``trl_grpo_bench.py``),
 8 completions per step (2 prompts x 4), one optimizer step per step, KL beta 0.04 in the loss
 (bench/README.md says what is equal and what differs). ``--matrix`` runs the rows of
-``bench/matrix.py`` instead: each shape x length x precision against the floor and the original loop.
+``bench/matrix.py`` instead: each shape x length x precision against the floor and the original loop
+(``--plain-too``: and hybrid_ds launched as ``python -m hybrid_ds.train``, without DeepSpeed).
 """
 
 from __future__ import annotations
