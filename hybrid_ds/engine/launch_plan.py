@@ -47,7 +47,7 @@ class LaunchPlan:
         if world != 1 or self.zero_stage == 0 or self.offloads:
             return ""
         return (f"note: ZeRO stage {self.zero_stage} on one process partitions nothing and costs a DeepSpeed step; "
-                f"`python -m hybrid_ds.train CONFIG` runs without DeepSpeed (1.0-1.3x faster on bench/README.md's matrix)")
+                f"`python -m hybrid_ds.train CONFIG` runs without DeepSpeed (1.0-1.3x faster in bench/README.md's CPU matrix)")
 
 
 def plan_launch(cfg: Config) -> LaunchPlan:
