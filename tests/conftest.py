@@ -28,6 +28,30 @@ def write_json(path, obj):
 SHARED_SESSION_RUN = {"test_multinode.py": "test_ppo_runs.py"}  # both read hybrid_zero2_bf16_run
 
 
+def pytest_configure(config):
+    """Build DeepSpeed's CPU ops (the shared-memory all-reduce, CPU Adam) once, before any test runs.
+
+    Otherwise the first DeepSpeed run of each op compiles it (one to three minutes) inside that test's
+    time limit, while the other xdist worker compiles the other op on the same two cores; a test that
+    then kills its run on timeout kills the build, whose lock file stays, and every later DeepSpeed
+    start waits on it forever (hybrid_ds/engine/jit_ops.py). Done by the controller alone (xdist
+    workers carry ``workerinput``), in a subprocess that sees no GPU, like the CPU-tier runs."""
+    if hasattr(config, "workerinput"):
+        return
+    from hybrid_ds.engine.jit_ops import OPS, op_built
+
+    if all(op_built(name) for name in OPS):
+        return
+    import subprocess
+
+    p = subprocess.run([PYTHON, "-m", "hybrid_ds.engine.jit_ops"], cwd=REPO, capture_output=True, text=True,
+                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    done = [line for line in p.stdout.splitlines() if line.startswith("[hybrid_ds]")]
+    print("\n".join(done) if p.returncode == 0 else
+          f"building DeepSpeed's ops failed (exit {p.returncode}); the tests that load them will:\n{p.stderr[-3000:]}",
+          file=sys.stderr, flush=True)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = os.path.basename(item.fspath)

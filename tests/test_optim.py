@@ -221,7 +221,7 @@ def test_deepspeed_settings_flag_untested_optimizers():
 
 @pytest.mark.slow
 def test_offload_builds_deepspeed_cpu_adam():
-    """Compiles DeepSpeed's cpu_adam op on first use (about a minute here; cached afterwards)."""
+    """Loads DeepSpeed's cpu_adam op (tests/conftest.py builds it before the tests start)."""
     from deepspeed.ops.adam import DeepSpeedCPUAdam
     from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
 

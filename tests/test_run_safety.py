@@ -4,7 +4,9 @@ One run per OUTPUT_DIR (an flock on OUTPUT_DIR/.lock): a second run is refused w
 the holder, a lock left by a dead process is taken over. A damaged checkpoint (named by RESUME, or
 the latest) is refused with exit 2 before anything is changed. Checkpoint files are loaded with
 weights_only=True: a pickle that would run code is refused, and its code never runs. DeepSpeed's
-shared-memory all-reduce segments of a killed run are removed by the next start.
+shared-memory all-reduce segments of a killed run are removed by the next start. A build lock of
+DeepSpeed's ops that a killed build left (every later load would wait on it forever) ends a run
+under DeepSpeed with exit 2 naming it.
 """
 
 import hashlib
@@ -306,3 +308,74 @@ def test_damaged_deepspeed_shard_of_rank_1_stops_every_rank_with_exit_2(killed_t
     package = os.path.join(REPO, "hybrid_ds") + os.sep  # the launcher's own traceback is not ours
     assert package not in "".join(ln for ln in log.splitlines(True) if ln.lstrip().startswith("File "))
     assert snapshot(out) == before
+
+
+# --------------------------------------------------------------------------------------
+# DeepSpeed's op build locks (hybrid_ds/engine/jit_ops.py)
+
+
+@pytest.fixture
+def extensions(tmp_path, monkeypatch):
+    """An extensions root of its own with a cpu_adam build folder, aged by ``age(lock, seconds)``."""
+    root = tmp_path / "ext"
+    (root / "cpu_adam").mkdir(parents=True)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
+    return root
+
+
+def aged(path, seconds):
+    path.touch()
+    t = path.stat().st_mtime - seconds
+    os.utime(path, (t, t))
+    return str(path)
+
+
+def test_a_build_lock_is_abandoned_only_when_old_and_held_by_no_process(extensions):
+    from hybrid_ds.engine.jit_ops import abandoned_build_locks
+
+    lock = aged(extensions / "cpu_adam" / "lock", 20 * 60)
+    assert [p for p, _ in abandoned_build_locks()] == [lock]
+    fd = os.open(lock, os.O_RDONLY)  # a build in progress holds its lock open (torch's FileBaton)
+    try:
+        assert abandoned_build_locks() == []
+    finally:
+        os.close(fd)
+    aged(extensions / "cpu_adam" / "lock", 60)  # young: maybe a build on another node of the cluster
+    assert abandoned_build_locks() == []
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
+def test_an_abandoned_build_lock_ends_a_deepspeed_run_with_exit_2_naming_it(extensions, tmp_path, dry_run, capsys):
+    from hybrid_ds.run.cli import main
+
+    lock = aged(extensions / "cpu_adam" / "lock", 20 * 60)
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({**sft_cfg(tmp_path / "out"), "ZERO_STAGE": 2}))
+    with pytest.raises(SystemExit) as e:
+        main([str(cfg), *(["--dry-run"] if dry_run else [])])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"rm {lock}" in err and "cpu_adam" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+    # Without DeepSpeed no op is loaded: the lock is no concern of the run's.
+    assert main([str(cfg), "ZERO_STAGE=0", "--dry-run"]) == 0
+    # The command that builds the ops ahead refuses it the same way instead of waiting on it.
+    p = subprocess.run([sys.executable, "-m", "hybrid_ds.engine.jit_ops"], env={**os.environ}, cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and f"rm {lock}" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_an_op_counts_as_built_only_from_this_deepspeed_install(extensions):
+    """A virtual environment elsewhere that shares the cache folder built it from other sources:
+    loading it here rebuilds it (ninja sees other paths), so it is not built for this install."""
+    import importlib.util
+
+    from hybrid_ds.engine.jit_ops import op_built
+
+    build = extensions / "cpu_adam"
+    ops = os.path.join(importlib.util.find_spec("deepspeed").submodule_search_locations[0], "ops")
+    (build / "build.ninja").write_text(f"build cpu_adam.o: compile {ops}/csrc/cpu/adam/cpu_adam.cpp\n")
+    assert not op_built("cpu_adam")  # no library yet
+    (build / "cpu_adam.so").write_bytes(b"")
+    assert op_built("cpu_adam")
+    (build / "build.ninja").write_text("build cpu_adam.o: compile /elsewhere/deepspeed/ops/csrc/cpu/adam/cpu_adam.cpp\n")
+    assert not op_built("cpu_adam")

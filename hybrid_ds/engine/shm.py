@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import time
 
+from hybrid_ds.engine.procfs import paths_in_use
+
 # DeepSpeed's CPU shared-memory all-reduce (deepspeed/ops/csrc/cpu/comm/shm.cpp, switched on when the
 # launcher sets LOCAL_SIZE to the world size, as the deepspeed launcher does) creates one segment per
 # rank, /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> (about 68 MiB),
@@ -46,41 +48,5 @@ def remove_shm_segments(own: bool, min_age_s: float = 5.0) -> list[str]:
 
 
 def _used_shm_names() -> set[str]:
-    """DeepSpeed segment names that a live process of this machine maps or holds open (/proc/<pid>/)."""
-    out, tag = set(), f"{SHM_DIR}/{SHM_PREFIX}"
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/maps") as f:
-                for line in f:
-                    at = line.find(tag)
-                    if at >= 0:
-                        out.add(line[at + len(SHM_DIR) + 1:].split()[0])
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                try:
-                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                except OSError:  # closed meanwhile
-                    continue
-                if target.startswith(tag):
-                    out.add(target[len(SHM_DIR) + 1:].split()[0])
-        except OSError:  # gone, or another user's (which cannot open our 0600 segments)
-            continue
-    return out
-
-
-def shm_op_unbuilt() -> bool:
-    """Whether starting DeepSpeed's comm backend on CPU will compile its shared-memory all-reduce op first.
-
-    DeepSpeed's torch backend loads the op when it starts (``build_shm_op`` in deepspeed/comm/torch.py),
-    JIT-compiling it with ninja into torch's extension directory (``TORCH_EXTENSIONS_DIR`` or
-    ``~/.cache/torch_extensions``) on first use, which takes a while; later runs load the built library."""
-    import glob
-
-    import torch
-
-    if torch.cuda.is_available():
-        return False
-    from torch.utils.cpp_extension import get_default_build_root
-
-    return not glob.glob(os.path.join(get_default_build_root(), "*", "deepspeed_shm_comm", "deepspeed_shm_comm*.so"))
+    """DeepSpeed segment names that a live process of this machine maps or holds open."""
+    return {p[len(SHM_DIR) + 1:] for p in paths_in_use(f"{SHM_DIR}/{SHM_PREFIX}")}

@@ -105,7 +105,7 @@ def execute(cfg, world: int, pre=None, reward_fns=None):
     from hybrid_ds.engine.dist import init_dist
     from hybrid_ds.engine.launch_plan import plan_launch
     from hybrid_ds.engine.placement import Placement, setup_placement
-    from hybrid_ds.engine.shm import shm_op_unbuilt
+    from hybrid_ds.engine.jit_ops import shm_op_unbuilt
     from hybrid_ds.engine.torch_compat import prefer_all_gather_single
     from hybrid_ds.reference.protocol import RefClient
     from hybrid_ds.run import checkpoint as ckpt

@@ -99,7 +99,10 @@ def launch_problems(cfg: Config, check_files: bool = True) -> list[str]:
     * LOAD_IN_4BIT/LOAD_IN_8BIT under ZeRO-3: ZeRO-3 partitions every weight at load, and bitsandbytes'
       quantised weights cannot be partitioned that way; ZeRO-2 and plain torch/DDP keep the quantised
       base whole on every rank;
-    * TORCH_DTYPE against the precision and DeepSpeed use (``check_files``: it reads DS_CONFIG)."""
+    * TORCH_DTYPE against the precision and DeepSpeed use (``check_files``: it reads DS_CONFIG);
+    * under DeepSpeed (``check_files``), a build lock of its ops that a killed build left behind: the
+      run would wait on it forever at start-up."""
+    from hybrid_ds.engine.jit_ops import build_lock_problems
     from hybrid_ds.models.policy_value import dtype_problem
 
     key = "LOAD_IN_4BIT" if cfg.lora.load_in_4bit else "LOAD_IN_8BIT" if cfg.lora.load_in_8bit else ""
@@ -117,6 +120,7 @@ def launch_problems(cfg: Config, check_files: bool = True) -> list[str]:
         p = dtype_problem(cfg.model.torch_dtype, plan.mixed_precision, plan.zero_stage > 0,
                           frozen_base=cfg.lora.r > 0)
         problems += [p] if p else []
+        problems += build_lock_problems() if plan.zero_stage > 0 else []
     return problems
 
 
