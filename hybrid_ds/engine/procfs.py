@@ -20,14 +20,19 @@ def paths_in_use(prefix: str, *, mapped: bool = True) -> set[str]:
                     for line in f:
                         at = line.find(prefix)
                         if at >= 0:
-                            out.add(line[at:].split()[0])
+                            out.add(_path(line[at:]))
             for fd in os.listdir(f"/proc/{pid}/fd"):
                 try:
                     target = os.readlink(f"/proc/{pid}/fd/{fd}")
                 except OSError:  # closed meanwhile
                     continue
                 if target.startswith(prefix):
-                    out.add(target.split(" (deleted)")[0])
+                    out.add(_path(target))
         except OSError:  # gone meanwhile, or another user's
             continue
     return out
+
+
+def _path(text: str) -> str:
+    """A path as /proc shows it in ``maps`` and ``fd`` links, without the mark of a deleted file."""
+    return text.rstrip("\n").removesuffix(" (deleted)")
